@@ -1,0 +1,47 @@
+# Kopilka: `make test`, `make bench`. Each sets up what it needs on a fresh
+# Debian machine: system packages, .venv, the Cython kernel.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+KERNEL := kernel/_ledger.pyx kernel/_lmdb.pxi
+APT_PACKAGES := liblmdb-dev libsodium-dev gcc python3-dev python3-venv
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: test bench system-deps build clean
+
+test: build
+	$(BIN)/python -m pytest tests
+
+bench: build
+	$(BIN)/python -m pytest benchmarks --benchmark-enable --benchmark-only \
+		-p no:cacheprovider -s $(BENCH_ARGS)
+
+# System packages the build needs, installed only when missing.
+system-deps:
+	@missing=""; \
+	[ -f /usr/include/lmdb.h ] || missing="$$missing liblmdb-dev"; \
+	[ -f /usr/include/sodium.h ] || missing="$$missing libsodium-dev"; \
+	command -v cc >/dev/null || missing="$$missing gcc"; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing system packages:$$missing"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(INSTALLED): pyproject.toml setup.py | system-deps $(BIN)/python
+	$(BIN)/pip install -q -U pip setuptools wheel cython
+	$(BIN)/pip install -q --no-build-isolation -e '.[dev]'
+	touch $@
+
+# Rebuilds the kernel when its sources change (cythonize skips it otherwise).
+build: system-deps $(INSTALLED)
+	@$(BIN)/python setup.py -q build_ext --inplace > $(VENV)/build.log 2>&1 \
+		|| { cat $(VENV)/build.log; exit 1; }
+
+clean:
+	rm -rf build *.egg-info kernel/_ledger.c kernel/*.so

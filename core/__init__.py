@@ -1,0 +1,1 @@
+"""Domain core: record layouts, batches, the reference ledger, reads, audit."""

@@ -1,0 +1,102 @@
+"""The ledger's invariants, checked over a read snapshot.
+
+`audit(snapshot)` returns one line per problem, naming where it is: an empty
+list means the ledger is sound. It trusts nothing stored: balances are
+replayed from the journal and compared with what the records say.
+"""
+
+import hashlib
+from collections import defaultdict
+
+from .codec import Account, JournalEntry
+from .records import (HASH_SIZE, HEAD, I64, MAX_HOLDS, MAX_LOTS, META_HEAD,
+                      SYSTEM, SYSTEM_KEY, U64, Entry)
+
+FIRST_POSTING = Entry.EARN
+
+
+def _chain(previous, body):
+    return hashlib.blake2b(previous + body, digest_size=HASH_SIZE).digest()
+
+
+def audit(snap):
+    problems = []
+    replayed = defaultdict(int)   # member account id or system key -> balance
+    programs_of = {}              # member account id -> program
+
+    seq, digest = 0, bytes(HASH_SIZE)
+    for key, value in snap.scan("journal"):
+        entry = JournalEntry.decode(value)
+        if U64.unpack(key)[0] != entry.seq:
+            problems.append(f"journal key {U64.unpack(key)[0]}: holds seq {entry.seq}")
+        if entry.seq != seq + 1:
+            problems.append(f"journal seq {entry.seq}: gap or reorder after {seq}")
+        digest = _chain(digest, entry.body())
+        if entry.hash != digest:
+            problems.append(f"journal seq {entry.seq}: hash chain broken")
+            digest = entry.hash  # report each break once
+        seq = entry.seq
+        if entry.type < FIRST_POSTING:
+            continue  # an event: moves no points
+        if entry.amount <= 0 or not entry.debit or not entry.credit:
+            problems.append(f"journal seq {entry.seq}: malformed posting")
+        for account, sign in ((entry.debit, -1), (entry.credit, 1)):
+            if account & SYSTEM:
+                kind, partner = (account >> 32) & 0xFF, account & 0xFFFFFFFF
+                replayed[(entry.program, kind, partner)] += sign * entry.amount
+            else:
+                replayed[account] += sign * entry.amount
+                programs_of[account] = entry.program
+
+    raw = snap.get("meta", META_HEAD)
+    head = HEAD.unpack(raw) if raw else (0, bytes(HASH_SIZE))
+    if head != (seq, digest):
+        problems.append(f"meta head: says seq {head[0]}, journal ends at {seq}")
+
+    totals = defaultdict(int)     # program -> sum of every balance
+    for key, value in snap.scan("accounts"):
+        account_id = U64.unpack(key)[0]
+        a = Account.decode(value)
+        where = f"account {account_id}"
+        totals[a.program] += a.balance
+        if replayed.get(account_id, 0) != a.balance:
+            problems.append(f"{where}: balance {a.balance}, journal says "
+                            f"{replayed.get(account_id, 0)}")
+        if account_id in programs_of and programs_of[account_id] != a.program:
+            problems.append(f"{where}: posted under program {programs_of[account_id]}")
+        lots = sum(lot.remaining for lot in a.lots)
+        if a.balance != lots - a.debt:
+            problems.append(f"{where}: balance {a.balance} != lots {lots} - debt {a.debt}")
+        if a.held != sum(h.amount for h in a.holds):
+            problems.append(f"{where}: held {a.held} != sum of holds")
+        if a.debt < 0 or a.held < 0:
+            problems.append(f"{where}: negative debt or held")
+        if any(lot.remaining <= 0 for lot in a.lots):
+            problems.append(f"{where}: empty or negative lot")
+        if [l.sort_key() for l in a.lots] != sorted(l.sort_key() for l in a.lots):
+            problems.append(f"{where}: lots out of expiry order")
+        if len(a.lots) > MAX_LOTS or len(a.holds) > MAX_HOLDS:
+            problems.append(f"{where}: too many lots or holds")
+        if any(h.amount <= 0 for h in a.holds):
+            problems.append(f"{where}: empty hold")
+
+    for key, value in snap.scan("system"):
+        program, kind, partner = SYSTEM_KEY.unpack(key)
+        balance = I64.unpack(value)[0]
+        totals[program] += balance
+        if replayed.get((program, kind, partner), 0) != balance:
+            problems.append(f"system account {program}/{kind}/{partner}: balance "
+                            f"{balance}, journal says {replayed.get((program, kind, partner), 0)}")
+    for program, total in sorted(totals.items()):
+        if total != 0:
+            problems.append(f"program {program}: balances sum to {total}, not 0")
+
+    for name in ("cards", "externals"):
+        for key, value in snap.scan(name):
+            if name == "externals":
+                account_id = U64.unpack(value)[0]
+            else:
+                account_id = int.from_bytes(value[:8], "little")
+            if snap.get("accounts", U64.pack(account_id)) is None:
+                problems.append(f"{name} {key!r}: names missing account {account_id}")
+    return problems

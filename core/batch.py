@@ -1,0 +1,164 @@
+"""Building batches of operations and reading their results.
+
+A batch is a flat byte string of `records.OP` headers each followed by its
+op id, key and key2. Fields an operation does not use are zero, so the same
+request always encodes to the same bytes (its idempotency digest).
+"""
+
+from dataclasses import dataclass
+
+from .records import (NEVER, OP, REFUND_PROPORTIONAL, RESULT, RESULT_REPLAYED,
+                      TRANSFER_ALL, Code, Kind)
+
+
+@dataclass(frozen=True)
+class Result:
+    code: Code
+    a: int = 0
+    b: int = 0
+    replayed: bool = False
+
+    @property
+    def ok(self):
+        return self.code == Code.OK
+
+
+class Results:
+    """One result per operation, decoded on access from the packed buffer."""
+
+    def __init__(self, buffer):
+        self._buffer = bytes(buffer)
+
+    def __len__(self):
+        return len(self._buffer) // RESULT.size
+
+    def __getitem__(self, index):
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        code, flags, a, b = RESULT.unpack_from(self._buffer, index * RESULT.size)
+        return Result(Code(code), a, b, bool(flags & RESULT_REPLAYED))
+
+    def __iter__(self):
+        for i in range(len(self)):
+            yield self[i]
+
+    def __repr__(self):
+        return f"Results({list(self)!r})"
+
+    def codes(self):
+        return [r.code for r in self]
+
+
+def _bytes(value):
+    return value.encode() if isinstance(value, str) else bytes(value)
+
+
+class Batch:
+    """Operations to apply in one durable transaction, in order."""
+
+    def __init__(self):
+        self._buffer = bytearray()
+        self.count = 0
+
+    def __len__(self):
+        return self.count
+
+    def __bytes__(self):
+        return bytes(self._buffer)
+
+    def add(self, kind, op_id, *, key=b"", key2=b"", flags=0, program=0,
+            partner=0, version=0, reason=0, account=0, account2=0, amount=0,
+            amount2=0, money=0, activates_at=0, expires_at=0,
+            business_time=0):
+        """Append one raw operation; the named helpers below are the usual way.
+
+        Lengths are clamped into the header's byte so that an oversized id
+        is still encoded and the ledger, not the encoder, rejects it."""
+        op_id, key, key2 = _bytes(op_id), _bytes(key), _bytes(key2)
+        for name, value in (("op_id", op_id), ("key", key), ("key2", key2)):
+            if len(value) > 255:
+                raise ValueError(f"{name} longer than 255 bytes")
+        self._buffer += OP.pack(
+            kind, flags, len(op_id), len(key), len(key2), program, partner,
+            version, reason, account, account2, amount, amount2, money,
+            activates_at, expires_at, business_time)
+        self._buffer += op_id + key + key2
+        self.count += 1
+        return self
+
+    def put_program(self, op_id, program, *, flags=0):
+        return self.add(Kind.PUT_PROGRAM, op_id, program=program, flags=flags)
+
+    def open_account(self, op_id, program, external_id):
+        return self.add(Kind.OPEN_ACCOUNT, op_id, program=program,
+                        key=external_id)
+
+    def set_account_status(self, op_id, account, status):
+        return self.add(Kind.SET_ACCOUNT_STATUS, op_id, account=account,
+                        amount=int(status))
+
+    def link_card(self, op_id, account, card):
+        return self.add(Kind.LINK_CARD, op_id, account=account, key=card)
+
+    def block_card(self, op_id, card):
+        return self.add(Kind.BLOCK_CARD, op_id, key=card)
+
+    def replace_card(self, op_id, old_card, new_card):
+        return self.add(Kind.REPLACE_CARD, op_id, key=old_card, key2=new_card)
+
+    def earn(self, op_id, account, points, *, activates_at=0,
+             expires_at=NEVER, money=0, partner=0, version=0,
+             business_time=0):
+        return self.add(Kind.EARN, op_id, account=account, amount2=points,
+                        activates_at=activates_at, expires_at=expires_at,
+                        money=money, partner=partner, version=version,
+                        business_time=business_time)
+
+    def spend(self, op_id, account, points, *, money=0, partner=0, version=0,
+              business_time=0):
+        return self.add(Kind.SPEND, op_id, account=account, amount=points,
+                        money=money, partner=partner, version=version,
+                        business_time=business_time)
+
+    def hold(self, op_id, account, points, *, expires_at, partner=0):
+        return self.add(Kind.HOLD, op_id, account=account, amount=points,
+                        expires_at=expires_at, partner=partner)
+
+    def capture(self, op_id, account, *, hold=b"", spend=0, earn=0,
+                activates_at=0, expires_at=NEVER, money=0, partner=0,
+                version=0, business_time=0):
+        """Spend (from `hold`, the hold's op id, when given) and earn, at once."""
+        return self.add(Kind.CAPTURE, op_id, key=hold, account=account,
+                        amount=spend, amount2=earn, activates_at=activates_at,
+                        expires_at=expires_at, money=money, partner=partner,
+                        version=version, business_time=business_time)
+
+    def void(self, op_id, hold):
+        return self.add(Kind.VOID, op_id, key=hold)
+
+    def refund(self, op_id, original, *, money=0, give_back=0, claw_back=0,
+               proportional=False, version=0, business_time=0):
+        """Refund part or all of `original` (an earn, spend or capture op id).
+
+        Proportional: points follow `money` / the receipt's money, rounded
+        down on the running total so partial refunds never drift. Otherwise
+        `give_back` spent points and `claw_back` earned points, as priced."""
+        return self.add(Kind.REFUND, op_id, key=original, money=money,
+                        amount=give_back, amount2=claw_back,
+                        flags=REFUND_PROPORTIONAL if proportional else 0,
+                        version=version, business_time=business_time)
+
+    def adjust(self, op_id, account, points, *, reason, activates_at=0,
+               expires_at=NEVER, business_time=0):
+        return self.add(Kind.ADJUST, op_id, account=account, amount=points,
+                        reason=reason, activates_at=activates_at,
+                        expires_at=expires_at, business_time=business_time)
+
+    def transfer(self, op_id, source, target, points=0, *, everything=False):
+        return self.add(Kind.TRANSFER, op_id, account=source, account2=target,
+                        amount=points, flags=TRANSFER_ALL if everything else 0)
+
+    def sweep(self, op_id, limit=10_000):
+        return self.add(Kind.SWEEP, op_id, amount=limit)

@@ -1,0 +1,196 @@
+"""The ledger's byte layouts: operations in, results out, and what is stored.
+
+Both ledgers (the Cython kernel and the pure-Python twin) read and write
+exactly these bytes, so their LMDB files are identical record for record and
+one audit, one reader and one batch encoder serve both. Integers are
+little-endian in values and big-endian in keys (so keys sort numerically).
+"""
+
+import struct
+from enum import IntEnum
+
+MAX_OP_ID = 128
+MAX_KEY = 128
+NEVER = (1 << 63) - 1  # expires_at of points that never expire
+INT64_MAX = (1 << 63) - 1
+INT64_MIN = -(1 << 63)
+MAX_LOTS = 2048  # per account; keeps an account's value well under 100 KiB
+MAX_HOLDS = 256
+SYSTEM = 1 << 63  # account ids with this bit are program system accounts
+
+
+class Kind(IntEnum):
+    PUT_PROGRAM = 1
+    OPEN_ACCOUNT = 2
+    SET_ACCOUNT_STATUS = 3
+    LINK_CARD = 4
+    BLOCK_CARD = 5
+    REPLACE_CARD = 6
+    EARN = 7
+    SPEND = 8
+    HOLD = 9
+    CAPTURE = 10
+    VOID = 11
+    REFUND = 12
+    ADJUST = 13
+    TRANSFER = 14
+    SWEEP = 15
+
+
+class Code(IntEnum):
+    OK = 0
+    OP_ID_INVALID = 1
+    OP_ID_REUSED = 2
+    KIND_INVALID = 3
+    AMOUNT_INVALID = 4
+    TIME_INVALID = 5
+    KEY_INVALID = 6
+    FLAGS_INVALID = 7
+    PROGRAM_NOT_FOUND = 8
+    ACCOUNT_NOT_FOUND = 9
+    ACCOUNT_EXISTS = 10
+    ACCOUNT_BLOCKED = 11
+    ACCOUNT_CLOSED = 12
+    CARD_NOT_FOUND = 13
+    CARD_EXISTS = 14
+    CARD_BLOCKED = 15
+    INSUFFICIENT_POINTS = 16
+    HOLD_NOT_FOUND = 17
+    HOLD_CAPTURED = 18
+    HOLD_VOIDED = 19
+    HOLD_EXPIRED = 20
+    CAPTURE_EXCEEDS_HOLD = 21
+    OPERATION_NOT_FOUND = 22
+    NOT_REFUNDABLE = 23
+    REFUND_EXCEEDS_ORIGINAL = 24
+    OVERFLOW = 25
+    PROGRAM_MISMATCH = 26
+    SAME_ACCOUNT = 27
+    ACCOUNT_IN_DEBT = 28
+    TOO_MANY_LOTS = 29
+    TOO_MANY_HOLDS = 30
+    STATUS_INVALID = 31
+
+
+class Status(IntEnum):
+    ACTIVE = 1
+    BLOCKED = 2
+    CLOSED = 3
+
+
+class CardStatus(IntEnum):
+    ACTIVE = 1
+    BLOCKED = 2
+    REPLACED = 3
+
+
+class HoldState(IntEnum):
+    NONE = 0
+    OPEN = 1
+    CAPTURED = 2
+    VOIDED = 3
+
+
+class Sys(IntEnum):
+    """Program system accounts; every posting has one side here or on a member."""
+    ISSUED = 1
+    REDEEMED = 2
+    EXPIRED = 3
+    ADJUSTED = 4
+
+
+class Entry(IntEnum):
+    """Journal entry types. Postings move points; the others record events."""
+    PROGRAM_PUT = 1
+    ACCOUNT_OPENED = 2
+    ACCOUNT_STATUS = 3
+    CARD_LINKED = 4
+    CARD_BLOCKED = 5
+    CARD_REPLACED = 6
+    HOLD_PLACED = 7
+    HOLD_RELEASED = 8
+    EARN = 16
+    SPEND = 17
+    EXPIRE = 18
+    ADJUST = 19
+    TRANSFER = 20
+    RETURN = 21      # a refund gives spent points back
+    CLAWBACK = 22    # a refund takes earned points back
+
+
+# Operation flags.
+PROGRAM_ALLOW_DEBT = 1   # PUT_PROGRAM: a clawback may leave the member in debt
+REFUND_PROPORTIONAL = 1  # REFUND: derive points from money refunded / receipt money
+TRANSFER_ALL = 1         # TRANSFER: move every lot, pending included (card merge)
+
+# Hold release reasons (journal entry `amount2` of HOLD_RELEASED).
+RELEASE_CAPTURED = 1
+RELEASE_VOIDED = 2
+RELEASE_EXPIRED = 3
+
+
+def system_account(kind, partner=0):
+    return SYSTEM | (int(kind) << 32) | partner
+
+
+# --- operations (the batch format) ---------------------------------------
+# kind, flags, len(op_id), len(key), len(key2), program, partner, version,
+# reason, account, account2, amount, amount2, money, activates_at,
+# expires_at, business_time; then op_id, key and key2 bytes.
+OP = struct.Struct("<BBBBB3xIIIIQQqqqqqq")
+
+# code, flags, a, b
+RESULT = struct.Struct("<HH4xqq")
+RESULT_REPLAYED = 1  # the first result of an operation id seen before
+
+# --- stored values --------------------------------------------------------
+# program: flags, created_at
+PROGRAM = struct.Struct("<Iq")
+# account: program, status, n_lots, n_holds, next_lot, next_hold, balance,
+# debt, held, earned, spent, expired, opened_at
+ACCOUNT = struct.Struct("<IB1xHHxxIIqqqqqqq")
+# lot: lot_no, partner, remaining, activates_at, expires_at
+LOT = struct.Struct("<IIqqq")
+# hold: hold_no, amount, expires_at
+HOLD = struct.Struct("<I4xqq")
+# card: account, status
+CARD = struct.Struct("<QB")
+# operation: digest(16), kind, hold state, code, program, account, a, b,
+# money, spent, earned, earned_lot, hold_no, refunded_money, returned,
+# clawed, partner, n_consumed; then consumed lots
+OPERATION = struct.Struct("<16sBBHIQqqqqqIIqqqIH")
+# consumed lot: lot_no, partner, amount, activates_at, expires_at
+CONSUMED = struct.Struct("<IIqqq")
+# journal entry: seq, type, sys kind, program, partner, partner2, version,
+# time, business_time, debit, credit, amount, amount2, ref, len(op_id),
+# len(data); then op_id, data, and the 32-byte BLAKE2b chain hash
+ENTRY = struct.Struct("<QBB2xIIIIqqQQqqQHH")
+HASH_SIZE = 32
+DIGEST_SIZE = 16
+# meta head: last seq, its hash
+HEAD = struct.Struct("<Q32s")
+
+DATABASES = (b"meta", b"programs", b"accounts", b"externals", b"cards",
+             b"ops", b"journal", b"system", b"lot_expiry", b"hold_expiry")
+META_HEAD = b"head"
+META_NEXT_ACCOUNT = b"next_account"
+
+U32 = struct.Struct(">I")
+U64 = struct.Struct(">Q")
+EXPIRY_KEY = struct.Struct(">QQ")  # expires_at, account
+SYSTEM_KEY = struct.Struct(">IBI")  # program, kind, partner
+I64 = struct.Struct("<q")
+
+
+def external_key(program, external_id):
+    return U32.pack(program) + external_id
+
+
+class MapFullError(Exception):
+    """The LMDB map is full: the whole batch was refused, nothing written.
+
+    Reopen the ledger with a larger map_size and retry the batch."""
+
+
+class LedgerError(Exception):
+    """LMDB refused an operation for a reason other than a full map."""

@@ -1,0 +1,774 @@
+"""The pure-Python reference ledger over py-lmdb: the kernel's twin.
+
+It is the executable specification of the ledger: the Cython kernel must give
+the same result codes and write the same bytes for every batch. Clarity over
+speed here; the kernel is the fast one.
+
+How an operation is applied: its account records are decoded into memory,
+changed there, and the journal entries it produces are collected. Only when
+it succeeds is anything put into the write transaction, so a rejected
+operation leaves no trace and does not spoil its neighbours in the batch.
+"""
+
+import hashlib
+from contextlib import contextmanager
+
+import lmdb
+
+from .batch import Results
+from .codec import Account, Consumed, Hold, JournalEntry, Lot, Operation, iter_ops
+from .reads import LedgerReads
+from .records import (CARD, DATABASES, DIGEST_SIZE, EXPIRY_KEY, HASH_SIZE,
+                      HEAD, I64, INT64_MAX, INT64_MIN, MAX_HOLDS, MAX_KEY,
+                      MAX_LOTS, MAX_OP_ID, META_HEAD, META_NEXT_ACCOUNT, NEVER,
+                      PROGRAM, PROGRAM_ALLOW_DEBT, REFUND_PROPORTIONAL,
+                      RELEASE_CAPTURED, RELEASE_EXPIRED, RELEASE_VOIDED,
+                      RESULT, RESULT_REPLAYED, SYSTEM_KEY, TRANSFER_ALL, U32,
+                      U64, CardStatus, Code, Entry, HoldState, Kind,
+                      LedgerError, MapFullError, Status, Sys, external_key,
+                      system_account)
+
+REFUNDABLE = (Kind.EARN, Kind.SPEND, Kind.CAPTURE)
+
+
+class Rejected(Exception):
+    """An operation is refused with `code`; nothing it did is kept."""
+
+    def __init__(self, code):
+        self.code = code
+
+
+def checked(value):
+    if not INT64_MIN <= value <= INT64_MAX:
+        raise Rejected(Code.OVERFLOW)
+    return value
+
+
+def payload_digest(raw):
+    return hashlib.blake2b(raw, digest_size=DIGEST_SIZE).digest()
+
+
+def chain_hash(previous, body):
+    return hashlib.blake2b(previous + body, digest_size=HASH_SIZE).digest()
+
+
+class Ledger(LedgerReads):
+    """One ledger over one LMDB environment (a directory)."""
+
+    def __init__(self, path, *, map_size=1 << 30, sync=True):
+        self.path = str(path)
+        self._env = lmdb.open(self.path, map_size=map_size, max_dbs=16,
+                              sync=sync, metasync=sync, readahead=False)
+        self._dbs = {name.decode(): self._env.open_db(name) for name in DATABASES}
+
+    def close(self):
+        self._env.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def apply(self, batch, now):
+        """Apply a batch in one durable transaction; one result per operation."""
+        ops = list(iter_ops(bytes(batch)))
+        out = bytearray()
+        try:
+            with self._env.begin(write=True) as txn:
+                state = _BatchState(txn, self._dbs, now)
+                for op in ops:
+                    code, flags, a, b = state.apply(op)
+                    out += RESULT.pack(code, flags, a, b)
+                state.finish()
+        except lmdb.MapFullError as exc:
+            raise MapFullError(str(exc)) from None
+        except lmdb.Error as exc:
+            raise LedgerError(str(exc)) from None
+        return Results(out)
+
+    @contextmanager
+    def _snapshot(self):
+        with self._env.begin() as txn:
+            yield _Snapshot(txn, self._dbs)
+
+    def copy(self, path, compact=True):
+        self._env.copy(str(path), compact=compact)
+
+
+class _Snapshot:
+    def __init__(self, txn, dbs):
+        self._txn = txn
+        self._dbs = dbs
+
+    def get(self, db, key):
+        return self._txn.get(key, db=self._dbs[db])
+
+    def scan(self, db, start=b""):
+        with self._txn.cursor(db=self._dbs[db]) as cursor:
+            if not cursor.set_range(start):
+                return
+            for key, value in cursor:
+                yield bytes(key), bytes(value)
+
+
+class _BatchState:
+    """A write transaction, the journal head, and the operation in flight."""
+
+    def __init__(self, txn, dbs, now):
+        self.txn = txn
+        self.db = dbs
+        self.now = now
+        head = txn.get(META_HEAD, db=dbs["meta"])
+        self.seq, self.hash = HEAD.unpack(head) if head else (0, bytes(HASH_SIZE))
+        raw = txn.get(META_NEXT_ACCOUNT, db=dbs["meta"])
+        self.next_account = U64.unpack(raw)[0] if raw else 1
+
+    def finish(self):
+        self.txn.put(META_HEAD, HEAD.pack(self.seq, self.hash), db=self.db["meta"])
+        self.txn.put(META_NEXT_ACCOUNT, U64.pack(self.next_account),
+                     db=self.db["meta"])
+
+    def get(self, db, key):
+        return self.txn.get(key, db=self.db[db])
+
+    def apply(self, op):
+        """Returns (code, flags, a, b) for one operation."""
+        if not 1 <= len(op.op_id) <= MAX_OP_ID:
+            return Code.OP_ID_INVALID, 0, 0, 0
+        digest = payload_digest(op.raw)
+        stored = self.get("ops", op.op_id)
+        if stored is not None:
+            first = Operation.decode(stored)
+            if first.digest != digest:
+                return Code.OP_ID_REUSED, 0, 0, 0
+            return first.code, RESULT_REPLAYED, first.a, first.b
+        handler = _HANDLERS.get(op.kind)
+        if handler is None:
+            return Code.KIND_INVALID, 0, 0, 0
+        work = _Work(self, op, digest)
+        try:
+            handler(work, op)
+        except Rejected as rejected:
+            return rejected.code, 0, 0, 0
+        work.commit()
+        return Code.OK, 0, work.record.a, work.record.b
+
+
+class _Work:
+    """Changes of one operation, kept in memory until it succeeds."""
+
+    def __init__(self, state, op, digest):
+        self.state = state
+        self.op = op
+        self.now = state.now
+        self.record = Operation(digest=digest, kind=op.kind)
+        self.accounts = {}
+        self.puts = []       # (db, key, value)
+        self.entries = []    # JournalEntry without seq and hash
+        self.system = {}     # (program, kind, partner) -> new balance
+        self.next_account = state.next_account
+
+    # --- loading -----------------------------------------------------------
+    def account(self, account_id):
+        if account_id in self.accounts:
+            return self.accounts[account_id]
+        raw = self.state.get("accounts", U64.pack(account_id)) if account_id else None
+        if raw is None:
+            raise Rejected(Code.ACCOUNT_NOT_FOUND)
+        account = Account.decode(raw)
+        self.accounts[account_id] = account
+        return account
+
+    def usable_account(self, account_id):
+        """An account that may earn and spend: loaded, active, touched."""
+        account = self.account(account_id)
+        if account.status == Status.BLOCKED:
+            raise Rejected(Code.ACCOUNT_BLOCKED)
+        if account.status == Status.CLOSED:
+            raise Rejected(Code.ACCOUNT_CLOSED)
+        self.touch(account_id)
+        return account
+
+    def program_flags(self, program):
+        raw = self.state.get("programs", U32.pack(program))
+        if raw is None:
+            raise Rejected(Code.PROGRAM_NOT_FOUND)
+        return PROGRAM.unpack(raw)[0]
+
+    # --- journal -----------------------------------------------------------
+    def event(self, type_, program, subject, *, amount=0, amount2=0, ref=0,
+              data=b""):
+        self.entries.append(JournalEntry(
+            0, type_, 0, program, self.op.partner, 0, self.op.version,
+            self.now, self.op.business_time, 0, subject, amount, amount2, ref,
+            self.op.op_id, data))
+
+    def post(self, type_, program, debit, credit, amount, *, sys_kind,
+             partner=0, partner2=0, amount2=0, ref=0):
+        """A double-entry posting: `amount` leaves debit and reaches credit."""
+        for account_id, delta in ((debit, -amount), (credit, amount)):
+            if account_id == system_account(sys_kind, partner):
+                key = (program, sys_kind, partner)
+                if key not in self.system:
+                    raw = self.state.get("system", SYSTEM_KEY.pack(*key))
+                    self.system[key] = I64.unpack(raw)[0] if raw else 0
+                self.system[key] = checked(self.system[key] + delta)
+        self.entries.append(JournalEntry(
+            0, type_, sys_kind, program, partner, partner2, self.op.version,
+            self.now, self.op.business_time, debit, credit, amount, amount2,
+            ref, self.op.op_id, b""))
+
+    # --- lots and holds ----------------------------------------------------
+    def touch(self, account_id):
+        """Burn expired lots, release timed-out holds, pay debt from lots."""
+        account = self.account(account_id)
+        while account.lots and account.lots[0].expires_at <= self.now:
+            lot = account.lots.pop(0)
+            account.balance = checked(account.balance - lot.remaining)
+            account.expired = checked(account.expired + lot.remaining)
+            self.post(Entry.EXPIRE, account.program, account_id,
+                      system_account(Sys.EXPIRED, lot.partner), lot.remaining,
+                      sys_kind=Sys.EXPIRED, partner=lot.partner,
+                      partner2=lot.partner, ref=lot.lot_no)
+        kept = []
+        for hold in account.holds:
+            if hold.expires_at <= self.now:
+                account.held -= hold.amount
+                self.event(Entry.HOLD_RELEASED, account.program, account_id,
+                           amount=hold.amount, amount2=RELEASE_EXPIRED,
+                           ref=hold.hold_no)
+            else:
+                kept.append(hold)
+        account.holds = kept
+        if account.debt > 0:
+            paid = self.take_active(account, account.debt)
+            account.debt -= sum(c.amount for c in paid)
+
+    def active_points(self, account):
+        return sum(lot.remaining for lot in account.lots
+                   if lot.activates_at <= self.now < lot.expires_at)
+
+    def available(self, account):
+        return self.active_points(account) - account.held - account.debt
+
+    def take_active(self, account, amount):
+        """Take up to `amount` from active lots, earliest expiry first."""
+        taken = []
+        for lot in account.lots:
+            if amount == 0:
+                break
+            if lot.activates_at > self.now:
+                continue
+            part = min(lot.remaining, amount)
+            lot.remaining -= part
+            amount -= part
+            taken.append(Consumed(lot.lot_no, lot.partner, part,
+                                  lot.activates_at, lot.expires_at))
+        account.lots = [lot for lot in account.lots if lot.remaining > 0]
+        return taken
+
+    def add_lot(self, account_id, lot):
+        """Put points into a lot (an existing one with that number, or new)."""
+        account = self.account(account_id)
+        for existing in account.lots:
+            if existing.lot_no == lot.lot_no:
+                existing.remaining = checked(existing.remaining + lot.remaining)
+                return
+        if len(account.lots) >= MAX_LOTS:
+            raise Rejected(Code.TOO_MANY_LOTS)
+        account.lots.append(lot)
+        account.lots.sort(key=Lot.sort_key)
+        if lot.expires_at != NEVER:
+            self.puts.append(("lot_expiry",
+                              EXPIRY_KEY.pack(lot.expires_at, account_id), b""))
+
+    def new_lot(self, account_id, partner, points, activates_at, expires_at):
+        account = self.account(account_id)
+        lot_no = account.next_lot
+        account.next_lot += 1
+        self.add_lot(account_id, Lot(lot_no, partner, points, activates_at,
+                                     expires_at))
+        return lot_no
+
+    def check_lot_times(self, op):
+        if not (0 <= op.activates_at < op.expires_at and op.expires_at > self.now):
+            raise Rejected(Code.TIME_INVALID)
+
+    def by_partner(self, consumed):
+        """Sum consumed points per issuing partner, in order of appearance."""
+        sums = {}
+        for c in consumed:
+            sums[c.partner] = sums.get(c.partner, 0) + c.amount
+        return sums.items()
+
+    def find_hold(self, key):
+        """The HOLD operation named by `key` (an op id), still open."""
+        if not 1 <= len(key) <= MAX_OP_ID:
+            raise Rejected(Code.KEY_INVALID)
+        raw = self.state.get("ops", key)
+        hold = Operation.decode(raw) if raw is not None else None
+        if hold is None or hold.kind != Kind.HOLD:
+            raise Rejected(Code.HOLD_NOT_FOUND)
+        if hold.hold_state == HoldState.CAPTURED:
+            raise Rejected(Code.HOLD_CAPTURED)
+        if hold.hold_state == HoldState.VOIDED:
+            raise Rejected(Code.HOLD_VOIDED)
+        return hold
+
+    def release_hold(self, account_id, hold_no, reason):
+        account = self.account(account_id)
+        for i, hold in enumerate(account.holds):
+            if hold.hold_no == hold_no:
+                del account.holds[i]
+                account.held -= hold.amount
+                self.event(Entry.HOLD_RELEASED, account.program, account_id,
+                           amount=hold.amount, amount2=reason, ref=hold_no)
+                return hold.amount
+        raise Rejected(Code.HOLD_EXPIRED)  # touch released it at its timeout
+
+    def rewrite_operation(self, op_id, record):
+        self.puts.append(("ops", op_id, record.encode()))
+
+    # --- commit ------------------------------------------------------------
+    def commit(self):
+        state, txn, db = self.state, self.state.txn, self.state.db
+        for account_id, account in self.accounts.items():
+            txn.put(U64.pack(account_id), account.encode(), db=db["accounts"])
+        for name, key, value in self.puts:
+            if value is None:
+                txn.delete(key, db=db[name])
+            else:
+                txn.put(key, value, db=db[name])
+        for key, balance in self.system.items():
+            txn.put(SYSTEM_KEY.pack(*key), I64.pack(balance), db=db["system"])
+        for entry in self.entries:
+            state.seq += 1
+            entry.seq = state.seq
+            state.hash = chain_hash(state.hash, entry.body())
+            txn.put(U64.pack(entry.seq), entry.body() + state.hash,
+                    db=db["journal"], append=True)
+        state.next_account = self.next_account
+        txn.put(self.op.op_id, self.record.encode(), db=db["ops"])
+
+
+# --- operations --------------------------------------------------------------
+
+def _put_program(work, op):
+    if op.program == 0:
+        raise Rejected(Code.KEY_INVALID)
+    if op.flags & ~PROGRAM_ALLOW_DEBT:
+        raise Rejected(Code.FLAGS_INVALID)
+    raw = work.state.get("programs", U32.pack(op.program))
+    created = PROGRAM.unpack(raw)[1] if raw else work.now
+    work.puts.append(("programs", U32.pack(op.program),
+                      PROGRAM.pack(op.flags, created)))
+    work.event(Entry.PROGRAM_PUT, op.program, 0, amount=op.flags)
+    work.record.program = op.program
+    work.record.a = op.program
+
+
+def _open_account(work, op):
+    work.program_flags(op.program)
+    if not 1 <= len(op.key) <= MAX_KEY:
+        raise Rejected(Code.KEY_INVALID)
+    key = external_key(op.program, op.key)
+    if work.state.get("externals", key) is not None:
+        raise Rejected(Code.ACCOUNT_EXISTS)
+    account_id = work.next_account
+    work.next_account += 1
+    work.accounts[account_id] = Account(op.program, opened_at=work.now)
+    work.puts.append(("externals", key, U64.pack(account_id)))
+    work.event(Entry.ACCOUNT_OPENED, op.program, account_id, data=op.key)
+    work.record.program = op.program
+    work.record.account = work.record.a = account_id
+
+
+def _set_account_status(work, op):
+    if op.amount not in (Status.ACTIVE, Status.BLOCKED, Status.CLOSED):
+        raise Rejected(Code.STATUS_INVALID)
+    account = work.account(op.account)
+    if account.status == Status.CLOSED:
+        raise Rejected(Code.ACCOUNT_CLOSED)
+    account.status = op.amount
+    work.event(Entry.ACCOUNT_STATUS, account.program, op.account,
+               amount=op.amount)
+    work.record.account = op.account
+    work.record.a = op.amount
+
+
+def _card_key(key):
+    if not 1 <= len(key) <= MAX_KEY:
+        raise Rejected(Code.KEY_INVALID)
+    return key
+
+
+def _link_card(work, op):
+    card = _card_key(op.key)
+    account = work.account(op.account)
+    if account.status == Status.CLOSED:
+        raise Rejected(Code.ACCOUNT_CLOSED)
+    if work.state.get("cards", card) is not None:
+        raise Rejected(Code.CARD_EXISTS)
+    work.puts.append(("cards", card, CARD.pack(op.account, CardStatus.ACTIVE)))
+    work.event(Entry.CARD_LINKED, account.program, op.account, data=card)
+    work.record.account = work.record.a = op.account
+
+
+def _load_card(work, card):
+    raw = work.state.get("cards", card)
+    if raw is None:
+        raise Rejected(Code.CARD_NOT_FOUND)
+    return CARD.unpack(raw)
+
+
+def _block_card(work, op):
+    card = _card_key(op.key)
+    account_id, status = _load_card(work, card)
+    if status != CardStatus.ACTIVE:
+        raise Rejected(Code.CARD_BLOCKED)
+    account = work.account(account_id)
+    work.puts.append(("cards", card, CARD.pack(account_id, CardStatus.BLOCKED)))
+    work.event(Entry.CARD_BLOCKED, account.program, account_id, data=card)
+    work.record.account = work.record.a = account_id
+
+
+def _replace_card(work, op):
+    old, new = _card_key(op.key), _card_key(op.key2)
+    account_id, status = _load_card(work, old)
+    if status == CardStatus.REPLACED:
+        raise Rejected(Code.CARD_BLOCKED)
+    if old == new or work.state.get("cards", new) is not None:
+        raise Rejected(Code.CARD_EXISTS)
+    account = work.account(account_id)
+    if account.status == Status.CLOSED:
+        raise Rejected(Code.ACCOUNT_CLOSED)
+    work.puts.append(("cards", old, CARD.pack(account_id, CardStatus.REPLACED)))
+    work.puts.append(("cards", new, CARD.pack(account_id, CardStatus.ACTIVE)))
+    work.event(Entry.CARD_REPLACED, account.program, account_id, data=old)
+    work.event(Entry.CARD_LINKED, account.program, account_id, data=new)
+    work.record.account = work.record.a = account_id
+
+
+def _receipt(work, op):
+    """EARN, SPEND and CAPTURE: spend `amount`, earn `amount2`, one receipt."""
+    spend, earn = op.amount, op.amount2
+    if spend < 0 or earn < 0 or op.money < 0:
+        raise Rejected(Code.AMOUNT_INVALID)
+    if op.kind == Kind.EARN and (spend != 0 or earn == 0):
+        raise Rejected(Code.AMOUNT_INVALID)
+    if op.kind == Kind.SPEND and (earn != 0 or spend == 0):
+        raise Rejected(Code.AMOUNT_INVALID)
+    has_hold = op.kind == Kind.CAPTURE and op.key != b""
+    if op.kind == Kind.CAPTURE and not has_hold and spend == 0 and earn == 0:
+        raise Rejected(Code.AMOUNT_INVALID)
+    if earn > 0:
+        work.check_lot_times(op)
+    account_id = op.account
+    hold = None
+    if has_hold:
+        hold = work.find_hold(op.key)
+        if account_id not in (0, hold.account):
+            raise Rejected(Code.HOLD_NOT_FOUND)
+        account_id = hold.account
+    account = work.usable_account(account_id)
+    record = work.record
+    if hold is not None:
+        held = work.release_hold(account_id, hold.hold_no, RELEASE_CAPTURED)
+        if spend > held:
+            raise Rejected(Code.CAPTURE_EXCEEDS_HOLD)
+        hold.hold_state = HoldState.CAPTURED
+        work.rewrite_operation(op.key, hold)
+        record.hold_no = hold.hold_no
+    if spend > 0:
+        if work.available(account) < spend:
+            raise Rejected(Code.INSUFFICIENT_POINTS)
+        record.consumed = work.take_active(account, spend)
+        account.balance = checked(account.balance - spend)
+        account.spent = checked(account.spent + spend)
+        for partner, points in work.by_partner(record.consumed):
+            work.post(Entry.SPEND, account.program, account_id,
+                      system_account(Sys.REDEEMED, op.partner), points,
+                      sys_kind=Sys.REDEEMED, partner=op.partner,
+                      partner2=partner)
+    lot_no = 0
+    if earn > 0:
+        account.balance = checked(account.balance + earn)
+        account.earned = checked(account.earned + earn)
+        lot_no = work.new_lot(account_id, op.partner, earn, op.activates_at,
+                              op.expires_at)
+        work.post(Entry.EARN, account.program,
+                  system_account(Sys.ISSUED, op.partner), account_id, earn,
+                  sys_kind=Sys.ISSUED, partner=op.partner, ref=lot_no)
+    work.touch(account_id)
+    record.program, record.account, record.partner = (
+        account.program, account_id, op.partner)
+    record.money, record.spent, record.earned = op.money, spend, earn
+    record.earned_lot = lot_no
+    if op.kind == Kind.EARN:
+        record.a = lot_no
+    elif op.kind == Kind.SPEND:
+        record.a = spend
+    else:
+        record.a, record.b = spend, lot_no
+
+
+def _hold(work, op):
+    if op.amount <= 0:
+        raise Rejected(Code.AMOUNT_INVALID)
+    if op.expires_at <= work.now:
+        raise Rejected(Code.TIME_INVALID)
+    account = work.usable_account(op.account)
+    if len(account.holds) >= MAX_HOLDS:
+        raise Rejected(Code.TOO_MANY_HOLDS)
+    if work.available(account) < op.amount:
+        raise Rejected(Code.INSUFFICIENT_POINTS)
+    hold_no = account.next_hold
+    account.next_hold += 1
+    account.holds.append(Hold(hold_no, op.amount, op.expires_at))
+    account.held = checked(account.held + op.amount)
+    work.puts.append(("hold_expiry", EXPIRY_KEY.pack(op.expires_at, op.account),
+                      b""))
+    work.event(Entry.HOLD_PLACED, account.program, op.account,
+               amount=op.amount, amount2=op.expires_at, ref=hold_no)
+    record = work.record
+    record.program, record.account = account.program, op.account
+    record.hold_state, record.hold_no = HoldState.OPEN, hold_no
+    record.a = hold_no
+
+
+def _void(work, op):
+    hold = work.find_hold(op.key)
+    account = work.account(hold.account)
+    work.touch(hold.account)
+    released = work.release_hold(hold.account, hold.hold_no, RELEASE_VOIDED)
+    hold.hold_state = HoldState.VOIDED
+    work.rewrite_operation(op.key, hold)
+    record = work.record
+    record.program, record.account = account.program, hold.account
+    record.hold_no = hold.hold_no
+    record.a = released
+
+
+def _refund(work, op):
+    if not 1 <= len(op.key) <= MAX_OP_ID:
+        raise Rejected(Code.KEY_INVALID)
+    if op.flags & ~REFUND_PROPORTIONAL:
+        raise Rejected(Code.FLAGS_INVALID)
+    if op.money < 0 or op.amount < 0 or op.amount2 < 0:
+        raise Rejected(Code.AMOUNT_INVALID)
+    raw = work.state.get("ops", op.key)
+    if raw is None:
+        raise Rejected(Code.OPERATION_NOT_FOUND)
+    original = Operation.decode(raw)
+    if original.kind not in REFUNDABLE:
+        raise Rejected(Code.NOT_REFUNDABLE)
+    refunded_money = checked(original.refunded_money + op.money)
+    if refunded_money > original.money:
+        raise Rejected(Code.REFUND_EXCEEDS_ORIGINAL)
+    if op.flags & REFUND_PROPORTIONAL:
+        if op.money == 0 or op.amount or op.amount2:
+            raise Rejected(Code.AMOUNT_INVALID)
+        # on the running total, so partial refunds add up to the whole;
+        # never below zero after explicit refunds of the same receipt
+        give = max(0, original.spent * refunded_money // original.money
+                   - original.returned)
+        claw = max(0, original.earned * refunded_money // original.money
+                   - original.clawed)
+    else:
+        give, claw = op.amount, op.amount2
+        if give == 0 and claw == 0 and op.money == 0:
+            raise Rejected(Code.AMOUNT_INVALID)
+        if (original.returned + give > original.spent
+                or original.clawed + claw > original.earned):
+            raise Rejected(Code.REFUND_EXCEEDS_ORIGINAL)
+    account_id = original.account
+    account = work.account(account_id)
+    work.touch(account_id)
+    if give:
+        _give_back(work, account_id, original, give)
+    if claw:
+        _claw_back(work, account_id, original, claw)
+    work.touch(account_id)
+    original.refunded_money = refunded_money
+    original.returned += give
+    original.clawed += claw
+    work.rewrite_operation(op.key, original)
+    record = work.record
+    record.program, record.account = account.program, account_id
+    record.money, record.partner = op.money, original.partner
+    record.a, record.b = give, claw
+
+
+def _give_back(work, account_id, original, give):
+    """Return spent points to the lots they came from, last consumed first."""
+    account = work.account(account_id)
+    before, after = original.returned, original.returned + give
+    returned = []
+    for c in reversed(original.consumed):
+        # points of this lot returned before and after this refund
+        old = min(c.amount, before)
+        new = min(c.amount, after)
+        before, after = before - old, after - new
+        if new > old:
+            returned.append(Consumed(c.lot_no, c.partner, new - old,
+                                     c.activates_at, c.expires_at))
+            work.add_lot(account_id, Lot(c.lot_no, c.partner, new - old,
+                                         c.activates_at, c.expires_at))
+    account.balance = checked(account.balance + give)
+    account.spent = checked(account.spent - give)
+    for partner, points in work.by_partner(returned):
+        work.post(Entry.RETURN, account.program,
+                  system_account(Sys.REDEEMED, original.partner), account_id,
+                  points, sys_kind=Sys.REDEEMED, partner=original.partner,
+                  partner2=partner)
+
+
+def _claw_back(work, account_id, original, claw):
+    """Take back earned points: from the receipt's own lot, then from the
+    available balance, then as debt where the program allows it."""
+    account = work.account(account_id)
+    left = claw
+    for lot in account.lots:
+        if lot.lot_no == original.earned_lot:
+            part = min(lot.remaining, left)
+            if lot.activates_at <= work.now:  # active: held points stay
+                part = min(part, max(work.available(account), 0))
+            lot.remaining -= part
+            left -= part
+    account.lots = [lot for lot in account.lots if lot.remaining > 0]
+    if left:
+        free = max(work.available(account), 0)
+        taken = work.take_active(account, min(free, left))
+        left -= sum(c.amount for c in taken)
+    if left:
+        if not work.program_flags(account.program) & PROGRAM_ALLOW_DEBT:
+            raise Rejected(Code.INSUFFICIENT_POINTS)
+        account.debt = checked(account.debt + left)
+    account.balance = checked(account.balance - claw)
+    account.earned = checked(account.earned - claw)
+    work.post(Entry.CLAWBACK, account.program, account_id,
+              system_account(Sys.ISSUED, original.partner), claw,
+              sys_kind=Sys.ISSUED, partner=original.partner,
+              ref=original.earned_lot)
+
+
+def _adjust(work, op):
+    if op.amount == 0:
+        raise Rejected(Code.AMOUNT_INVALID)
+    account = work.account(op.account)
+    if account.status == Status.CLOSED:
+        raise Rejected(Code.ACCOUNT_CLOSED)
+    work.touch(op.account)
+    adjusted = system_account(Sys.ADJUSTED, op.partner)
+    if op.amount > 0:
+        work.check_lot_times(op)
+        account.balance = checked(account.balance + op.amount)
+        lot_no = work.new_lot(op.account, op.partner, op.amount,
+                              op.activates_at, op.expires_at)
+        work.post(Entry.ADJUST, account.program, adjusted, op.account,
+                  op.amount, sys_kind=Sys.ADJUSTED, partner=op.partner,
+                  amount2=op.reason, ref=lot_no)
+        work.record.a = lot_no
+    else:
+        points = -op.amount
+        if work.available(account) < points:
+            raise Rejected(Code.INSUFFICIENT_POINTS)
+        work.take_active(account, points)
+        account.balance -= points
+        work.post(Entry.ADJUST, account.program, op.account, adjusted,
+                  points, sys_kind=Sys.ADJUSTED, partner=op.partner,
+                  amount2=op.reason)
+        work.record.a = points
+    work.touch(op.account)
+    work.record.program, work.record.account = account.program, op.account
+
+
+def _transfer(work, op):
+    if op.flags & ~TRANSFER_ALL:
+        raise Rejected(Code.FLAGS_INVALID)
+    everything = bool(op.flags & TRANSFER_ALL)
+    if (op.amount != 0) if everything else (op.amount <= 0):
+        raise Rejected(Code.AMOUNT_INVALID)
+    if op.account == op.account2:
+        raise Rejected(Code.SAME_ACCOUNT)
+    source = work.account(op.account)
+    target = work.account(op.account2)
+    if source.program != target.program:
+        raise Rejected(Code.PROGRAM_MISMATCH)
+    if source.status == Status.CLOSED or target.status == Status.CLOSED:
+        raise Rejected(Code.ACCOUNT_CLOSED)
+    if target.status == Status.BLOCKED:
+        raise Rejected(Code.ACCOUNT_BLOCKED)
+    work.touch(op.account)
+    work.touch(op.account2)
+    if everything:
+        if source.debt > 0:
+            raise Rejected(Code.ACCOUNT_IN_DEBT)
+        if source.holds:
+            raise Rejected(Code.INSUFFICIENT_POINTS)
+        moved = [Consumed(l.lot_no, l.partner, l.remaining, l.activates_at,
+                          l.expires_at) for l in source.lots]
+        source.lots = []
+    else:
+        if work.available(source) < op.amount:
+            raise Rejected(Code.INSUFFICIENT_POINTS)
+        moved = work.take_active(source, op.amount)
+    total = sum(c.amount for c in moved)
+    for c in moved:
+        work.new_lot(op.account2, c.partner, c.amount, c.activates_at,
+                     c.expires_at)
+    source.balance -= total
+    target.balance = checked(target.balance + total)
+    if total:
+        work.entries.append(JournalEntry(
+            0, Entry.TRANSFER, 0, source.program, 0, 0, op.version, work.now,
+            op.business_time, op.account, op.account2, total, 0, 0, op.op_id,
+            b""))
+    work.touch(op.account2)
+    work.record.program, work.record.account = source.program, op.account
+    work.record.a = total
+
+
+def _sweep(work, op):
+    """Expire lots and holds that are due, a bounded number of index keys."""
+    if op.amount <= 0:
+        raise Rejected(Code.AMOUNT_INVALID)
+    due = []
+    for name in ("lot_expiry", "hold_expiry"):
+        with work.state.txn.cursor(db=work.state.db[name]) as cursor:
+            if cursor.first():
+                for key, _ in cursor:
+                    if len(due) >= op.amount:
+                        break
+                    expires_at, account_id = EXPIRY_KEY.unpack(key)
+                    if expires_at > work.now:
+                        break
+                    due.append((name, bytes(key), account_id))
+    expired = 0
+    for name, key, account_id in due:
+        account = work.account(account_id)
+        before = account.expired
+        work.touch(account_id)
+        expired += account.expired - before
+        work.puts.append((name, key, None))
+    work.record.a, work.record.b = len(due), expired
+
+
+_HANDLERS = {
+    Kind.PUT_PROGRAM: _put_program,
+    Kind.OPEN_ACCOUNT: _open_account,
+    Kind.SET_ACCOUNT_STATUS: _set_account_status,
+    Kind.LINK_CARD: _link_card,
+    Kind.BLOCK_CARD: _block_card,
+    Kind.REPLACE_CARD: _replace_card,
+    Kind.EARN: _receipt,
+    Kind.SPEND: _receipt,
+    Kind.CAPTURE: _receipt,
+    Kind.HOLD: _hold,
+    Kind.VOID: _void,
+    Kind.REFUND: _refund,
+    Kind.ADJUST: _adjust,
+    Kind.TRANSFER: _transfer,
+    Kind.SWEEP: _sweep,
+}

@@ -1,0 +1,1 @@
+"""The store hardware daemon (the hwd issue)."""

@@ -1,0 +1,49 @@
+"""The ledger kernel: Cython over the LMDB C API, same contract as the twin.
+
+`Ledger(path)` opens (or creates) a ledger; `apply(batch, now)` applies a
+`kopilka.core.batch.Batch` in one durable transaction and returns one result
+per operation; reads and `audit()` come from `kopilka.core.reads`.
+"""
+
+from contextlib import contextmanager
+
+from kopilka.core.batch import Results
+from kopilka.core.reads import LedgerReads
+
+from ._ledger import Environment
+
+
+class Ledger(LedgerReads):
+    def __init__(self, path, *, map_size=1 << 30, sync=True, writemap=False):
+        self.path = str(path)
+        self._env = Environment(self.path, map_size, sync, writemap)
+
+    def apply(self, batch, now):
+        return Results(self._env.apply(bytes(batch), now))
+
+    def apply_raw(self, batch, now):
+        """The packed results as bytes: for callers that decode lazily."""
+        return self._env.apply(batch, now)
+
+    @contextmanager
+    def _snapshot(self):
+        txn = self._env.read()
+        try:
+            yield txn
+        finally:
+            txn.close()
+
+    def copy(self, path, compact=True):
+        self._env.copy(path, compact)
+
+    def info(self):
+        return self._env.info()
+
+    def close(self):
+        self._env.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -1,0 +1,1965 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""The ledger kernel: batches of priced operations applied over LMDB's C API.
+
+A faithful port of `kopilka.core.twin` (the specification): same checks in
+the same order, same result codes, same bytes stored. A whole batch runs with
+the GIL released in one write transaction, committed durably. Each operation
+is worked out in scratch memory first and written only if it succeeds.
+"""
+
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, INT64_MIN
+from libc.string cimport memcpy, memset, memcmp, memmove
+from libc.stdlib cimport malloc, realloc, free
+from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+
+include "_lmdb.pxi"
+
+from kopilka.core.records import LedgerError, MapFullError
+
+cdef extern from *:
+    """
+    typedef __int128 k_int128;
+    static inline int k_add(int64_t a, int64_t b, int64_t *r) {
+        int64_t t;  /* r may point into a packed record: copy, don't store */
+        int overflow = __builtin_add_overflow(a, b, &t);
+        memcpy(r, &t, sizeof t);
+        return overflow;
+    }
+    static inline uint64_t k_be64(uint64_t v) { return __builtin_bswap64(v); }
+    static inline uint32_t k_be32(uint32_t v) { return __builtin_bswap32(v); }
+    """
+    ctypedef long long int128 "k_int128"
+    int k_add(int64_t a, int64_t b, int64_t *r) nogil
+    uint64_t k_be64(uint64_t v) nogil
+    uint32_t k_be32(uint32_t v) nogil
+
+cdef extern from "sodium.h" nogil:
+    ctypedef struct crypto_generichash_state:
+        pass
+    int sodium_init()
+    int crypto_generichash(unsigned char *out, size_t outlen,
+                           const unsigned char *inp, unsigned long long inlen,
+                           const unsigned char *key, size_t keylen)
+    int crypto_generichash_init(crypto_generichash_state *state,
+                                const unsigned char *key, size_t keylen,
+                                size_t outlen)
+    int crypto_generichash_update(crypto_generichash_state *state,
+                                  const unsigned char *inp,
+                                  unsigned long long inlen)
+    int crypto_generichash_final(crypto_generichash_state *state,
+                                 unsigned char *out, size_t outlen)
+
+if sodium_init() < 0:
+    raise ImportError("libsodium failed to initialise")
+
+# --- constants (kopilka.core.records) ----------------------------------------
+cdef enum:
+    MAX_OP_ID = 128
+    MAX_KEY = 128
+    MAX_LOTS = 2048
+    MAX_HOLDS = 256
+    HASH_SIZE = 32
+    DIGEST_SIZE = 16
+    NDB = 10
+cdef int64_t NEVER = 0x7FFFFFFFFFFFFFFF
+cdef uint64_t SYSTEM = 1ULL << 63
+cdef const char *META_HEAD_KEY = b"head"
+cdef const char *META_NEXT_ACCOUNT_KEY = b"next_account"
+
+# databases, in records.DATABASES order
+cdef enum:
+    DB_META = 0
+    DB_PROGRAMS = 1
+    DB_ACCOUNTS = 2
+    DB_EXTERNALS = 3
+    DB_CARDS = 4
+    DB_OPS = 5
+    DB_JOURNAL = 6
+    DB_SYSTEM = 7
+    DB_LOT_EXPIRY = 8
+    DB_HOLD_EXPIRY = 9
+DB_NAMES = (b"meta", b"programs", b"accounts", b"externals", b"cards",
+            b"ops", b"journal", b"system", b"lot_expiry", b"hold_expiry")
+
+# kinds
+cdef enum:
+    K_PUT_PROGRAM = 1
+    K_OPEN_ACCOUNT = 2
+    K_SET_ACCOUNT_STATUS = 3
+    K_LINK_CARD = 4
+    K_BLOCK_CARD = 5
+    K_REPLACE_CARD = 6
+    K_EARN = 7
+    K_SPEND = 8
+    K_HOLD = 9
+    K_CAPTURE = 10
+    K_VOID = 11
+    K_REFUND = 12
+    K_ADJUST = 13
+    K_TRANSFER = 14
+    K_SWEEP = 15
+
+# codes
+    OK = 0
+    OP_ID_INVALID = 1
+    OP_ID_REUSED = 2
+    KIND_INVALID = 3
+    AMOUNT_INVALID = 4
+    TIME_INVALID = 5
+    KEY_INVALID = 6
+    FLAGS_INVALID = 7
+    PROGRAM_NOT_FOUND = 8
+    ACCOUNT_NOT_FOUND = 9
+    ACCOUNT_EXISTS = 10
+    ACCOUNT_BLOCKED = 11
+    ACCOUNT_CLOSED = 12
+    CARD_NOT_FOUND = 13
+    CARD_EXISTS = 14
+    CARD_BLOCKED = 15
+    INSUFFICIENT_POINTS = 16
+    HOLD_NOT_FOUND = 17
+    HOLD_CAPTURED = 18
+    HOLD_VOIDED = 19
+    HOLD_EXPIRED = 20
+    CAPTURE_EXCEEDS_HOLD = 21
+    OPERATION_NOT_FOUND = 22
+    NOT_REFUNDABLE = 23
+    REFUND_EXCEEDS_ORIGINAL = 24
+    OVERFLOW = 25
+    PROGRAM_MISMATCH = 26
+    SAME_ACCOUNT = 27
+    ACCOUNT_IN_DEBT = 28
+    TOO_MANY_LOTS = 29
+    TOO_MANY_HOLDS = 30
+    STATUS_INVALID = 31
+    FATAL = -1  # LMDB or memory failure: the whole batch is aborted
+
+    ST_ACTIVE = 1
+    ST_BLOCKED = 2
+    ST_CLOSED = 3
+    CARD_ACTIVE = 1
+    CARD_BLOCKED_ST = 2
+    CARD_REPLACED = 3
+    HOLD_OPEN = 1
+    HOLD_ST_CAPTURED = 2
+    HOLD_ST_VOIDED = 3
+    SYS_ISSUED = 1
+    SYS_REDEEMED = 2
+    SYS_EXPIRED = 3
+    SYS_ADJUSTED = 4
+    E_PROGRAM_PUT = 1
+    E_ACCOUNT_OPENED = 2
+    E_ACCOUNT_STATUS = 3
+    E_CARD_LINKED = 4
+    E_CARD_BLOCKED = 5
+    E_CARD_REPLACED = 6
+    E_HOLD_PLACED = 7
+    E_HOLD_RELEASED = 8
+    E_EARN = 16
+    E_SPEND = 17
+    E_EXPIRE = 18
+    E_ADJUST = 19
+    E_TRANSFER = 20
+    E_RETURN = 21
+    E_CLAWBACK = 22
+    PROGRAM_ALLOW_DEBT = 1
+    REFUND_PROPORTIONAL = 1
+    TRANSFER_ALL = 1
+    RELEASE_CAPTURED = 1
+    RELEASE_VOIDED = 2
+    RELEASE_EXPIRED = 3
+    RESULT_REPLAYED = 1
+
+# --- stored layouts (little-endian, packed: records.py's struct formats) ---
+cdef packed struct OpHead:          # records.OP
+    uint8_t kind, flags, n_id, n_key, n_key2
+    uint8_t pad[3]
+    uint32_t program, partner, version, reason
+    uint64_t account, account2
+    int64_t amount, amount2, money, activates_at, expires_at, business_time
+
+cdef packed struct ResultRec:       # records.RESULT
+    uint16_t code, flags
+    uint32_t pad
+    int64_t a, b
+
+cdef packed struct AccountHead:     # records.ACCOUNT
+    uint32_t program
+    uint8_t status, pad1
+    uint16_t n_lots, n_holds
+    uint8_t pad2[2]
+    uint32_t next_lot, next_hold
+    int64_t balance, debt, held, earned, spent, expired, opened_at
+
+cdef packed struct LotRec:          # records.LOT and records.CONSUMED
+    uint32_t lot_no, partner
+    int64_t remaining, activates_at, expires_at
+
+cdef packed struct HoldRec:         # records.HOLD
+    uint32_t hold_no, pad
+    int64_t amount, expires_at
+
+cdef packed struct CardRec:         # records.CARD
+    uint64_t account
+    uint8_t status
+
+cdef packed struct ProgramRec:      # records.PROGRAM
+    uint32_t flags
+    int64_t created_at
+
+cdef packed struct OperationRec:    # records.OPERATION
+    uint8_t digest[16]
+    uint8_t kind, hold_state
+    uint16_t code
+    uint32_t program
+    uint64_t account
+    int64_t a, b, money, spent, earned
+    uint32_t earned_lot, hold_no
+    int64_t refunded_money, returned, clawed
+    uint32_t partner
+    uint16_t n_consumed
+
+cdef packed struct EntryHead:       # records.ENTRY
+    uint64_t seq
+    uint8_t type, sys
+    uint8_t pad[2]
+    uint32_t program, partner, partner2, version
+    int64_t time, business_time
+    uint64_t debit, credit
+    int64_t amount, amount2
+    uint64_t ref
+    uint16_t n_op, n_data
+
+cdef packed struct HeadRec:         # records.HEAD
+    uint64_t seq
+    uint8_t hash[32]
+
+cdef packed struct ExpiryKey:       # records.EXPIRY_KEY (big-endian)
+    uint64_t expires_at, account
+
+cdef packed struct SystemKey:       # records.SYSTEM_KEY (big-endian)
+    uint32_t program
+    uint8_t kind
+    uint32_t partner
+
+# --- scratch of one operation ---------------------------------------------
+cdef struct LotBuf:
+    LotRec *items
+    uint32_t n, cap
+
+cdef struct Acct:
+    uint64_t id
+    AccountHead h
+    LotBuf lots
+    HoldRec *holds
+    uint32_t n_holds, cap_holds
+
+cdef struct EntryRec:
+    EntryHead h
+    const char *data
+
+cdef struct PutRec:
+    MDB_dbi dbi
+    size_t key_off, key_len, val_off, val_len
+    int delete
+
+cdef struct SysRec:
+    uint32_t program, partner
+    uint8_t kind
+    int64_t balance
+
+cdef struct Work:
+    MDB_txn *txn
+    MDB_dbi *dbi
+    int64_t now
+    int fatal
+    # journal head and counters, as of the last successful operation
+    uint64_t seq
+    uint8_t hash[32]
+    uint64_t next_account
+    # the operation in flight
+    const OpHead *op
+    const char *op_id
+    const char *key
+    const char *key2
+    uint64_t next_account_op
+    OperationRec rec
+    LotBuf consumed      # rec's consumed lots
+    LotBuf scratch_lots  # transfers' moved lots, loaded records' consumed
+    Acct *accts
+    uint32_t n_accts, n_slots, cap_accts
+    EntryRec *entries
+    uint32_t n_entries, cap_entries
+    PutRec *puts
+    uint32_t n_puts, cap_puts
+    char *arena
+    size_t arena_len, arena_cap
+    SysRec *sys
+    uint32_t n_sys, cap_sys
+    char *buf            # encoding scratch
+    size_t buf_cap
+    ExpiryKey *due
+    uint32_t n_due, cap_due
+
+
+cdef int grow(void **items, uint32_t *cap, uint32_t need, size_t size) noexcept nogil:
+    cdef uint32_t new_cap
+    cdef void *p
+    if need <= cap[0]:
+        return 0
+    new_cap = cap[0] * 2 if cap[0] else 8
+    while new_cap < need:
+        new_cap *= 2
+    p = realloc(items[0], new_cap * size)
+    if p == NULL:
+        return -1
+    items[0] = p
+    cap[0] = new_cap
+    return 0
+
+
+cdef int fail(Work *w, int rc) noexcept nogil:
+    if w.fatal == 0:
+        w.fatal = rc
+    return FATAL
+
+
+cdef char *need_buf(Work *w, size_t size) noexcept nogil:
+    cdef char *p
+    if size > w.buf_cap:
+        p = <char *>realloc(w.buf, size)
+        if p == NULL:
+            return NULL
+        w.buf = p
+        w.buf_cap = size
+    return w.buf
+
+
+# --- LMDB access --------------------------------------------------------------
+cdef int db_get(Work *w, int db, const void *key, size_t klen, MDB_val *out) noexcept nogil:
+    """0 found, 1 not found, FATAL on an LMDB error."""
+    cdef MDB_val k
+    cdef int rc
+    k.mv_size = klen
+    k.mv_data = <void *>key
+    rc = mdb_get(w.txn, w.dbi[db], &k, out)
+    if rc == MDB_SUCCESS:
+        return 0
+    if rc == MDB_NOTFOUND:
+        return 1
+    return fail(w, rc)
+
+
+cdef int db_put(Work *w, MDB_dbi dbi, const void *key, size_t klen,
+                const void *val, size_t vlen, unsigned int flags) noexcept nogil:
+    cdef MDB_val k, v
+    cdef int rc
+    k.mv_size = klen
+    k.mv_data = <void *>key
+    v.mv_size = vlen
+    v.mv_data = <void *>val
+    rc = mdb_put(w.txn, dbi, &k, &v, flags)
+    if rc != MDB_SUCCESS:
+        return fail(w, rc)
+    return 0
+
+
+cdef int queue_put(Work *w, int db, const void *key, size_t klen,
+                   const void *val, size_t vlen, int delete) noexcept nogil:
+    """Remember a put (or delete) to make if the operation succeeds."""
+    cdef PutRec *p
+    cdef char *arena
+    cdef size_t need = w.arena_len + klen + vlen
+    if grow(<void **>&w.puts, &w.cap_puts, w.n_puts + 1, sizeof(PutRec)):
+        return fail(w, 12)
+    if need > w.arena_cap:
+        arena = <char *>realloc(w.arena, need * 2)
+        if arena == NULL:
+            return fail(w, 12)
+        w.arena = arena
+        w.arena_cap = need * 2
+    p = &w.puts[w.n_puts]
+    w.n_puts += 1
+    p.dbi = w.dbi[db]
+    p.delete = delete
+    p.key_off = w.arena_len
+    p.key_len = klen
+    memcpy(w.arena + w.arena_len, key, klen)
+    w.arena_len += klen
+    p.val_off = w.arena_len
+    p.val_len = vlen
+    if vlen:
+        memcpy(w.arena + w.arena_len, val, vlen)
+        w.arena_len += vlen
+    return 0
+
+
+cdef inline uint32_t be32(uint32_t v) noexcept nogil:
+    return k_be32(v)
+
+
+cdef inline uint64_t be64(uint64_t v) noexcept nogil:
+    return k_be64(v)
+
+
+cdef inline uint64_t system_account(int kind, uint32_t partner) noexcept nogil:
+    return SYSTEM | (<uint64_t>kind << 32) | partner
+
+
+cdef inline int64_t min64(int64_t a, int64_t b) noexcept nogil:
+    return a if a < b else b
+
+
+# --- operation records -----------------------------------------------------------
+cdef int load_operation(Work *w, const char *op_id, size_t n, OperationRec *rec,
+                        LotBuf *consumed) noexcept nogil:
+    """0 found (copied out), 1 not found, FATAL."""
+    cdef MDB_val v
+    cdef int rc = db_get(w, DB_OPS, op_id, n, &v)
+    if rc:
+        return rc
+    memcpy(rec, v.mv_data, sizeof(OperationRec))
+    if consumed != NULL:
+        if grow(<void **>&consumed.items, &consumed.cap, rec.n_consumed, sizeof(LotRec)):
+            return fail(w, 12)
+        memcpy(consumed.items, <char *>v.mv_data + sizeof(OperationRec),
+               rec.n_consumed * sizeof(LotRec))
+        consumed.n = rec.n_consumed
+    return 0
+
+
+cdef int queue_operation(Work *w, const char *op_id, size_t n, OperationRec *rec,
+                         LotBuf *consumed) noexcept nogil:
+    cdef size_t size
+    cdef char *buf
+    cdef uint32_t count = consumed.n if consumed != NULL else 0
+    rec.n_consumed = count
+    size = sizeof(OperationRec) + count * sizeof(LotRec)
+    buf = need_buf(w, size)
+    if buf == NULL:
+        return fail(w, 12)
+    memcpy(buf, rec, sizeof(OperationRec))
+    if count:
+        memcpy(buf + sizeof(OperationRec), consumed.items, count * sizeof(LotRec))
+    return queue_put(w, DB_OPS, op_id, n, buf, size, 0)
+
+
+# --- accounts ------------------------------------------------------------------
+cdef Acct *new_slot(Work *w, uint64_t account_id) noexcept nogil:
+    """A scratch account; slots keep their lot and hold buffers across ops."""
+    cdef Acct *a
+    cdef LotBuf lots
+    cdef HoldRec *holds
+    cdef uint32_t cap_holds
+    if w.n_accts == w.n_slots:
+        if grow(<void **>&w.accts, &w.cap_accts, w.n_slots + 1, sizeof(Acct)):
+            return NULL
+        memset(&w.accts[w.n_slots], 0, sizeof(Acct))
+        w.n_slots += 1
+    a = &w.accts[w.n_accts]
+    w.n_accts += 1
+    lots, holds, cap_holds = a.lots, a.holds, a.cap_holds
+    memset(a, 0, sizeof(Acct))
+    a.lots.items, a.lots.cap = lots.items, lots.cap
+    a.holds, a.cap_holds = holds, cap_holds
+    a.id = account_id
+    return a
+
+
+cdef int load_account(Work *w, uint64_t account_id, Acct **out) noexcept nogil:
+    cdef uint32_t i
+    cdef MDB_val v
+    cdef uint64_t key
+    cdef Acct *a
+    cdef const char *p
+    cdef int rc
+    for i in range(w.n_accts):
+        if w.accts[i].id == account_id:
+            out[0] = &w.accts[i]
+            return OK
+    if account_id == 0:
+        return ACCOUNT_NOT_FOUND
+    key = be64(account_id)
+    rc = db_get(w, DB_ACCOUNTS, &key, 8, &v)
+    if rc == 1:
+        return ACCOUNT_NOT_FOUND
+    if rc:
+        return rc
+    a = new_slot(w, account_id)
+    if a == NULL:
+        return fail(w, 12)
+    p = <const char *>v.mv_data
+    memcpy(&a.h, p, sizeof(AccountHead))
+    if grow(<void **>&a.lots.items, &a.lots.cap, a.h.n_lots + 1, sizeof(LotRec)):
+        return fail(w, 12)
+    memcpy(a.lots.items, p + sizeof(AccountHead), a.h.n_lots * sizeof(LotRec))
+    a.lots.n = a.h.n_lots
+    if grow(<void **>&a.holds, &a.cap_holds, a.h.n_holds + 1, sizeof(HoldRec)):
+        return fail(w, 12)
+    memcpy(a.holds, p + sizeof(AccountHead) + a.h.n_lots * sizeof(LotRec),
+           a.h.n_holds * sizeof(HoldRec))
+    a.n_holds = a.h.n_holds
+    out[0] = a
+    return OK
+
+
+cdef int usable_account(Work *w, uint64_t account_id, Acct **out) noexcept nogil:
+    cdef int rc = load_account(w, account_id, out)
+    if rc:
+        return rc
+    if out[0].h.status == ST_BLOCKED:
+        return ACCOUNT_BLOCKED
+    if out[0].h.status == ST_CLOSED:
+        return ACCOUNT_CLOSED
+    return touch(w, out[0])
+
+
+cdef int program_flags(Work *w, uint32_t program, uint32_t *flags) noexcept nogil:
+    cdef uint32_t key = be32(program)
+    cdef MDB_val v
+    cdef int rc = db_get(w, DB_PROGRAMS, &key, 4, &v)
+    if rc == 1:
+        return PROGRAM_NOT_FOUND
+    if rc:
+        return rc
+    flags[0] = (<ProgramRec *>v.mv_data).flags
+    return OK
+
+
+# --- journal -------------------------------------------------------------------
+cdef EntryRec *new_entry(Work *w, int type_, int sys, uint32_t program,
+                         uint32_t partner, uint32_t partner2, uint64_t debit,
+                         uint64_t credit, int64_t amount, int64_t amount2,
+                         uint64_t ref) noexcept nogil:
+    cdef EntryRec *e
+    if grow(<void **>&w.entries, &w.cap_entries, w.n_entries + 1, sizeof(EntryRec)):
+        fail(w, 12)
+        return NULL
+    e = &w.entries[w.n_entries]
+    w.n_entries += 1
+    memset(e, 0, sizeof(EntryRec))
+    e.h.type = type_
+    e.h.sys = sys
+    e.h.program = program
+    e.h.partner = partner
+    e.h.partner2 = partner2
+    e.h.version = w.op.version
+    e.h.time = w.now
+    e.h.business_time = w.op.business_time
+    e.h.debit = debit
+    e.h.credit = credit
+    e.h.amount = amount
+    e.h.amount2 = amount2
+    e.h.ref = ref
+    e.h.n_op = w.op.n_id
+    return e
+
+
+cdef int event(Work *w, int type_, uint32_t program, uint64_t subject,
+               int64_t amount, int64_t amount2, uint64_t ref,
+               const char *data, uint16_t n_data) noexcept nogil:
+    cdef EntryRec *e = new_entry(w, type_, 0, program, w.op.partner, 0, 0,
+                                 subject, amount, amount2, ref)
+    if e == NULL:
+        return FATAL
+    e.data = data
+    e.h.n_data = n_data
+    return OK
+
+
+cdef int sys_add(Work *w, uint32_t program, int kind, uint32_t partner,
+                 int64_t delta) noexcept nogil:
+    cdef uint32_t i
+    cdef SysRec *s = NULL
+    cdef SystemKey key
+    cdef MDB_val v
+    cdef int rc
+    for i in range(w.n_sys):
+        if (w.sys[i].program == program and w.sys[i].kind == kind
+                and w.sys[i].partner == partner):
+            s = &w.sys[i]
+            break
+    if s == NULL:
+        if grow(<void **>&w.sys, &w.cap_sys, w.n_sys + 1, sizeof(SysRec)):
+            return fail(w, 12)
+        s = &w.sys[w.n_sys]
+        w.n_sys += 1
+        s.program = program
+        s.kind = kind
+        s.partner = partner
+        key.program = be32(program)
+        key.kind = kind
+        key.partner = be32(partner)
+        rc = db_get(w, DB_SYSTEM, &key, sizeof(SystemKey), &v)
+        if rc == 0:
+            memcpy(&s.balance, v.mv_data, 8)
+        elif rc == 1:
+            s.balance = 0
+        else:
+            return rc
+    if k_add(s.balance, delta, &s.balance):
+        return OVERFLOW
+    return OK
+
+
+cdef int post(Work *w, int type_, uint32_t program, uint64_t debit,
+              uint64_t credit, int64_t amount, int sys_kind, uint32_t partner,
+              uint32_t partner2, int64_t amount2, uint64_t ref) noexcept nogil:
+    """A double-entry posting: `amount` leaves debit and reaches credit."""
+    cdef uint64_t sys_id = system_account(sys_kind, partner)
+    cdef int rc
+    if debit == sys_id:
+        rc = sys_add(w, program, sys_kind, partner, -amount)
+        if rc:
+            return rc
+    if credit == sys_id:
+        rc = sys_add(w, program, sys_kind, partner, amount)
+        if rc:
+            return rc
+    if new_entry(w, type_, sys_kind, program, partner, partner2, debit, credit,
+                 amount, amount2, ref) == NULL:
+        return FATAL
+    return OK
+
+
+# --- lots and holds ------------------------------------------------------------
+cdef void drop_empty_lots(Acct *a) noexcept nogil:
+    cdef uint32_t i, j = 0
+    for i in range(a.lots.n):
+        if a.lots.items[i].remaining > 0:
+            if i != j:
+                a.lots.items[j] = a.lots.items[i]
+            j += 1
+    a.lots.n = j
+
+
+cdef int take_active(Work *w, Acct *a, int64_t amount, LotBuf *taken,
+                     int64_t *total) noexcept nogil:
+    """Take up to `amount` from active lots, earliest expiry first."""
+    cdef uint32_t i
+    cdef int64_t part
+    cdef LotRec *lot
+    total[0] = 0
+    for i in range(a.lots.n):
+        if amount == 0:
+            break
+        lot = &a.lots.items[i]
+        if lot.activates_at > w.now:
+            continue
+        part = min64(lot.remaining, amount)
+        lot.remaining -= part
+        amount -= part
+        total[0] += part
+        if taken != NULL:
+            if grow(<void **>&taken.items, &taken.cap, taken.n + 1, sizeof(LotRec)):
+                return fail(w, 12)
+            taken.items[taken.n].lot_no = lot.lot_no
+            taken.items[taken.n].partner = lot.partner
+            taken.items[taken.n].remaining = part
+            taken.items[taken.n].activates_at = lot.activates_at
+            taken.items[taken.n].expires_at = lot.expires_at
+            taken.n += 1
+    drop_empty_lots(a)
+    return OK
+
+
+cdef int touch(Work *w, Acct *a) noexcept nogil:
+    """Burn expired lots, release timed-out holds, pay debt from lots."""
+    cdef uint32_t i, n, j
+    cdef LotRec lot
+    cdef HoldRec *hold
+    cdef int rc
+    cdef int64_t paid
+    n = 0
+    while n < a.lots.n and a.lots.items[n].expires_at <= w.now:
+        lot = a.lots.items[n]
+        if k_add(a.h.balance, -lot.remaining, &a.h.balance):
+            return OVERFLOW
+        if k_add(a.h.expired, lot.remaining, &a.h.expired):
+            return OVERFLOW
+        rc = post(w, E_EXPIRE, a.h.program, a.id,
+                  system_account(SYS_EXPIRED, lot.partner), lot.remaining,
+                  SYS_EXPIRED, lot.partner, lot.partner, 0, lot.lot_no)
+        if rc:
+            return rc
+        n += 1
+    if n:
+        memmove(a.lots.items, a.lots.items + n, (a.lots.n - n) * sizeof(LotRec))
+        a.lots.n -= n
+    j = 0
+    for i in range(a.n_holds):
+        hold = &a.holds[i]
+        if hold.expires_at <= w.now:
+            a.h.held -= hold.amount
+            rc = event(w, E_HOLD_RELEASED, a.h.program, a.id, hold.amount,
+                       RELEASE_EXPIRED, hold.hold_no, NULL, 0)
+            if rc:
+                return rc
+        else:
+            if i != j:
+                a.holds[j] = a.holds[i]
+            j += 1
+    a.n_holds = j
+    if a.h.debt > 0:
+        rc = take_active(w, a, a.h.debt, NULL, &paid)
+        if rc:
+            return rc
+        a.h.debt -= paid
+    return OK
+
+
+cdef int128 active_points(Work *w, Acct *a) noexcept nogil:
+    cdef int128 total = 0
+    cdef uint32_t i
+    for i in range(a.lots.n):
+        if a.lots.items[i].activates_at <= w.now < a.lots.items[i].expires_at:
+            total += a.lots.items[i].remaining
+    return total
+
+
+cdef int128 available(Work *w, Acct *a) noexcept nogil:
+    return active_points(w, a) - a.h.held - a.h.debt
+
+
+cdef int add_lot(Work *w, Acct *a, LotRec *lot) noexcept nogil:
+    """Put points into a lot (an existing one with that number, or new)."""
+    cdef uint32_t i, pos
+    cdef ExpiryKey key
+    for i in range(a.lots.n):
+        if a.lots.items[i].lot_no == lot.lot_no:
+            if k_add(a.lots.items[i].remaining, lot.remaining, &a.lots.items[i].remaining):
+                return OVERFLOW
+            return OK
+    if a.lots.n >= MAX_LOTS:
+        return TOO_MANY_LOTS
+    if grow(<void **>&a.lots.items, &a.lots.cap, a.lots.n + 1, sizeof(LotRec)):
+        return fail(w, 12)
+    pos = a.lots.n
+    while pos > 0 and (a.lots.items[pos - 1].expires_at > lot.expires_at or (
+            a.lots.items[pos - 1].expires_at == lot.expires_at
+            and a.lots.items[pos - 1].lot_no > lot.lot_no)):
+        pos -= 1
+    memmove(a.lots.items + pos + 1, a.lots.items + pos,
+            (a.lots.n - pos) * sizeof(LotRec))
+    a.lots.items[pos] = lot[0]
+    a.lots.n += 1
+    if lot.expires_at != NEVER:
+        key.expires_at = be64(<uint64_t>lot.expires_at)
+        key.account = be64(a.id)
+        return queue_put(w, DB_LOT_EXPIRY, &key, sizeof(ExpiryKey), NULL, 0, 0)
+    return OK
+
+
+cdef int new_lot(Work *w, Acct *a, uint32_t partner, int64_t points,
+                 int64_t activates_at, int64_t expires_at, uint32_t *lot_no) noexcept nogil:
+    cdef LotRec lot
+    lot.lot_no = a.h.next_lot
+    a.h.next_lot += 1
+    lot.partner = partner
+    lot.remaining = points
+    lot.activates_at = activates_at
+    lot.expires_at = expires_at
+    lot_no[0] = lot.lot_no
+    return add_lot(w, a, &lot)
+
+
+cdef int check_lot_times(Work *w) noexcept nogil:
+    cdef const OpHead *op = w.op
+    if not (0 <= op.activates_at < op.expires_at and op.expires_at > w.now):
+        return TIME_INVALID
+    return OK
+
+
+cdef uint32_t group_by_partner(LotBuf *lots, uint32_t *partners, int64_t *sums,
+                               uint32_t max_groups) noexcept nogil:
+    """Sum points per issuing partner, in order of first appearance."""
+    cdef uint32_t i, g, n = 0
+    for i in range(lots.n):
+        for g in range(n):
+            if partners[g] == lots.items[i].partner:
+                sums[g] += lots.items[i].remaining
+                break
+        else:
+            partners[n] = lots.items[i].partner
+            sums[n] = lots.items[i].remaining
+            n += 1
+    return n
+
+
+cdef int post_by_partner(Work *w, LotBuf *lots, int type_, Acct *a,
+                         uint32_t op_partner, bint to_member) noexcept nogil:
+    """SPEND (member -> redeemed) or RETURN (redeemed -> member) postings, one
+    per issuing partner of the lots involved."""
+    cdef uint32_t g, n
+    cdef uint32_t *partners
+    cdef int64_t *sums
+    cdef int rc = OK
+    cdef uint64_t sys_id = system_account(SYS_REDEEMED, op_partner)
+    if lots.n == 0:
+        return OK
+    partners = <uint32_t *>malloc(lots.n * sizeof(uint32_t))
+    sums = <int64_t *>malloc(lots.n * sizeof(int64_t))
+    if partners == NULL or sums == NULL:
+        free(partners)
+        free(sums)
+        return fail(w, 12)
+    n = group_by_partner(lots, partners, sums, lots.n)
+    for g in range(n):
+        if to_member:
+            rc = post(w, type_, a.h.program, sys_id, a.id, sums[g],
+                      SYS_REDEEMED, op_partner, partners[g], 0, 0)
+        else:
+            rc = post(w, type_, a.h.program, a.id, sys_id, sums[g],
+                      SYS_REDEEMED, op_partner, partners[g], 0, 0)
+        if rc:
+            break
+    free(partners)
+    free(sums)
+    return rc
+
+
+cdef int find_hold(Work *w, const char *key, size_t n, OperationRec *hold) noexcept nogil:
+    """The HOLD operation named by `key` (an op id), still open."""
+    cdef int rc
+    if n < 1 or n > MAX_OP_ID:
+        return KEY_INVALID
+    rc = load_operation(w, key, n, hold, NULL)
+    if rc == 1 or (rc == 0 and hold.kind != K_HOLD):
+        return HOLD_NOT_FOUND
+    if rc:
+        return rc
+    if hold.hold_state == HOLD_ST_CAPTURED:
+        return HOLD_CAPTURED
+    if hold.hold_state == HOLD_ST_VOIDED:
+        return HOLD_VOIDED
+    return OK
+
+
+cdef int release_hold(Work *w, Acct *a, uint32_t hold_no, int reason,
+                      int64_t *released) noexcept nogil:
+    cdef uint32_t i
+    cdef int64_t amount
+    for i in range(a.n_holds):
+        if a.holds[i].hold_no == hold_no:
+            amount = a.holds[i].amount
+            memmove(a.holds + i, a.holds + i + 1, (a.n_holds - i - 1) * sizeof(HoldRec))
+            a.n_holds -= 1
+            a.h.held -= amount
+            released[0] = amount
+            return event(w, E_HOLD_RELEASED, a.h.program, a.id, amount, reason,
+                         hold_no, NULL, 0)
+    return HOLD_EXPIRED  # touch released it at its timeout
+
+
+# --- commit of one operation -------------------------------------------------
+cdef int commit_work(Work *w) noexcept nogil:
+    cdef uint32_t i
+    cdef Acct *a
+    cdef PutRec *p
+    cdef EntryRec *e
+    cdef MDB_val k, v
+    cdef uint64_t key
+    cdef SystemKey skey
+    cdef size_t size
+    cdef char *buf
+    cdef int rc
+    cdef crypto_generichash_state hs
+    for i in range(w.n_accts):
+        a = &w.accts[i]
+        a.h.n_lots = a.lots.n
+        a.h.n_holds = a.n_holds
+        size = sizeof(AccountHead) + a.lots.n * sizeof(LotRec) + a.n_holds * sizeof(HoldRec)
+        buf = need_buf(w, size)
+        if buf == NULL:
+            return fail(w, 12)
+        memcpy(buf, &a.h, sizeof(AccountHead))
+        memcpy(buf + sizeof(AccountHead), a.lots.items, a.lots.n * sizeof(LotRec))
+        memcpy(buf + sizeof(AccountHead) + a.lots.n * sizeof(LotRec), a.holds,
+               a.n_holds * sizeof(HoldRec))
+        key = be64(a.id)
+        if db_put(w, w.dbi[DB_ACCOUNTS], &key, 8, buf, size, 0):
+            return FATAL
+    for i in range(w.n_puts):
+        p = &w.puts[i]
+        k.mv_size = p.key_len
+        k.mv_data = w.arena + p.key_off
+        if p.delete:
+            rc = mdb_del(w.txn, p.dbi, &k, NULL)
+            if rc != MDB_SUCCESS and rc != MDB_NOTFOUND:
+                return fail(w, rc)
+        else:
+            v.mv_size = p.val_len
+            v.mv_data = w.arena + p.val_off
+            rc = mdb_put(w.txn, p.dbi, &k, &v, 0)
+            if rc != MDB_SUCCESS:
+                return fail(w, rc)
+    for i in range(w.n_sys):
+        skey.program = be32(w.sys[i].program)
+        skey.kind = w.sys[i].kind
+        skey.partner = be32(w.sys[i].partner)
+        if db_put(w, w.dbi[DB_SYSTEM], &skey, sizeof(SystemKey),
+                  &w.sys[i].balance, 8, 0):
+            return FATAL
+    for i in range(w.n_entries):
+        e = &w.entries[i]
+        w.seq += 1
+        e.h.seq = w.seq
+        size = sizeof(EntryHead) + e.h.n_op + e.h.n_data
+        buf = need_buf(w, size + HASH_SIZE)
+        if buf == NULL:
+            return fail(w, 12)
+        memcpy(buf, &e.h, sizeof(EntryHead))
+        memcpy(buf + sizeof(EntryHead), w.op_id, e.h.n_op)
+        if e.h.n_data:
+            memcpy(buf + sizeof(EntryHead) + e.h.n_op, e.data, e.h.n_data)
+        crypto_generichash_init(&hs, NULL, 0, HASH_SIZE)
+        crypto_generichash_update(&hs, w.hash, HASH_SIZE)
+        crypto_generichash_update(&hs, <unsigned char *>buf, size)
+        crypto_generichash_final(&hs, w.hash, HASH_SIZE)
+        memcpy(buf + size, w.hash, HASH_SIZE)
+        key = be64(w.seq)
+        if db_put(w, w.dbi[DB_JOURNAL], &key, 8, buf, size + HASH_SIZE, MDB_APPEND):
+            return FATAL
+    w.next_account = w.next_account_op
+    return queue_operation_now(w)
+
+
+cdef int queue_operation_now(Work *w) noexcept nogil:
+    cdef size_t size = sizeof(OperationRec) + w.consumed.n * sizeof(LotRec)
+    cdef char *buf = need_buf(w, size)
+    if buf == NULL:
+        return fail(w, 12)
+    w.rec.n_consumed = w.consumed.n
+    memcpy(buf, &w.rec, sizeof(OperationRec))
+    memcpy(buf + sizeof(OperationRec), w.consumed.items, w.consumed.n * sizeof(LotRec))
+    return db_put(w, w.dbi[DB_OPS], w.op_id, w.op.n_id, buf, size, 0)
+
+
+# --- operations ------------------------------------------------------------------
+cdef int op_put_program(Work *w) noexcept nogil:
+    cdef const OpHead *op = w.op
+    cdef uint32_t key = be32(op.program)
+    cdef ProgramRec rec
+    cdef MDB_val v
+    cdef int rc
+    if op.program == 0:
+        return KEY_INVALID
+    if op.flags & ~PROGRAM_ALLOW_DEBT:
+        return FLAGS_INVALID
+    rc = db_get(w, DB_PROGRAMS, &key, 4, &v)
+    if rc == 0:
+        rec.created_at = (<ProgramRec *>v.mv_data).created_at
+    elif rc == 1:
+        rec.created_at = w.now
+    else:
+        return rc
+    rec.flags = op.flags
+    rc = queue_put(w, DB_PROGRAMS, &key, 4, &rec, sizeof(ProgramRec), 0)
+    if rc:
+        return rc
+    rc = event(w, E_PROGRAM_PUT, op.program, 0, op.flags, 0, 0, NULL, 0)
+    w.rec.program = op.program
+    w.rec.a = op.program
+    return rc
+
+
+cdef int op_open_account(Work *w) noexcept nogil:
+    cdef const OpHead *op = w.op
+    cdef uint32_t flags
+    cdef char key[4 + MAX_KEY]
+    cdef uint32_t program_be
+    cdef MDB_val v
+    cdef uint64_t account_id, id_be
+    cdef Acct *a
+    cdef int rc = program_flags(w, op.program, &flags)
+    if rc:
+        return rc
+    if op.n_key < 1 or op.n_key > MAX_KEY:
+        return KEY_INVALID
+    program_be = be32(op.program)
+    memcpy(key, &program_be, 4)
+    memcpy(key + 4, w.key, op.n_key)
+    rc = db_get(w, DB_EXTERNALS, key, 4 + op.n_key, &v)
+    if rc == 0:
+        return ACCOUNT_EXISTS
+    if rc != 1:
+        return rc
+    account_id = w.next_account_op
+    w.next_account_op += 1
+    a = new_slot(w, account_id)
+    if a == NULL:
+        return fail(w, 12)
+    a.h.program = op.program
+    a.h.status = ST_ACTIVE
+    a.h.next_lot = 1
+    a.h.next_hold = 1
+    a.h.opened_at = w.now
+    id_be = be64(account_id)
+    rc = queue_put(w, DB_EXTERNALS, key, 4 + op.n_key, &id_be, 8, 0)
+    if rc:
+        return rc
+    rc = event(w, E_ACCOUNT_OPENED, op.program, account_id, 0, 0, 0, w.key, op.n_key)
+    w.rec.program = op.program
+    w.rec.account = account_id
+    w.rec.a = <int64_t>account_id
+    return rc
+
+
+cdef int op_set_account_status(Work *w) noexcept nogil:
+    cdef const OpHead *op = w.op
+    cdef Acct *a
+    cdef int rc
+    if op.amount != ST_ACTIVE and op.amount != ST_BLOCKED and op.amount != ST_CLOSED:
+        return STATUS_INVALID
+    rc = load_account(w, op.account, &a)
+    if rc:
+        return rc
+    if a.h.status == ST_CLOSED:
+        return ACCOUNT_CLOSED
+    a.h.status = <uint8_t>op.amount
+    rc = event(w, E_ACCOUNT_STATUS, a.h.program, op.account, op.amount, 0, 0, NULL, 0)
+    w.rec.account = op.account
+    w.rec.a = op.amount
+    return rc
+
+
+cdef int load_card(Work *w, const char *card, size_t n, CardRec *out) noexcept nogil:
+    cdef MDB_val v
+    cdef int rc = db_get(w, DB_CARDS, card, n, &v)
+    if rc == 1:
+        return CARD_NOT_FOUND
+    if rc:
+        return rc
+    memcpy(out, v.mv_data, sizeof(CardRec))
+    return OK
+
+
+cdef int card_exists(Work *w, const char *card, size_t n) noexcept nogil:
+    """CARD_EXISTS, OK when absent, or FATAL."""
+    cdef MDB_val v
+    cdef int rc = db_get(w, DB_CARDS, card, n, &v)
+    if rc == 0:
+        return CARD_EXISTS
+    if rc == 1:
+        return OK
+    return rc
+
+
+cdef int op_link_card(Work *w) noexcept nogil:
+    cdef const OpHead *op = w.op
+    cdef Acct *a
+    cdef CardRec card
+    cdef int rc
+    if op.n_key < 1 or op.n_key > MAX_KEY:
+        return KEY_INVALID
+    rc = load_account(w, op.account, &a)
+    if rc:
+        return rc
+    if a.h.status == ST_CLOSED:
+        return ACCOUNT_CLOSED
+    rc = card_exists(w, w.key, op.n_key)
+    if rc:
+        return rc
+    card.account = op.account
+    card.status = CARD_ACTIVE
+    rc = queue_put(w, DB_CARDS, w.key, op.n_key, &card, sizeof(CardRec), 0)
+    if rc:
+        return rc
+    rc = event(w, E_CARD_LINKED, a.h.program, op.account, 0, 0, 0, w.key, op.n_key)
+    w.rec.account = op.account
+    w.rec.a = <int64_t>op.account
+    return rc
+
+
+cdef int op_block_card(Work *w) noexcept nogil:
+    cdef const OpHead *op = w.op
+    cdef Acct *a
+    cdef CardRec card
+    cdef int rc
+    if op.n_key < 1 or op.n_key > MAX_KEY:
+        return KEY_INVALID
+    rc = load_card(w, w.key, op.n_key, &card)
+    if rc:
+        return rc
+    if card.status != CARD_ACTIVE:
+        return CARD_BLOCKED
+    rc = load_account(w, card.account, &a)
+    if rc:
+        return rc
+    card.status = CARD_BLOCKED_ST
+    rc = queue_put(w, DB_CARDS, w.key, op.n_key, &card, sizeof(CardRec), 0)
+    if rc:
+        return rc
+    rc = event(w, E_CARD_BLOCKED, a.h.program, card.account, 0, 0, 0, w.key, op.n_key)
+    w.rec.account = card.account
+    w.rec.a = <int64_t>card.account
+    return rc
+
+
+cdef int op_replace_card(Work *w) noexcept nogil:
+    cdef const OpHead *op = w.op
+    cdef Acct *a
+    cdef CardRec card
+    cdef int rc
+    if op.n_key < 1 or op.n_key > MAX_KEY or op.n_key2 < 1 or op.n_key2 > MAX_KEY:
+        return KEY_INVALID
+    rc = load_card(w, w.key, op.n_key, &card)
+    if rc:
+        return rc
+    if card.status == CARD_REPLACED:
+        return CARD_BLOCKED
+    if op.n_key == op.n_key2 and memcmp(w.key, w.key2, op.n_key) == 0:
+        return CARD_EXISTS
+    rc = card_exists(w, w.key2, op.n_key2)
+    if rc:
+        return rc
+    rc = load_account(w, card.account, &a)
+    if rc:
+        return rc
+    if a.h.status == ST_CLOSED:
+        return ACCOUNT_CLOSED
+    card.status = CARD_REPLACED
+    rc = queue_put(w, DB_CARDS, w.key, op.n_key, &card, sizeof(CardRec), 0)
+    if rc:
+        return rc
+    card.status = CARD_ACTIVE
+    rc = queue_put(w, DB_CARDS, w.key2, op.n_key2, &card, sizeof(CardRec), 0)
+    if rc:
+        return rc
+    rc = event(w, E_CARD_REPLACED, a.h.program, card.account, 0, 0, 0, w.key, op.n_key)
+    if rc:
+        return rc
+    rc = event(w, E_CARD_LINKED, a.h.program, card.account, 0, 0, 0, w.key2, op.n_key2)
+    w.rec.account = card.account
+    w.rec.a = <int64_t>card.account
+    return rc
+
+
+cdef int op_receipt(Work *w) noexcept nogil:
+    """EARN, SPEND and CAPTURE: spend `amount`, earn `amount2`, one receipt."""
+    cdef const OpHead *op = w.op
+    cdef int64_t spend = op.amount, earn = op.amount2, held, taken
+    cdef bint has_hold
+    cdef uint64_t account_id = op.account
+    cdef OperationRec hold
+    cdef Acct *a
+    cdef uint32_t lot_no = 0
+    cdef int rc
+    if spend < 0 or earn < 0 or op.money < 0:
+        return AMOUNT_INVALID
+    if op.kind == K_EARN and (spend != 0 or earn == 0):
+        return AMOUNT_INVALID
+    if op.kind == K_SPEND and (earn != 0 or spend == 0):
+        return AMOUNT_INVALID
+    has_hold = op.kind == K_CAPTURE and op.n_key != 0
+    if op.kind == K_CAPTURE and not has_hold and spend == 0 and earn == 0:
+        return AMOUNT_INVALID
+    if earn > 0:
+        rc = check_lot_times(w)
+        if rc:
+            return rc
+    if has_hold:
+        rc = find_hold(w, w.key, op.n_key, &hold)
+        if rc:
+            return rc
+        if account_id != 0 and account_id != hold.account:
+            return HOLD_NOT_FOUND
+        account_id = hold.account
+    rc = usable_account(w, account_id, &a)
+    if rc:
+        return rc
+    if has_hold:
+        rc = release_hold(w, a, hold.hold_no, RELEASE_CAPTURED, &held)
+        if rc:
+            return rc
+        if spend > held:
+            return CAPTURE_EXCEEDS_HOLD
+        hold.hold_state = HOLD_ST_CAPTURED
+        rc = queue_operation(w, w.key, op.n_key, &hold, NULL)
+        if rc:
+            return rc
+        w.rec.hold_no = hold.hold_no
+    if spend > 0:
+        if available(w, a) < spend:
+            return INSUFFICIENT_POINTS
+        rc = take_active(w, a, spend, &w.consumed, &taken)
+        if rc:
+            return rc
+        if k_add(a.h.balance, -spend, &a.h.balance) or k_add(a.h.spent, spend, &a.h.spent):
+            return OVERFLOW
+        rc = post_by_partner(w, &w.consumed, E_SPEND, a, op.partner, False)
+        if rc:
+            return rc
+    if earn > 0:
+        if k_add(a.h.balance, earn, &a.h.balance) or k_add(a.h.earned, earn, &a.h.earned):
+            return OVERFLOW
+        rc = new_lot(w, a, op.partner, earn, op.activates_at, op.expires_at, &lot_no)
+        if rc:
+            return rc
+        rc = post(w, E_EARN, a.h.program, system_account(SYS_ISSUED, op.partner),
+                  account_id, earn, SYS_ISSUED, op.partner, 0, 0, lot_no)
+        if rc:
+            return rc
+    rc = touch(w, a)
+    if rc:
+        return rc
+    w.rec.program = a.h.program
+    w.rec.account = account_id
+    w.rec.partner = op.partner
+    w.rec.money = op.money
+    w.rec.spent = spend
+    w.rec.earned = earn
+    w.rec.earned_lot = lot_no
+    if op.kind == K_EARN:
+        w.rec.a = lot_no
+    elif op.kind == K_SPEND:
+        w.rec.a = spend
+    else:
+        w.rec.a = spend
+        w.rec.b = lot_no
+    return OK
+
+
+cdef int op_hold(Work *w) noexcept nogil:
+    cdef const OpHead *op = w.op
+    cdef Acct *a
+    cdef uint32_t hold_no
+    cdef ExpiryKey key
+    cdef int rc
+    if op.amount <= 0:
+        return AMOUNT_INVALID
+    if op.expires_at <= w.now:
+        return TIME_INVALID
+    rc = usable_account(w, op.account, &a)
+    if rc:
+        return rc
+    if a.n_holds >= MAX_HOLDS:
+        return TOO_MANY_HOLDS
+    if available(w, a) < op.amount:
+        return INSUFFICIENT_POINTS
+    hold_no = a.h.next_hold
+    a.h.next_hold += 1
+    if grow(<void **>&a.holds, &a.cap_holds, a.n_holds + 1, sizeof(HoldRec)):
+        return fail(w, 12)
+    a.holds[a.n_holds].hold_no = hold_no
+    a.holds[a.n_holds].pad = 0
+    a.holds[a.n_holds].amount = op.amount
+    a.holds[a.n_holds].expires_at = op.expires_at
+    a.n_holds += 1
+    if k_add(a.h.held, op.amount, &a.h.held):
+        return OVERFLOW
+    key.expires_at = be64(<uint64_t>op.expires_at)
+    key.account = be64(op.account)
+    rc = queue_put(w, DB_HOLD_EXPIRY, &key, sizeof(ExpiryKey), NULL, 0, 0)
+    if rc:
+        return rc
+    rc = event(w, E_HOLD_PLACED, a.h.program, op.account, op.amount,
+               op.expires_at, hold_no, NULL, 0)
+    w.rec.program = a.h.program
+    w.rec.account = op.account
+    w.rec.hold_state = HOLD_OPEN
+    w.rec.hold_no = hold_no
+    w.rec.a = hold_no
+    return rc
+
+
+cdef int op_void(Work *w) noexcept nogil:
+    cdef OperationRec hold
+    cdef Acct *a
+    cdef int64_t released
+    cdef int rc = find_hold(w, w.key, w.op.n_key, &hold)
+    if rc:
+        return rc
+    rc = load_account(w, hold.account, &a)
+    if rc:
+        return rc
+    rc = touch(w, a)
+    if rc:
+        return rc
+    rc = release_hold(w, a, hold.hold_no, RELEASE_VOIDED, &released)
+    if rc:
+        return rc
+    hold.hold_state = HOLD_ST_VOIDED
+    rc = queue_operation(w, w.key, w.op.n_key, &hold, NULL)
+    w.rec.program = a.h.program
+    w.rec.account = hold.account
+    w.rec.hold_no = hold.hold_no
+    w.rec.a = released
+    return rc
+
+
+cdef int give_back(Work *w, Acct *a, OperationRec *orig, LotBuf *consumed,
+                   int64_t give) noexcept nogil:
+    """Return spent points to the lots they came from, last consumed first."""
+    cdef int64_t before = orig.returned, after = orig.returned + give
+    cdef int64_t old, new
+    cdef int i
+    cdef LotRec lot
+    cdef LotBuf returned
+    cdef int rc = OK
+    returned.items = NULL
+    returned.n = returned.cap = 0
+    for i in range(<int>consumed.n - 1, -1, -1):
+        lot = consumed.items[i]
+        old = min64(lot.remaining, before)
+        new = min64(lot.remaining, after)
+        before -= old
+        after -= new
+        if new > old:
+            lot.remaining = new - old
+            if grow(<void **>&returned.items, &returned.cap, returned.n + 1, sizeof(LotRec)):
+                rc = fail(w, 12)
+                break
+            returned.items[returned.n] = lot
+            returned.n += 1
+            rc = add_lot(w, a, &lot)
+            if rc:
+                break
+    if rc == OK:
+        if k_add(a.h.balance, give, &a.h.balance) or k_add(a.h.spent, -give, &a.h.spent):
+            rc = OVERFLOW
+    if rc == OK:
+        rc = post_by_partner(w, &returned, E_RETURN, a, orig.partner, True)
+    free(returned.items)
+    return rc
+
+
+cdef int claw_back(Work *w, Acct *a, OperationRec *orig, int64_t claw) noexcept nogil:
+    """Take back earned points: from the receipt's own lot, then from the
+    available balance, then as debt where the program allows it."""
+    cdef int64_t left = claw, part, taken
+    cdef int128 free_points
+    cdef uint32_t i, flags
+    cdef int rc
+    for i in range(a.lots.n):
+        if a.lots.items[i].lot_no == orig.earned_lot:
+            part = min64(a.lots.items[i].remaining, left)
+            if a.lots.items[i].activates_at <= w.now:  # active: held points stay
+                free_points = available(w, a)
+                if free_points < 0:
+                    free_points = 0
+                if free_points < part:
+                    part = <int64_t>free_points
+            a.lots.items[i].remaining -= part
+            left -= part
+    drop_empty_lots(a)
+    if left:
+        free_points = available(w, a)
+        if free_points < 0:
+            free_points = 0
+        if free_points > left:
+            free_points = left
+        rc = take_active(w, a, <int64_t>free_points, NULL, &taken)
+        if rc:
+            return rc
+        left -= taken
+    if left:
+        rc = program_flags(w, a.h.program, &flags)
+        if rc:
+            return rc
+        if not flags & PROGRAM_ALLOW_DEBT:
+            return INSUFFICIENT_POINTS
+        if k_add(a.h.debt, left, &a.h.debt):
+            return OVERFLOW
+    if k_add(a.h.balance, -claw, &a.h.balance) or k_add(a.h.earned, -claw, &a.h.earned):
+        return OVERFLOW
+    return post(w, E_CLAWBACK, a.h.program, a.id,
+                system_account(SYS_ISSUED, orig.partner), claw, SYS_ISSUED,
+                orig.partner, 0, 0, orig.earned_lot)
+
+
+cdef int op_refund(Work *w) noexcept nogil:
+    cdef const OpHead *op = w.op
+    cdef OperationRec orig
+    cdef int64_t refunded_money, give, claw
+    cdef int128 g, c
+    cdef Acct *a
+    cdef int rc
+    if op.n_key < 1 or op.n_key > MAX_OP_ID:
+        return KEY_INVALID
+    if op.flags & ~REFUND_PROPORTIONAL:
+        return FLAGS_INVALID
+    if op.money < 0 or op.amount < 0 or op.amount2 < 0:
+        return AMOUNT_INVALID
+    w.scratch_lots.n = 0
+    rc = load_operation(w, w.key, op.n_key, &orig, &w.scratch_lots)
+    if rc == 1:
+        return OPERATION_NOT_FOUND
+    if rc:
+        return rc
+    if orig.kind != K_EARN and orig.kind != K_SPEND and orig.kind != K_CAPTURE:
+        return NOT_REFUNDABLE
+    if k_add(orig.refunded_money, op.money, &refunded_money):
+        return OVERFLOW
+    if refunded_money > orig.money:
+        return REFUND_EXCEEDS_ORIGINAL
+    if op.flags & REFUND_PROPORTIONAL:
+        if op.money == 0 or op.amount or op.amount2:
+            return AMOUNT_INVALID
+        g = <int128>orig.spent * refunded_money / orig.money - orig.returned
+        c = <int128>orig.earned * refunded_money / orig.money - orig.clawed
+        give = <int64_t>g if g > 0 else 0
+        claw = <int64_t>c if c > 0 else 0
+    else:
+        give = op.amount
+        claw = op.amount2
+        if give == 0 and claw == 0 and op.money == 0:
+            return AMOUNT_INVALID
+        if (<int128>orig.returned + give > orig.spent
+                or <int128>orig.clawed + claw > orig.earned):
+            return REFUND_EXCEEDS_ORIGINAL
+    rc = load_account(w, orig.account, &a)
+    if rc:
+        return rc
+    rc = touch(w, a)
+    if rc:
+        return rc
+    if give:
+        rc = give_back(w, a, &orig, &w.scratch_lots, give)
+        if rc:
+            return rc
+    if claw:
+        rc = claw_back(w, a, &orig, claw)
+        if rc:
+            return rc
+    rc = touch(w, a)
+    if rc:
+        return rc
+    orig.refunded_money = refunded_money
+    orig.returned += give
+    orig.clawed += claw
+    rc = queue_operation(w, w.key, op.n_key, &orig, &w.scratch_lots)
+    w.rec.program = a.h.program
+    w.rec.account = orig.account
+    w.rec.money = op.money
+    w.rec.partner = orig.partner
+    w.rec.a = give
+    w.rec.b = claw
+    return rc
+
+
+cdef int op_adjust(Work *w) noexcept nogil:
+    cdef const OpHead *op = w.op
+    cdef Acct *a
+    cdef uint64_t adjusted = system_account(SYS_ADJUSTED, op.partner)
+    cdef uint32_t lot_no
+    cdef int64_t points, taken
+    cdef int rc
+    if op.amount == 0:
+        return AMOUNT_INVALID
+    rc = load_account(w, op.account, &a)
+    if rc:
+        return rc
+    if a.h.status == ST_CLOSED:
+        return ACCOUNT_CLOSED
+    rc = touch(w, a)
+    if rc:
+        return rc
+    if op.amount > 0:
+        rc = check_lot_times(w)
+        if rc:
+            return rc
+        if k_add(a.h.balance, op.amount, &a.h.balance):
+            return OVERFLOW
+        rc = new_lot(w, a, op.partner, op.amount, op.activates_at, op.expires_at, &lot_no)
+        if rc:
+            return rc
+        rc = post(w, E_ADJUST, a.h.program, adjusted, op.account, op.amount,
+                  SYS_ADJUSTED, op.partner, 0, op.reason, lot_no)
+        if rc:
+            return rc
+        w.rec.a = lot_no
+    else:
+        if op.amount == INT64_MIN:
+            return INSUFFICIENT_POINTS  # -(int64 min) is no int64: never affordable
+        points = -op.amount
+        if available(w, a) < points:
+            return INSUFFICIENT_POINTS
+        rc = take_active(w, a, points, NULL, &taken)
+        if rc:
+            return rc
+        a.h.balance -= points
+        rc = post(w, E_ADJUST, a.h.program, op.account, adjusted, points,
+                  SYS_ADJUSTED, op.partner, 0, op.reason, 0)
+        if rc:
+            return rc
+        w.rec.a = points
+    rc = touch(w, a)
+    w.rec.program = a.h.program
+    w.rec.account = op.account
+    return rc
+
+
+cdef int op_transfer(Work *w) noexcept nogil:
+    cdef const OpHead *op = w.op
+    cdef bint everything
+    cdef Acct *source
+    cdef Acct *target
+    cdef LotBuf *moved = &w.scratch_lots
+    cdef int64_t total = 0, taken
+    cdef uint32_t i, lot_no
+    cdef EntryRec *e
+    cdef int rc
+    if op.flags & ~TRANSFER_ALL:
+        return FLAGS_INVALID
+    everything = op.flags & TRANSFER_ALL
+    if (op.amount != 0) if everything else (op.amount <= 0):
+        return AMOUNT_INVALID
+    if op.account == op.account2:
+        return SAME_ACCOUNT
+    rc = load_account(w, op.account, &source)
+    if rc:
+        return rc
+    rc = load_account(w, op.account2, &target)
+    if rc:
+        return rc
+    load_account(w, op.account, &source)  # again: loading target may move slots
+    if source.h.program != target.h.program:
+        return PROGRAM_MISMATCH
+    if source.h.status == ST_CLOSED or target.h.status == ST_CLOSED:
+        return ACCOUNT_CLOSED
+    if target.h.status == ST_BLOCKED:
+        return ACCOUNT_BLOCKED
+    rc = touch(w, source)
+    if rc:
+        return rc
+    rc = touch(w, target)
+    if rc:
+        return rc
+    moved.n = 0
+    if everything:
+        if source.h.debt > 0:
+            return ACCOUNT_IN_DEBT
+        if source.n_holds:
+            return INSUFFICIENT_POINTS
+        if grow(<void **>&moved.items, &moved.cap, source.lots.n, sizeof(LotRec)):
+            return fail(w, 12)
+        memcpy(moved.items, source.lots.items, source.lots.n * sizeof(LotRec))
+        moved.n = source.lots.n
+        source.lots.n = 0
+    else:
+        if available(w, source) < op.amount:
+            return INSUFFICIENT_POINTS
+        rc = take_active(w, source, op.amount, moved, &taken)
+        if rc:
+            return rc
+    for i in range(moved.n):
+        total += moved.items[i].remaining
+    for i in range(moved.n):
+        rc = new_lot(w, target, moved.items[i].partner, moved.items[i].remaining,
+                     moved.items[i].activates_at, moved.items[i].expires_at, &lot_no)
+        if rc:
+            return rc
+    source.h.balance -= total
+    if k_add(target.h.balance, total, &target.h.balance):
+        return OVERFLOW
+    if total:
+        e = new_entry(w, E_TRANSFER, 0, source.h.program, 0, 0, op.account,
+                      op.account2, total, 0, 0)
+        if e == NULL:
+            return FATAL
+    rc = touch(w, target)
+    w.rec.program = source.h.program
+    w.rec.account = op.account
+    w.rec.a = total
+    return rc
+
+
+cdef int collect_due(Work *w, int db, int64_t limit) noexcept nogil:
+    cdef MDB_cursor *cur
+    cdef MDB_val k, v
+    cdef int rc
+    cdef ExpiryKey *key
+    rc = mdb_cursor_open(w.txn, w.dbi[db], &cur)
+    if rc:
+        return fail(w, rc)
+    rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST)
+    while rc == MDB_SUCCESS:
+        if w.n_due >= limit:
+            break
+        key = <ExpiryKey *>k.mv_data
+        if <int64_t>be64(key.expires_at) > w.now:
+            break
+        if grow(<void **>&w.due, &w.cap_due, w.n_due + 1, sizeof(ExpiryKey)):
+            mdb_cursor_close(cur)
+            return fail(w, 12)
+        w.due[w.n_due] = key[0]
+        w.n_due += 1
+        rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)
+    mdb_cursor_close(cur)
+    if rc != MDB_SUCCESS and rc != MDB_NOTFOUND:
+        return fail(w, rc)
+    return OK
+
+
+cdef int op_sweep(Work *w) noexcept nogil:
+    """Expire lots and holds that are due, a bounded number of index keys."""
+    cdef uint32_t i, lots_due
+    cdef int64_t expired = 0, before
+    cdef Acct *a
+    cdef int rc
+    if w.op.amount <= 0:
+        return AMOUNT_INVALID
+    w.n_due = 0
+    rc = collect_due(w, DB_LOT_EXPIRY, w.op.amount)
+    if rc:
+        return rc
+    lots_due = w.n_due
+    rc = collect_due(w, DB_HOLD_EXPIRY, w.op.amount)
+    if rc:
+        return rc
+    for i in range(w.n_due):
+        rc = load_account(w, be64(w.due[i].account), &a)
+        if rc:
+            return rc
+        before = a.h.expired
+        rc = touch(w, a)
+        if rc:
+            return rc
+        expired += a.h.expired - before
+        rc = queue_put(w, DB_LOT_EXPIRY if i < lots_due else DB_HOLD_EXPIRY,
+                       &w.due[i], sizeof(ExpiryKey), NULL, 0, 1)
+        if rc:
+            return rc
+    w.rec.a = w.n_due
+    w.rec.b = expired
+    return OK
+
+
+cdef int dispatch(Work *w) noexcept nogil:
+    cdef uint8_t kind = w.op.kind
+    if kind == K_EARN or kind == K_SPEND or kind == K_CAPTURE:
+        return op_receipt(w)
+    if kind == K_HOLD:
+        return op_hold(w)
+    if kind == K_VOID:
+        return op_void(w)
+    if kind == K_REFUND:
+        return op_refund(w)
+    if kind == K_ADJUST:
+        return op_adjust(w)
+    if kind == K_TRANSFER:
+        return op_transfer(w)
+    if kind == K_SWEEP:
+        return op_sweep(w)
+    if kind == K_PUT_PROGRAM:
+        return op_put_program(w)
+    if kind == K_OPEN_ACCOUNT:
+        return op_open_account(w)
+    if kind == K_SET_ACCOUNT_STATUS:
+        return op_set_account_status(w)
+    if kind == K_LINK_CARD:
+        return op_link_card(w)
+    if kind == K_BLOCK_CARD:
+        return op_block_card(w)
+    if kind == K_REPLACE_CARD:
+        return op_replace_card(w)
+    return KIND_INVALID
+
+
+cdef void reset_op(Work *w) noexcept nogil:
+    w.n_accts = 0
+    w.n_entries = 0
+    w.n_puts = 0
+    w.arena_len = 0
+    w.n_sys = 0
+    w.consumed.n = 0
+    w.scratch_lots.n = 0
+    w.next_account_op = w.next_account
+    memset(&w.rec, 0, sizeof(OperationRec))
+
+
+cdef int apply_op(Work *w, const OpHead *op, ResultRec *out) noexcept nogil:
+    """Apply one operation; FATAL aborts the batch."""
+    cdef const char *p = <const char *>op + sizeof(OpHead)
+    cdef OperationRec first
+    cdef int rc
+    memset(out, 0, sizeof(ResultRec))
+    if op.n_id < 1 or op.n_id > MAX_OP_ID:
+        out.code = OP_ID_INVALID
+        return OK
+    w.op = op
+    w.op_id = p
+    w.key = p + op.n_id
+    w.key2 = p + op.n_id + op.n_key
+    reset_op(w)
+    crypto_generichash(w.rec.digest, DIGEST_SIZE, <const unsigned char *>op,
+                       sizeof(OpHead) + op.n_id + op.n_key + op.n_key2, NULL, 0)
+    rc = load_operation(w, w.op_id, op.n_id, &first, NULL)
+    if rc == FATAL:
+        return FATAL
+    if rc == 0:
+        if memcmp(first.digest, w.rec.digest, DIGEST_SIZE) != 0:
+            out.code = OP_ID_REUSED
+        else:
+            out.code = first.code
+            out.flags = RESULT_REPLAYED
+            out.a = first.a
+            out.b = first.b
+        return OK
+    w.rec.kind = op.kind
+    rc = dispatch(w)
+    if rc == FATAL or w.fatal:
+        return FATAL
+    if rc != OK:
+        out.code = rc
+        return OK
+    if commit_work(w):
+        return FATAL
+    out.a = w.rec.a
+    out.b = w.rec.b
+    return OK
+
+
+cdef void free_work(Work *w) noexcept nogil:
+    cdef uint32_t i
+    for i in range(w.n_slots):
+        free(w.accts[i].lots.items)
+        free(w.accts[i].holds)
+    free(w.accts)
+    free(w.entries)
+    free(w.puts)
+    free(w.arena)
+    free(w.sys)
+    free(w.buf)
+    free(w.due)
+    free(w.consumed.items)
+    free(w.scratch_lots.items)
+
+
+cdef int run_batch(MDB_env *env, MDB_dbi *dbi, const char *batch, size_t size,
+                   int64_t now, ResultRec *results) noexcept nogil:
+    """The whole batch in one write transaction. Returns an LMDB error or 0."""
+    cdef Work w
+    cdef MDB_val k, v
+    cdef HeadRec head
+    cdef uint64_t next_be
+    cdef size_t offset = 0
+    cdef const OpHead *op
+    cdef uint32_t i = 0
+    cdef int rc
+    memset(&w, 0, sizeof(Work))
+    w.dbi = dbi
+    w.now = now
+    rc = mdb_txn_begin(env, NULL, 0, &w.txn)
+    if rc:
+        return rc
+    k.mv_size = 4
+    k.mv_data = <void *>META_HEAD_KEY
+    rc = mdb_get(w.txn, dbi[DB_META], &k, &v)
+    if rc == MDB_SUCCESS:
+        memcpy(&head, v.mv_data, sizeof(HeadRec))
+        w.seq = head.seq
+        memcpy(w.hash, head.hash, HASH_SIZE)
+    k.mv_size = 12
+    k.mv_data = <void *>META_NEXT_ACCOUNT_KEY
+    w.next_account = 1
+    if mdb_get(w.txn, dbi[DB_META], &k, &v) == MDB_SUCCESS:
+        w.next_account = be64((<uint64_t *>v.mv_data)[0])
+    while offset < size:
+        op = <const OpHead *>(batch + offset)
+        if apply_op(&w, op, &results[i]):
+            break
+        offset += sizeof(OpHead) + op.n_id + op.n_key + op.n_key2
+        i += 1
+    if w.fatal == 0:
+        head.seq = w.seq
+        memcpy(head.hash, w.hash, HASH_SIZE)
+        k.mv_size = 4
+        k.mv_data = <void *>META_HEAD_KEY
+        v.mv_size = sizeof(HeadRec)
+        v.mv_data = &head
+        rc = mdb_put(w.txn, dbi[DB_META], &k, &v, 0)
+        if rc:
+            fail(&w, rc)
+    if w.fatal == 0:
+        next_be = be64(w.next_account)
+        k.mv_size = 12
+        k.mv_data = <void *>META_NEXT_ACCOUNT_KEY
+        v.mv_size = 8
+        v.mv_data = &next_be
+        rc = mdb_put(w.txn, dbi[DB_META], &k, &v, 0)
+        if rc:
+            fail(&w, rc)
+    free_work(&w)
+    if w.fatal:
+        mdb_txn_abort(w.txn)
+        return w.fatal
+    return mdb_txn_commit(w.txn)
+
+
+cdef _raise(int rc):
+    message = mdb_strerror(rc).decode()
+    if rc == MDB_MAP_FULL:
+        raise MapFullError(message)
+    raise LedgerError(message)
+
+
+cdef size_t count_ops(const char *batch, size_t size) except? 0:
+    cdef size_t offset = 0, n = 0
+    cdef const OpHead *op
+    while offset < size:
+        if offset + sizeof(OpHead) > size:
+            raise ValueError("truncated operation header")
+        op = <const OpHead *>(batch + offset)
+        offset += sizeof(OpHead) + op.n_id + op.n_key + op.n_key2
+        if offset > size:
+            raise ValueError("truncated operation")
+        n += 1
+    return n
+
+
+cdef class Environment:
+    """One LMDB environment (a directory) and the kernel's databases in it."""
+    cdef MDB_env *env
+    cdef MDB_dbi dbi[NDB]
+    cdef readonly str path
+
+    def __cinit__(self, path, size_t map_size=1 << 30, bint sync=True,
+                  bint writemap=False):
+        cdef MDB_txn *txn
+        cdef int rc
+        cdef unsigned int flags = MDB_NOTLS | MDB_NORDAHEAD
+        import os
+        self.path = str(path)
+        os.makedirs(self.path, exist_ok=True)
+        if not sync:
+            flags |= MDB_NOSYNC | MDB_NOMETASYNC
+        if writemap:
+            flags |= MDB_WRITEMAP
+        rc = mdb_env_create(&self.env)
+        if rc:
+            _raise(rc)
+        mdb_env_set_mapsize(self.env, map_size)
+        mdb_env_set_maxdbs(self.env, 16)
+        encoded = self.path.encode()
+        rc = mdb_env_open(self.env, encoded, flags, 0o664)
+        if rc:
+            mdb_env_close(self.env)
+            self.env = NULL
+            _raise(rc)
+        rc = mdb_txn_begin(self.env, NULL, 0, &txn)
+        if rc:
+            _raise(rc)
+        for i, name in enumerate(DB_NAMES):
+            rc = mdb_dbi_open(txn, name, MDB_CREATE, &self.dbi[i])
+            if rc:
+                mdb_txn_abort(txn)
+                _raise(rc)
+        rc = mdb_txn_commit(txn)
+        if rc:
+            _raise(rc)
+
+    def close(self):
+        if self.env != NULL:
+            mdb_env_close(self.env)
+            self.env = NULL
+
+    def __dealloc__(self):
+        self.close()
+
+    def _check_open(self):
+        if self.env == NULL:
+            raise LedgerError("ledger is closed")
+
+    def apply(self, batch, int64_t now):
+        """Apply a batch (bytes) durably; returns the packed results."""
+        self._check_open()
+        cdef bytes data = bytes(batch)
+        cdef const char *p = PyBytes_AS_STRING(data)
+        cdef size_t size = len(data)
+        cdef size_t n = count_ops(p, size)
+        cdef bytes out = PyBytes_FromStringAndSize(NULL, n * sizeof(ResultRec))
+        cdef ResultRec *results = <ResultRec *>PyBytes_AS_STRING(out)
+        cdef int rc
+        memset(results, 0, n * sizeof(ResultRec))
+        with nogil:
+            rc = run_batch(self.env, self.dbi, p, size, now, results)
+        if rc:
+            _raise(rc)
+        return out
+
+    def read(self):
+        self._check_open()
+        return ReadTxn(self)
+
+    def copy(self, path, bint compact=True):
+        """A consistent copy of the environment into an empty directory."""
+        self._check_open()
+        cdef bytes encoded = str(path).encode()
+        cdef const char *p = encoded
+        cdef int rc
+        with nogil:
+            rc = mdb_env_copy2(self.env, p, MDB_CP_COMPACT if compact else 0)
+        if rc:
+            _raise(rc)
+
+    def info(self):
+        cdef MDB_envinfo info
+        self._check_open()
+        mdb_env_info(self.env, &info)
+        return {"map_size": info.me_mapsize, "last_page": info.me_last_pgno,
+                "last_txn": info.me_last_txnid, "readers": info.me_numreaders}
+
+
+cdef class ReadTxn:
+    """A read-only snapshot: `get` a key, `scan` a database from a key."""
+    cdef MDB_txn *txn
+    cdef Environment env
+
+    def __cinit__(self, Environment env):
+        cdef int rc = mdb_txn_begin(env.env, NULL, MDB_RDONLY, &self.txn)
+        if rc:
+            _raise(rc)
+        self.env = env
+
+    def _db(self, name):
+        cdef int index = DB_NAMES.index(name.encode())
+        return self.env.dbi[index]
+
+    def get(self, str db, bytes key):
+        cdef MDB_val k, v
+        cdef int rc
+        if self.txn == NULL:
+            raise LedgerError("snapshot is closed")
+        k.mv_size = len(key)
+        k.mv_data = <void *>PyBytes_AS_STRING(key)
+        rc = mdb_get(self.txn, self._db(db), &k, &v)
+        if rc == MDB_NOTFOUND:
+            return None
+        if rc:
+            _raise(rc)
+        return PyBytes_FromStringAndSize(<char *>v.mv_data, v.mv_size)
+
+    def scan(self, str db, bytes start=b""):
+        cdef MDB_cursor *cur
+        cdef MDB_val k, v
+        cdef int rc
+        if self.txn == NULL:
+            raise LedgerError("snapshot is closed")
+        rc = mdb_cursor_open(self.txn, self._db(db), &cur)
+        if rc:
+            _raise(rc)
+        try:
+            if len(start):
+                k.mv_size = len(start)
+                k.mv_data = <void *>PyBytes_AS_STRING(start)
+                rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE)
+            else:
+                rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST)
+            while rc == MDB_SUCCESS:
+                yield (PyBytes_FromStringAndSize(<char *>k.mv_data, k.mv_size),
+                       PyBytes_FromStringAndSize(<char *>v.mv_data, v.mv_size))
+                rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)
+            if rc != MDB_NOTFOUND:
+                _raise(rc)
+        finally:
+            mdb_cursor_close(cur)
+
+    def close(self):
+        if self.txn != NULL:
+            mdb_txn_abort(self.txn)
+            self.txn = NULL
+
+    def __dealloc__(self):
+        self.close()

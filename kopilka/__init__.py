@@ -1,0 +1,1 @@
+"""Kopilka: a loyalty-points ledger for retail chains."""
