@@ -9,8 +9,8 @@ import hashlib
 from collections import defaultdict
 
 from .codec import Account, JournalEntry
-from .records import (HASH_SIZE, HEAD, I64, MAX_HOLDS, MAX_LOTS, META_HEAD,
-                      SYSTEM, SYSTEM_KEY, U64, Entry)
+from .records import (EXPIRY_KEY, HASH_SIZE, HEAD, I64, MAX_HOLDS, MAX_LOTS,
+                      META_HEAD, NEVER, SYSTEM, SYSTEM_KEY, U64, Entry)
 
 FIRST_POSTING = Entry.EARN
 
@@ -53,6 +53,11 @@ def audit(snap):
     if head != (seq, digest):
         problems.append(f"meta head: says seq {head[0]}, journal ends at {seq}")
 
+    indexed = {}                  # account -> earliest lot_expiry entry
+    for key, _ in snap.scan("lot_expiry"):
+        expires_at, account_id = EXPIRY_KEY.unpack(key)
+        indexed.setdefault(account_id, expires_at)
+
     totals = defaultdict(int)     # program -> sum of every balance
     for key, value in snap.scan("accounts"):
         account_id = U64.unpack(key)[0]
@@ -79,6 +84,9 @@ def audit(snap):
             problems.append(f"{where}: too many lots or holds")
         if any(h.amount <= 0 for h in a.holds):
             problems.append(f"{where}: empty hold")
+        if a.lots and a.lots[0].expires_at != NEVER and not (
+                indexed.get(account_id, NEVER) <= a.lots[0].expires_at):
+            problems.append(f"{where}: earliest expiry not in the expiry index")
 
     for key, value in snap.scan("system"):
         program, kind, partner = SYSTEM_KEY.unpack(key)

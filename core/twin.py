@@ -277,11 +277,18 @@ class _Work:
                 return
         if len(account.lots) >= MAX_LOTS:
             raise Rejected(Code.TOO_MANY_LOTS)
+        earliest = account.lots[0].expires_at if account.lots else NEVER
         account.lots.append(lot)
         account.lots.sort(key=Lot.sort_key)
-        if lot.expires_at != NEVER:
-            self.puts.append(("lot_expiry",
-                              EXPIRY_KEY.pack(lot.expires_at, account_id), b""))
+        # The expiry index holds one entry per account, at or before its
+        # earliest lot's expiry (the sweep moves it on), so an earning that
+        # expires after what the account has writes no index page.
+        if lot.expires_at < earliest:
+            self.index_expiry(account_id)
+
+    def index_expiry(self, account_id):
+        self.puts.append(("lot_expiry", EXPIRY_KEY.pack(
+            self.account(account_id).lots[0].expires_at, account_id), b""))
 
     def new_lot(self, account_id, partner, points, activates_at, expires_at):
         account = self.account(account_id)
@@ -752,6 +759,8 @@ def _sweep(work, op):
         work.touch(account_id)
         expired += account.expired - before
         work.puts.append((name, key, None))
+        if name == "lot_expiry" and account.lots and account.lots[0].expires_at != NEVER:
+            work.index_expiry(account_id)
     work.record.a, work.record.b = len(due), expired
 
 

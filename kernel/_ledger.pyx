@@ -724,7 +724,7 @@ cdef int128 available(Work *w, Acct *a) noexcept nogil:
 cdef int add_lot(Work *w, Acct *a, LotRec *lot) noexcept nogil:
     """Put points into a lot (an existing one with that number, or new)."""
     cdef uint32_t i, pos
-    cdef ExpiryKey key
+    cdef int64_t earliest
     for i in range(a.lots.n):
         if a.lots.items[i].lot_no == lot.lot_no:
             if k_add(a.lots.items[i].remaining, lot.remaining, &a.lots.items[i].remaining):
@@ -732,6 +732,7 @@ cdef int add_lot(Work *w, Acct *a, LotRec *lot) noexcept nogil:
             return OK
     if a.lots.n >= MAX_LOTS:
         return TOO_MANY_LOTS
+    earliest = a.lots.items[0].expires_at if a.lots.n else NEVER
     if grow(<void **>&a.lots.items, &a.lots.cap, a.lots.n + 1, sizeof(LotRec)):
         return fail(w, 12)
     pos = a.lots.n
@@ -743,11 +744,17 @@ cdef int add_lot(Work *w, Acct *a, LotRec *lot) noexcept nogil:
             (a.lots.n - pos) * sizeof(LotRec))
     a.lots.items[pos] = lot[0]
     a.lots.n += 1
-    if lot.expires_at != NEVER:
-        key.expires_at = be64(<uint64_t>lot.expires_at)
-        key.account = be64(a.id)
-        return queue_put(w, DB_LOT_EXPIRY, &key, sizeof(ExpiryKey), NULL, 0, 0)
+    # One index entry per account, at or before its earliest lot's expiry.
+    if lot.expires_at < earliest:
+        return index_expiry(w, a)
     return OK
+
+
+cdef int index_expiry(Work *w, Acct *a) noexcept nogil:
+    cdef ExpiryKey key
+    key.expires_at = be64(<uint64_t>a.lots.items[0].expires_at)
+    key.account = be64(a.id)
+    return queue_put(w, DB_LOT_EXPIRY, &key, sizeof(ExpiryKey), NULL, 0, 0)
 
 
 cdef int new_lot(Work *w, Acct *a, uint32_t partner, int64_t points,
@@ -1621,6 +1628,10 @@ cdef int op_sweep(Work *w) noexcept nogil:
                        &w.due[i], sizeof(ExpiryKey), NULL, 0, 1)
         if rc:
             return rc
+        if i < lots_due and a.lots.n and a.lots.items[0].expires_at != NEVER:
+            rc = index_expiry(w, a)
+            if rc:
+                return rc
     w.rec.a = w.n_due
     w.rec.b = expired
     return OK
