@@ -108,29 +108,34 @@ class Batch:
     def replace_card(self, op_id, old_card, new_card):
         return self.add(Kind.REPLACE_CARD, op_id, key=old_card, key2=new_card)
 
+    # Receipts and holds name the account by id, or by `card` (then the card
+    # must be active: checked in the same transaction).
+
     def earn(self, op_id, account, points, *, activates_at=0,
              expires_at=NEVER, money=0, partner=0, version=0,
-             business_time=0):
+             business_time=0, card=b""):
         return self.add(Kind.EARN, op_id, account=account, amount2=points,
+                        key2=card,
                         activates_at=activates_at, expires_at=expires_at,
                         money=money, partner=partner, version=version,
                         business_time=business_time)
 
     def spend(self, op_id, account, points, *, money=0, partner=0, version=0,
-              business_time=0):
+              business_time=0, card=b""):
         return self.add(Kind.SPEND, op_id, account=account, amount=points,
+                        key2=card,
                         money=money, partner=partner, version=version,
                         business_time=business_time)
 
-    def hold(self, op_id, account, points, *, expires_at, partner=0):
+    def hold(self, op_id, account, points, *, expires_at, partner=0, card=b""):
         return self.add(Kind.HOLD, op_id, account=account, amount=points,
-                        expires_at=expires_at, partner=partner)
+                        expires_at=expires_at, partner=partner, key2=card)
 
     def capture(self, op_id, account, *, hold=b"", spend=0, earn=0,
                 activates_at=0, expires_at=NEVER, money=0, partner=0,
-                version=0, business_time=0):
+                version=0, business_time=0, card=b""):
         """Spend (from `hold`, the hold's op id, when given) and earn, at once."""
-        return self.add(Kind.CAPTURE, op_id, key=hold, account=account,
+        return self.add(Kind.CAPTURE, op_id, key=hold, key2=card, account=account,
                         amount=spend, amount2=earn, activates_at=activates_at,
                         expires_at=expires_at, money=money, partner=partner,
                         version=version, business_time=business_time)

@@ -2,8 +2,40 @@
 
 from dataclasses import dataclass, field
 
-from .records import (ACCOUNT, CONSUMED, ENTRY, HASH_SIZE, HOLD, LOT, OP,
-                      OPERATION, Status)
+from .records import CONSUMED, ENTRY, HASH_SIZE, OP, OPERATION, Status
+
+
+def _put_uv(out, value):
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def _put_zz(out, value):
+    _put_uv(out, ((value << 1) ^ (value >> 63)) & 0xFFFFFFFFFFFFFFFF)
+
+
+class _VarintReader:
+    def __init__(self, data):
+        self.data = data
+        self.pos = 0
+
+    def uv(self):
+        result = shift = 0
+        while True:
+            byte = self.data[self.pos]  # IndexError on a truncated value
+            self.pos += 1
+            result |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                if result >> 64:
+                    raise ValueError("varint too long")
+                return result
+            shift += 7
+
+    def zz(self):
+        value = self.uv()
+        return (value >> 1) ^ -(value & 1)
 
 
 @dataclass
@@ -43,30 +75,44 @@ class Account:
 
     @classmethod
     def decode(cls, data):
-        (program, status, n_lots, n_holds, next_lot, next_hold, balance, debt,
-         held, earned, spent, expired, opened_at) = ACCOUNT.unpack_from(data)
-        offset = ACCOUNT.size
-        lots = []
+        """See records.py for the layout."""
+        r = _VarintReader(data)
+        program, status, n_lots, n_holds, next_lot, next_hold = (
+            r.uv(), r.uv(), r.uv(), r.uv(), r.uv(), r.uv())
+        balance, debt, held, earned, spent, expired, opened_at = (
+            r.zz(), r.zz(), r.zz(), r.zz(), r.zz(), r.zz(), r.zz())
+        lots, previous = [], 0
         for _ in range(n_lots):
-            lots.append(Lot(*LOT.unpack_from(data, offset)))
-            offset += LOT.size
-        holds = []
-        for _ in range(n_holds):
-            holds.append(Hold(*HOLD.unpack_from(data, offset)))
-            offset += HOLD.size
+            lot_no, partner, remaining = r.uv(), r.uv(), r.zz()
+            expires_at = previous + r.uv()
+            lots.append(Lot(lot_no, partner, remaining, expires_at - r.uv(),
+                            expires_at))
+            previous = expires_at
+        holds = [Hold(r.uv(), r.zz(), r.zz()) for _ in range(n_holds)]
         return cls(program, status, next_lot, next_hold, balance, debt, held,
                    earned, spent, expired, opened_at, lots, holds)
 
     def encode(self):
-        parts = [ACCOUNT.pack(
-            self.program, self.status, len(self.lots), len(self.holds),
-            self.next_lot, self.next_hold, self.balance, self.debt, self.held,
-            self.earned, self.spent, self.expired, self.opened_at)]
-        parts += [LOT.pack(l.lot_no, l.partner, l.remaining, l.activates_at,
-                           l.expires_at) for l in self.lots]
-        parts += [HOLD.pack(h.hold_no, h.amount, h.expires_at)
-                  for h in self.holds]
-        return b"".join(parts)
+        out = bytearray()
+        for value in (self.program, self.status, len(self.lots),
+                      len(self.holds), self.next_lot, self.next_hold):
+            _put_uv(out, value)
+        for value in (self.balance, self.debt, self.held, self.earned,
+                      self.spent, self.expired, self.opened_at):
+            _put_zz(out, value)
+        previous = 0
+        for lot in self.lots:
+            _put_uv(out, lot.lot_no)
+            _put_uv(out, lot.partner)
+            _put_zz(out, lot.remaining)
+            _put_uv(out, lot.expires_at - previous)
+            _put_uv(out, lot.expires_at - lot.activates_at)
+            previous = lot.expires_at
+        for hold in self.holds:
+            _put_uv(out, hold.hold_no)
+            _put_zz(out, hold.amount)
+            _put_zz(out, hold.expires_at)
+        return bytes(out)
 
 
 @dataclass

@@ -146,13 +146,15 @@ RESULT_REPLAYED = 1  # the first result of an operation id seen before
 # --- stored values --------------------------------------------------------
 # program: flags, created_at
 PROGRAM = struct.Struct("<Iq")
-# account: program, status, n_lots, n_holds, next_lot, next_hold, balance,
-# debt, held, earned, spent, expired, opened_at
-ACCOUNT = struct.Struct("<IB1xHHxxIIqqqqqqq")
-# lot: lot_no, partner, remaining, activates_at, expires_at
-LOT = struct.Struct("<IIqqq")
-# hold: hold_no, amount, expires_at
-HOLD = struct.Struct("<I4xqq")
+# account: one value per account, varint-coded because account pages are
+# what a durable commit mostly writes (a smaller value is fewer pages per
+# batch). Unsigned LEB128 (u) and zigzag (z) varints, in this order:
+#   program u, status u, n_lots u, n_holds u, next_lot u, next_hold u,
+#   balance z, debt z, held z, earned z, spent z, expired z, opened_at z,
+#   lots (sorted by expires_at, lot_no): lot_no u, partner u, remaining z,
+#     expires_at u as the delta from the previous lot's (the first from 0),
+#     expires_at - activates_at u,
+#   holds (by hold_no): hold_no u, amount z, expires_at z.
 # card: account, status
 CARD = struct.Struct("<QB")
 # operation: digest(16), kind, hold state, code, program, account, a, b,

@@ -190,6 +190,19 @@ class _Work:
         self.touch(account_id)
         return account
 
+    def resolve(self, op):
+        """The account an operation names: by id, or by a card in `key2`
+        (checked in the same transaction, so a card blocked a moment ago
+        cannot earn or spend)."""
+        if not op.key2:
+            return op.account
+        account_id, status = _load_card(self, _card_key(op.key2))
+        if status != CardStatus.ACTIVE:
+            raise Rejected(Code.CARD_BLOCKED)
+        if op.account not in (0, account_id):
+            raise Rejected(Code.KEY_INVALID)
+        return account_id
+
     def program_flags(self, program):
         raw = self.state.get("programs", U32.pack(program))
         if raw is None:
@@ -471,7 +484,7 @@ def _receipt(work, op):
         raise Rejected(Code.AMOUNT_INVALID)
     if earn > 0:
         work.check_lot_times(op)
-    account_id = op.account
+    account_id = work.resolve(op)
     hold = None
     if has_hold:
         hold = work.find_hold(op.key)
@@ -525,7 +538,8 @@ def _hold(work, op):
         raise Rejected(Code.AMOUNT_INVALID)
     if op.expires_at <= work.now:
         raise Rejected(Code.TIME_INVALID)
-    account = work.usable_account(op.account)
+    account_id = work.resolve(op)
+    account = work.usable_account(account_id)
     if len(account.holds) >= MAX_HOLDS:
         raise Rejected(Code.TOO_MANY_HOLDS)
     if work.available(account) < op.amount:
@@ -534,12 +548,12 @@ def _hold(work, op):
     account.next_hold += 1
     account.holds.append(Hold(hold_no, op.amount, op.expires_at))
     account.held = checked(account.held + op.amount)
-    work.puts.append(("hold_expiry", EXPIRY_KEY.pack(op.expires_at, op.account),
+    work.puts.append(("hold_expiry", EXPIRY_KEY.pack(op.expires_at, account_id),
                       b""))
-    work.event(Entry.HOLD_PLACED, account.program, op.account,
+    work.event(Entry.HOLD_PLACED, account.program, account_id,
                amount=op.amount, amount2=op.expires_at, ref=hold_no)
     record = work.record
-    record.program, record.account = account.program, op.account
+    record.program, record.account = account.program, account_id
     record.hold_state, record.hold_no = HoldState.OPEN, hold_no
     record.a = hold_no
 

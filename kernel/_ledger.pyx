@@ -183,7 +183,7 @@ cdef packed struct ResultRec:       # records.RESULT
     uint32_t pad
     int64_t a, b
 
-cdef packed struct AccountHead:     # records.ACCOUNT
+cdef packed struct AccountHead:     # an account's scalars, in memory only
     uint32_t program
     uint8_t status, pad1
     uint16_t n_lots, n_holds
@@ -466,12 +466,132 @@ cdef Acct *new_slot(Work *w, uint64_t account_id) noexcept nogil:
     return a
 
 
+# --- varint account records (layout in records.py) ------------------------
+cdef struct Reader:
+    const uint8_t *p
+    size_t size, pos
+    int bad
+
+
+cdef inline size_t put_uv(uint8_t *p, uint64_t v) noexcept nogil:
+    cdef size_t n = 0
+    while v >= 0x80:
+        p[n] = <uint8_t>((v & 0x7F) | 0x80)
+        v >>= 7
+        n += 1
+    p[n] = <uint8_t>v
+    return n + 1
+
+
+cdef inline size_t put_zz(uint8_t *p, int64_t v) noexcept nogil:
+    return put_uv(p, (<uint64_t>v << 1) ^ <uint64_t>(v >> 63))
+
+
+cdef inline uint64_t get_uv(Reader *r) noexcept nogil:
+    cdef uint64_t result = 0, b
+    cdef int shift = 0
+    while r.pos < r.size and shift <= 63:
+        b = r.p[r.pos]
+        r.pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result
+        shift += 7
+    r.bad = 1
+    return 0
+
+
+cdef inline int64_t get_zz(Reader *r) noexcept nogil:
+    cdef uint64_t v = get_uv(r)
+    return <int64_t>(v >> 1) ^ -<int64_t>(v & 1)
+
+
+cdef int decode_account(Work *w, Acct *a, const void *data, size_t size) noexcept nogil:
+    cdef Reader r
+    cdef uint32_t i
+    cdef uint64_t previous = 0, expires_at
+    cdef LotRec *lot
+    r.p = <const uint8_t *>data
+    r.size = size
+    r.pos = 0
+    r.bad = 0
+    a.h.program = <uint32_t>get_uv(&r)
+    a.h.status = <uint8_t>get_uv(&r)
+    a.h.n_lots = <uint16_t>get_uv(&r)
+    a.h.n_holds = <uint16_t>get_uv(&r)
+    a.h.next_lot = <uint32_t>get_uv(&r)
+    a.h.next_hold = <uint32_t>get_uv(&r)
+    a.h.balance = get_zz(&r)
+    a.h.debt = get_zz(&r)
+    a.h.held = get_zz(&r)
+    a.h.earned = get_zz(&r)
+    a.h.spent = get_zz(&r)
+    a.h.expired = get_zz(&r)
+    a.h.opened_at = get_zz(&r)
+    if grow(<void **>&a.lots.items, &a.lots.cap, a.h.n_lots + 1, sizeof(LotRec)):
+        return fail(w, 12)
+    if grow(<void **>&a.holds, &a.cap_holds, a.h.n_holds + 1, sizeof(HoldRec)):
+        return fail(w, 12)
+    for i in range(a.h.n_lots):
+        lot = &a.lots.items[i]
+        lot.lot_no = <uint32_t>get_uv(&r)
+        lot.partner = <uint32_t>get_uv(&r)
+        lot.remaining = get_zz(&r)
+        expires_at = previous + get_uv(&r)
+        lot.expires_at = <int64_t>expires_at
+        lot.activates_at = <int64_t>(expires_at - get_uv(&r))
+        previous = expires_at
+    a.lots.n = a.h.n_lots
+    for i in range(a.h.n_holds):
+        a.holds[i].hold_no = <uint32_t>get_uv(&r)
+        a.holds[i].pad = 0
+        a.holds[i].amount = get_zz(&r)
+        a.holds[i].expires_at = get_zz(&r)
+    a.n_holds = a.h.n_holds
+    if r.bad or r.pos != size:
+        return fail(w, MDB_CORRUPTED)
+    return OK
+
+
+cdef size_t encode_account(Acct *a, uint8_t *p) noexcept nogil:
+    """Needs 13 * 10 + 50 per lot + 30 per hold bytes at most."""
+    cdef size_t n = 0
+    cdef uint32_t i
+    cdef uint64_t previous = 0
+    cdef LotRec *lot
+    n += put_uv(p + n, a.h.program)
+    n += put_uv(p + n, a.h.status)
+    n += put_uv(p + n, a.lots.n)
+    n += put_uv(p + n, a.n_holds)
+    n += put_uv(p + n, a.h.next_lot)
+    n += put_uv(p + n, a.h.next_hold)
+    n += put_zz(p + n, a.h.balance)
+    n += put_zz(p + n, a.h.debt)
+    n += put_zz(p + n, a.h.held)
+    n += put_zz(p + n, a.h.earned)
+    n += put_zz(p + n, a.h.spent)
+    n += put_zz(p + n, a.h.expired)
+    n += put_zz(p + n, a.h.opened_at)
+    for i in range(a.lots.n):
+        lot = &a.lots.items[i]
+        n += put_uv(p + n, lot.lot_no)
+        n += put_uv(p + n, lot.partner)
+        n += put_zz(p + n, lot.remaining)
+        n += put_uv(p + n, <uint64_t>lot.expires_at - previous)
+        n += put_uv(p + n, <uint64_t>lot.expires_at - <uint64_t>lot.activates_at)
+        previous = <uint64_t>lot.expires_at
+    for i in range(a.n_holds):
+        n += put_uv(p + n, a.holds[i].hold_no)
+        n += put_zz(p + n, a.holds[i].amount)
+        n += put_zz(p + n, a.holds[i].expires_at)
+    return n
+
+
 cdef int load_account(Work *w, uint64_t account_id, Acct **out) noexcept nogil:
     cdef uint32_t i
     cdef MDB_val v
     cdef uint64_t key
     cdef Acct *a
-    cdef const char *p
     cdef int rc
     for i in range(w.n_accts):
         if w.accts[i].id == account_id:
@@ -488,17 +608,9 @@ cdef int load_account(Work *w, uint64_t account_id, Acct **out) noexcept nogil:
     a = new_slot(w, account_id)
     if a == NULL:
         return fail(w, 12)
-    p = <const char *>v.mv_data
-    memcpy(&a.h, p, sizeof(AccountHead))
-    if grow(<void **>&a.lots.items, &a.lots.cap, a.h.n_lots + 1, sizeof(LotRec)):
-        return fail(w, 12)
-    memcpy(a.lots.items, p + sizeof(AccountHead), a.h.n_lots * sizeof(LotRec))
-    a.lots.n = a.h.n_lots
-    if grow(<void **>&a.holds, &a.cap_holds, a.h.n_holds + 1, sizeof(HoldRec)):
-        return fail(w, 12)
-    memcpy(a.holds, p + sizeof(AccountHead) + a.h.n_lots * sizeof(LotRec),
-           a.h.n_holds * sizeof(HoldRec))
-    a.n_holds = a.h.n_holds
+    rc = decode_account(w, a, v.mv_data, v.mv_size)
+    if rc:
+        return rc
     out[0] = a
     return OK
 
@@ -512,6 +624,37 @@ cdef int usable_account(Work *w, uint64_t account_id, Acct **out) noexcept nogil
     if out[0].h.status == ST_CLOSED:
         return ACCOUNT_CLOSED
     return touch(w, out[0])
+
+
+cdef int load_card(Work *w, const char *card, size_t n, CardRec *out) noexcept nogil:
+    cdef MDB_val v
+    cdef int rc = db_get(w, DB_CARDS, card, n, &v)
+    if rc == 1:
+        return CARD_NOT_FOUND
+    if rc:
+        return rc
+    memcpy(out, v.mv_data, sizeof(CardRec))
+    return OK
+
+
+cdef int resolve(Work *w, uint64_t *account_id) noexcept nogil:
+    """The account an operation names: by id, or by a card in `key2`."""
+    cdef CardRec card
+    cdef int rc
+    account_id[0] = w.op.account
+    if w.op.n_key2 == 0:
+        return OK
+    if w.op.n_key2 > MAX_KEY:
+        return KEY_INVALID
+    rc = load_card(w, w.key2, w.op.n_key2, &card)
+    if rc:
+        return rc
+    if card.status != CARD_ACTIVE:
+        return CARD_BLOCKED
+    if w.op.account != 0 and w.op.account != card.account:
+        return KEY_INVALID
+    account_id[0] = card.account
+    return OK
 
 
 cdef int program_flags(Work *w, uint32_t program, uint32_t *flags) noexcept nogil:
@@ -873,16 +1016,10 @@ cdef int commit_work(Work *w) noexcept nogil:
     cdef crypto_generichash_state hs
     for i in range(w.n_accts):
         a = &w.accts[i]
-        a.h.n_lots = a.lots.n
-        a.h.n_holds = a.n_holds
-        size = sizeof(AccountHead) + a.lots.n * sizeof(LotRec) + a.n_holds * sizeof(HoldRec)
-        buf = need_buf(w, size)
+        buf = need_buf(w, 13 * 10 + a.lots.n * 50 + a.n_holds * 30)
         if buf == NULL:
             return fail(w, 12)
-        memcpy(buf, &a.h, sizeof(AccountHead))
-        memcpy(buf + sizeof(AccountHead), a.lots.items, a.lots.n * sizeof(LotRec))
-        memcpy(buf + sizeof(AccountHead) + a.lots.n * sizeof(LotRec), a.holds,
-               a.n_holds * sizeof(HoldRec))
+        size = encode_account(a, <uint8_t *>buf)
         key = be64(a.id)
         if db_put(w, w.dbi[DB_ACCOUNTS], &key, 8, buf, size, 0):
             return FATAL
@@ -1030,17 +1167,6 @@ cdef int op_set_account_status(Work *w) noexcept nogil:
     return rc
 
 
-cdef int load_card(Work *w, const char *card, size_t n, CardRec *out) noexcept nogil:
-    cdef MDB_val v
-    cdef int rc = db_get(w, DB_CARDS, card, n, &v)
-    if rc == 1:
-        return CARD_NOT_FOUND
-    if rc:
-        return rc
-    memcpy(out, v.mv_data, sizeof(CardRec))
-    return OK
-
-
 cdef int card_exists(Work *w, const char *card, size_t n) noexcept nogil:
     """CARD_EXISTS, OK when absent, or FATAL."""
     cdef MDB_val v
@@ -1147,7 +1273,7 @@ cdef int op_receipt(Work *w) noexcept nogil:
     cdef const OpHead *op = w.op
     cdef int64_t spend = op.amount, earn = op.amount2, held, taken
     cdef bint has_hold
-    cdef uint64_t account_id = op.account
+    cdef uint64_t account_id
     cdef OperationRec hold
     cdef Acct *a
     cdef uint32_t lot_no = 0
@@ -1165,6 +1291,9 @@ cdef int op_receipt(Work *w) noexcept nogil:
         rc = check_lot_times(w)
         if rc:
             return rc
+    rc = resolve(w, &account_id)
+    if rc:
+        return rc
     if has_hold:
         rc = find_hold(w, w.key, op.n_key, &hold)
         if rc:
@@ -1232,12 +1361,16 @@ cdef int op_hold(Work *w) noexcept nogil:
     cdef Acct *a
     cdef uint32_t hold_no
     cdef ExpiryKey key
+    cdef uint64_t account_id
     cdef int rc
     if op.amount <= 0:
         return AMOUNT_INVALID
     if op.expires_at <= w.now:
         return TIME_INVALID
-    rc = usable_account(w, op.account, &a)
+    rc = resolve(w, &account_id)
+    if rc:
+        return rc
+    rc = usable_account(w, account_id, &a)
     if rc:
         return rc
     if a.n_holds >= MAX_HOLDS:
@@ -1256,14 +1389,14 @@ cdef int op_hold(Work *w) noexcept nogil:
     if k_add(a.h.held, op.amount, &a.h.held):
         return OVERFLOW
     key.expires_at = be64(<uint64_t>op.expires_at)
-    key.account = be64(op.account)
+    key.account = be64(account_id)
     rc = queue_put(w, DB_HOLD_EXPIRY, &key, sizeof(ExpiryKey), NULL, 0, 0)
     if rc:
         return rc
-    rc = event(w, E_HOLD_PLACED, a.h.program, op.account, op.amount,
+    rc = event(w, E_HOLD_PLACED, a.h.program, account_id, op.amount,
                op.expires_at, hold_no, NULL, 0)
     w.rec.program = a.h.program
-    w.rec.account = op.account
+    w.rec.account = account_id
     w.rec.hold_state = HOLD_OPEN
     w.rec.hold_no = hold_no
     w.rec.a = hold_no

@@ -26,6 +26,7 @@ cdef extern from "lmdb.h" nogil:
         MDB_SUCCESS
         MDB_NOTFOUND
         MDB_MAP_FULL
+        MDB_CORRUPTED
         MDB_CREATE
         MDB_RDONLY
         MDB_NOTLS
