@@ -19,7 +19,7 @@ class Balances:
     status: int
     available: int  # active, unexpired points minus holds and debt
     pending: int    # points not active yet (a return window)
-    held: int
+    held: int       # by holds that have not timed out
     balance: int    # all points on the account, minus debt
     debt: int
     earned: int
@@ -29,6 +29,7 @@ class Balances:
 
 def balances_of(account_id, account, now):
     active = pending = 0
+    held = sum(h.amount for h in account.holds if h.expires_at > now)
     for lot in account.lots:
         if lot.expires_at <= now:
             continue  # expired, burned when the account is next touched
@@ -37,8 +38,8 @@ def balances_of(account_id, account, now):
         else:
             pending += lot.remaining
     return Balances(account_id, account.program, account.status,
-                    active - account.held - account.debt, pending,
-                    account.held, account.balance, account.debt,
+                    active - held - account.debt, pending,
+                    held, account.balance, account.debt,
                     account.earned, account.spent, account.expired)
 
 

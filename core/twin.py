@@ -89,7 +89,11 @@ class Ledger(LedgerReads):
 
     @contextmanager
     def _snapshot(self):
-        with self._env.begin() as txn:
+        try:
+            txn = self._env.begin()
+        except lmdb.Error as exc:
+            raise LedgerError(str(exc)) from None
+        with txn:
             yield _Snapshot(txn, self._dbs)
 
     def copy(self, path, compact=True):
@@ -102,7 +106,10 @@ class _Snapshot:
         self._dbs = dbs
 
     def get(self, db, key):
-        return self._txn.get(key, db=self._dbs[db])
+        try:
+            return self._txn.get(key, db=self._dbs[db])
+        except lmdb.Error as exc:
+            raise LedgerError(str(exc)) from None
 
     def scan(self, db, start=b""):
         with self._txn.cursor(db=self._dbs[db]) as cursor:
@@ -255,7 +262,9 @@ class _Work:
                 kept.append(hold)
         account.holds = kept
         if account.debt > 0:
-            paid = self.take_active(account, account.debt)
+            # debt is repaid from free points only: what holds reserve stands
+            free = max(0, self.active_points(account) - account.held)
+            paid = self.take_active(account, min(account.debt, free))
             account.debt -= sum(c.amount for c in paid)
 
     def active_points(self, account):
@@ -501,7 +510,11 @@ def _receipt(work, op):
         work.rewrite_operation(op.key, hold)
         record.hold_no = hold.hold_no
     if spend > 0:
-        if work.available(account) < spend:
+        # a hold's points stand even against a debt that came after it
+        free = work.active_points(account) - account.held
+        if hold is None:
+            free -= account.debt
+        if free < spend:
             raise Rejected(Code.INSUFFICIENT_POINTS)
         record.consumed = work.take_active(account, spend)
         account.balance = checked(account.balance - spend)

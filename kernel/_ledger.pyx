@@ -813,6 +813,7 @@ cdef int touch(Work *w, Acct *a) noexcept nogil:
     cdef HoldRec *hold
     cdef int rc
     cdef int64_t paid
+    cdef int128 free_points
     n = 0
     while n < a.lots.n and a.lots.items[n].expires_at <= w.now:
         lot = a.lots.items[n]
@@ -844,10 +845,15 @@ cdef int touch(Work *w, Acct *a) noexcept nogil:
             j += 1
     a.n_holds = j
     if a.h.debt > 0:
-        rc = take_active(w, a, a.h.debt, NULL, &paid)
-        if rc:
-            return rc
-        a.h.debt -= paid
+        # debt is repaid from free points only: what holds reserve stands
+        free_points = active_points(w, a) - a.h.held
+        if free_points > a.h.debt:
+            free_points = a.h.debt
+        if free_points > 0:
+            rc = take_active(w, a, <int64_t>free_points, NULL, &paid)
+            if rc:
+                return rc
+            a.h.debt -= paid
     return OK
 
 
@@ -1277,6 +1283,7 @@ cdef int op_receipt(Work *w) noexcept nogil:
     cdef OperationRec hold
     cdef Acct *a
     cdef uint32_t lot_no = 0
+    cdef int128 free_points
     cdef int rc
     if spend < 0 or earn < 0 or op.money < 0:
         return AMOUNT_INVALID
@@ -1316,7 +1323,11 @@ cdef int op_receipt(Work *w) noexcept nogil:
             return rc
         w.rec.hold_no = hold.hold_no
     if spend > 0:
-        if available(w, a) < spend:
+        # a hold's points stand even against a debt that came after it
+        free_points = active_points(w, a) - a.h.held
+        if not has_hold:
+            free_points -= a.h.debt
+        if free_points < spend:
             return INSUFFICIENT_POINTS
         rc = take_active(w, a, spend, &w.consumed, &taken)
         if rc:
