@@ -266,6 +266,7 @@ cdef struct PutRec:
 cdef struct SysRec:
     uint32_t program, partner
     uint8_t kind
+    uint8_t changed      # batch table: an operation that succeeded posted here
     int64_t balance
 
 cdef struct Work:
@@ -294,8 +295,10 @@ cdef struct Work:
     uint32_t n_puts, cap_puts
     char *arena
     size_t arena_len, arena_cap
-    SysRec *sys
+    SysRec *sys          # staged by the operation in flight
     uint32_t n_sys, cap_sys
+    SysRec *batch_sys    # as of the last successful operation of the batch
+    uint32_t n_batch_sys, cap_batch_sys
     char *buf            # encoding scratch
     size_t buf_cap
     ExpiryKey *due
@@ -710,38 +713,72 @@ cdef int event(Work *w, int type_, uint32_t program, uint64_t subject,
     return OK
 
 
+cdef SysRec *find_sys(SysRec *table, uint32_t n, uint32_t program, int kind,
+                      uint32_t partner) noexcept nogil:
+    cdef uint32_t i
+    for i in range(n):
+        if (table[i].program == program and table[i].kind == kind
+                and table[i].partner == partner):
+            return &table[i]
+    return NULL
+
+
 cdef int sys_add(Work *w, uint32_t program, int kind, uint32_t partner,
                  int64_t delta) noexcept nogil:
-    cdef uint32_t i
-    cdef SysRec *s = NULL
+    """Stage a system account's new balance for the operation in flight.
+
+    System balances are read once per batch and written once at its end
+    (`batch_sys`): every posting touches one, so per-operation gets and puts
+    of the same few keys would be most of an earn's B-tree work."""
+    cdef SysRec *s = find_sys(w.sys, w.n_sys, program, kind, partner)
+    cdef SysRec *b
     cdef SystemKey key
     cdef MDB_val v
     cdef int rc
-    for i in range(w.n_sys):
-        if (w.sys[i].program == program and w.sys[i].kind == kind
-                and w.sys[i].partner == partner):
-            s = &w.sys[i]
-            break
     if s == NULL:
+        b = find_sys(w.batch_sys, w.n_batch_sys, program, kind, partner)
+        if b == NULL:
+            if grow(<void **>&w.batch_sys, &w.cap_batch_sys, w.n_batch_sys + 1,
+                    sizeof(SysRec)):
+                return fail(w, 12)
+            b = &w.batch_sys[w.n_batch_sys]
+            w.n_batch_sys += 1
+            b.program = program
+            b.kind = kind
+            b.partner = partner
+            b.changed = 0
+            key.program = be32(program)
+            key.kind = kind
+            key.partner = be32(partner)
+            rc = db_get(w, DB_SYSTEM, &key, sizeof(SystemKey), &v)
+            if rc == 0:
+                memcpy(&b.balance, v.mv_data, 8)
+            elif rc == 1:
+                b.balance = 0
+            else:
+                return rc
         if grow(<void **>&w.sys, &w.cap_sys, w.n_sys + 1, sizeof(SysRec)):
             return fail(w, 12)
         s = &w.sys[w.n_sys]
         w.n_sys += 1
-        s.program = program
-        s.kind = kind
-        s.partner = partner
-        key.program = be32(program)
-        key.kind = kind
-        key.partner = be32(partner)
-        rc = db_get(w, DB_SYSTEM, &key, sizeof(SystemKey), &v)
-        if rc == 0:
-            memcpy(&s.balance, v.mv_data, 8)
-        elif rc == 1:
-            s.balance = 0
-        else:
-            return rc
+        s[0] = b[0]
     if k_add(s.balance, delta, &s.balance):
         return OVERFLOW
+    return OK
+
+
+cdef int write_batch_sys(Work *w) noexcept nogil:
+    cdef uint32_t i
+    cdef SystemKey key
+    for i in range(w.n_batch_sys):
+        if not w.batch_sys[i].changed:
+            continue
+        key.program = be32(w.batch_sys[i].program)
+        key.kind = w.batch_sys[i].kind
+        key.partner = be32(w.batch_sys[i].partner)
+        if db_put(w, w.dbi[DB_SYSTEM], &key, sizeof(SystemKey),
+                  &w.batch_sys[i].balance, 8, 0):
+            return FATAL
     return OK
 
 
@@ -1015,7 +1052,7 @@ cdef int commit_work(Work *w) noexcept nogil:
     cdef EntryRec *e
     cdef MDB_val k, v
     cdef uint64_t key
-    cdef SystemKey skey
+    cdef SysRec *b
     cdef size_t size
     cdef char *buf
     cdef int rc
@@ -1044,12 +1081,10 @@ cdef int commit_work(Work *w) noexcept nogil:
             if rc != MDB_SUCCESS:
                 return fail(w, rc)
     for i in range(w.n_sys):
-        skey.program = be32(w.sys[i].program)
-        skey.kind = w.sys[i].kind
-        skey.partner = be32(w.sys[i].partner)
-        if db_put(w, w.dbi[DB_SYSTEM], &skey, sizeof(SystemKey),
-                  &w.sys[i].balance, 8, 0):
-            return FATAL
+        b = find_sys(w.batch_sys, w.n_batch_sys, w.sys[i].program, w.sys[i].kind,
+                     w.sys[i].partner)
+        b.balance = w.sys[i].balance
+        b.changed = 1
     for i in range(w.n_entries):
         e = &w.entries[i]
         w.seq += 1
@@ -1876,6 +1911,7 @@ cdef void free_work(Work *w) noexcept nogil:
     free(w.puts)
     free(w.arena)
     free(w.sys)
+    free(w.batch_sys)
     free(w.buf)
     free(w.due)
     free(w.consumed.items)
@@ -1917,6 +1953,8 @@ cdef int run_batch(MDB_env *env, MDB_dbi *dbi, const char *batch, size_t size,
             break
         offset += sizeof(OpHead) + op.n_id + op.n_key + op.n_key2
         i += 1
+    if w.fatal == 0:
+        write_batch_sys(&w)
     if w.fatal == 0:
         head.seq = w.seq
         memcpy(head.hash, w.hash, HASH_SIZE)
