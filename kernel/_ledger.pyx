@@ -1106,18 +1106,33 @@ cdef int commit_work(Work *w) noexcept nogil:
         if db_put(w, w.dbi[DB_JOURNAL], &key, 8, buf, size + HASH_SIZE, MDB_APPEND):
             return FATAL
     w.next_account = w.next_account_op
-    return queue_operation_now(w)
+    return OK
 
 
-cdef int queue_operation_now(Work *w) noexcept nogil:
+cdef int claim_op_id(Work *w, OperationRec *first) noexcept nogil:
+    """Store the operation's record unless its id is taken: 0 stored, 1 taken
+    (the first record copied out), FATAL. Done before anything else of the
+    operation is written, so the id costs one B-tree search, not two."""
     cdef size_t size = sizeof(OperationRec) + w.consumed.n * sizeof(LotRec)
     cdef char *buf = need_buf(w, size)
+    cdef MDB_val k, v
+    cdef int rc
     if buf == NULL:
         return fail(w, 12)
     w.rec.n_consumed = w.consumed.n
     memcpy(buf, &w.rec, sizeof(OperationRec))
     memcpy(buf + sizeof(OperationRec), w.consumed.items, w.consumed.n * sizeof(LotRec))
-    return db_put(w, w.dbi[DB_OPS], w.op_id, w.op.n_id, buf, size, 0)
+    k.mv_size = w.op.n_id
+    k.mv_data = <void *>w.op_id
+    v.mv_size = size
+    v.mv_data = buf
+    rc = mdb_put(w.txn, w.dbi[DB_OPS], &k, &v, MDB_NOOVERWRITE)
+    if rc == MDB_KEYEXIST:
+        memcpy(first, v.mv_data, sizeof(OperationRec))
+        return 1
+    if rc != MDB_SUCCESS:
+        return fail(w, rc)
+    return 0
 
 
 # --- operations ------------------------------------------------------------------
@@ -1863,7 +1878,7 @@ cdef int apply_op(Work *w, const OpHead *op, ResultRec *out) noexcept nogil:
     """Apply one operation; FATAL aborts the batch."""
     cdef const char *p = <const char *>op + sizeof(OpHead)
     cdef OperationRec first
-    cdef int rc
+    cdef int rc, found
     memset(out, 0, sizeof(ResultRec))
     if op.n_id < 1 or op.n_id > MAX_OP_ID:
         out.code = OP_ID_INVALID
@@ -1875,29 +1890,38 @@ cdef int apply_op(Work *w, const OpHead *op, ResultRec *out) noexcept nogil:
     reset_op(w)
     crypto_generichash(w.rec.digest, DIGEST_SIZE, <const unsigned char *>op,
                        sizeof(OpHead) + op.n_id + op.n_key + op.n_key2, NULL, 0)
-    rc = load_operation(w, w.op_id, op.n_id, &first, NULL)
-    if rc == FATAL:
-        return FATAL
-    if rc == 0:
-        if memcmp(first.digest, w.rec.digest, DIGEST_SIZE) != 0:
-            out.code = OP_ID_REUSED
-        else:
-            out.code = first.code
-            out.flags = RESULT_REPLAYED
-            out.a = first.a
-            out.b = first.b
-        return OK
+    # Worked out first, written only if it succeeds; an id applied before
+    # wins either way (its first result, or OP_ID_REUSED), as in the twin.
     w.rec.kind = op.kind
     rc = dispatch(w)
     if rc == FATAL or w.fatal:
         return FATAL
     if rc != OK:
+        found = load_operation(w, w.op_id, op.n_id, &first, NULL)
+        if found == 0:
+            return replay(w, &first, out)
+        if found == FATAL:
+            return FATAL
         out.code = rc
         return OK
-    if commit_work(w):
+    found = claim_op_id(w, &first)
+    if found == 1:
+        return replay(w, &first, out)
+    if found == FATAL or commit_work(w):
         return FATAL
     out.a = w.rec.a
     out.b = w.rec.b
+    return OK
+
+
+cdef int replay(Work *w, OperationRec *first, ResultRec *out) noexcept nogil:
+    if memcmp(first.digest, w.rec.digest, DIGEST_SIZE) != 0:
+        out.code = OP_ID_REUSED
+    else:
+        out.code = first.code
+        out.flags = RESULT_REPLAYED
+        out.a = first.a
+        out.b = first.b
     return OK
 
 

@@ -35,6 +35,8 @@ cdef extern from "lmdb.h" nogil:
         MDB_NOMETASYNC
         MDB_WRITEMAP
         MDB_APPEND
+        MDB_NOOVERWRITE
+        MDB_KEYEXIST
         MDB_CP_COMPACT
 
     int mdb_env_create(MDB_env **env)
