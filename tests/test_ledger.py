@@ -11,7 +11,6 @@ import hashlib
 
 import pytest
 
-from kopilka.core import twin
 from kopilka.core.batch import Batch, Result
 from kopilka.core.codec import Account, Consumed, Lot
 from kopilka.core.records import (HASH_SIZE, I64, INT64_MAX, INT64_MIN,

@@ -10,7 +10,6 @@ import collections
 import random
 import tempfile
 
-import pytest
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
