@@ -32,6 +32,11 @@ class Results:
     def __len__(self):
         return len(self._buffer) // RESULT.size
 
+    @property
+    def raw(self):
+        """The packed results, `records.RESULT` each: for slicing and passing on."""
+        return self._buffer
+
     def __getitem__(self, index):
         if index < 0:
             index += len(self)

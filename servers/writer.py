@@ -1,0 +1,171 @@
+"""The group-commit writer: every write of the server goes through it.
+
+Callers (RPC handlers on an asyncio loop) submit encoded operations and await
+their results. One writer thread takes everything queued (up to a bound),
+applies it as one ledger batch (one durable LMDB commit, the GIL released
+while LMDB works), and only then answers each caller. Under load the queue
+fills while a commit is on disk, so batches grow with load: that is how a
+ledger whose every commit costs milliseconds of flushing serves many
+thousands of operations a second.
+
+Requests whose deadline passed before their batch are not applied; they fail
+with `DeadlineExceeded` and change nothing.
+"""
+
+import asyncio
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from kopilka.core.batch import Results
+from kopilka.core.records import RESULT
+
+
+class WriterClosed(Exception):
+    """The writer is shutting down and takes no more requests."""
+
+
+class DeadlineExceeded(Exception):
+    """The request's deadline passed before its batch: nothing was applied."""
+
+
+@dataclass
+class _Request:
+    ops: bytes
+    count: int
+    deadline: float | None  # time.monotonic() seconds
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class CommitStats:
+    """What one commit did, for metrics."""
+    requests: int
+    operations: int
+    expired: int
+    seconds: float
+
+
+@dataclass
+class _Stop:
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class GroupCommitWriter:
+    """Applies queued requests in batches on one thread.
+
+    `clock()` gives the operation time (integer microseconds) assigned to
+    each batch: the server's clock in production, an injected one in tests.
+    `on_commit(CommitStats)` is called after each commit (metrics)."""
+
+    def __init__(self, ledger, *, clock, max_operations=65_536,
+                 on_commit=None, monotonic=time.monotonic):
+        self._ledger = ledger
+        self._clock = clock
+        self._max = max_operations
+        self._on_commit = on_commit
+        self._monotonic = monotonic
+        self._queue = queue.SimpleQueue()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="kopilka-writer",
+                                         daemon=True)
+        self._thread.start()
+
+    def depth(self):
+        """Requests waiting for a batch (approximate)."""
+        return self._queue.qsize()
+
+    async def submit(self, ops, count, *, deadline=None):
+        """Apply `count` encoded operations; returns their `Results`.
+
+        Raises DeadlineExceeded, WriterClosed, or the ledger's error for the
+        whole batch (e.g. MapFullError: nothing of the batch was applied)."""
+        if self._closed:
+            raise WriterClosed("the writer is closed")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.put(_Request(bytes(ops), count, deadline, future, loop))
+        return await future
+
+    def close(self, timeout=None):
+        """Stop taking requests, apply what is queued, stop the thread."""
+        if not self._closed:
+            self._closed = True
+            stop = _Stop()
+            self._queue.put(stop)
+            stop.done.wait(timeout)
+        self._thread.join(timeout)
+
+    # --- the writer thread --------------------------------------------------
+    def _run(self):
+        pending = None
+        while True:
+            first = pending or self._queue.get()
+            pending = None
+            if isinstance(first, _Stop):
+                first.done.set()
+                return
+            batch, stop = [first], None
+            operations = first.count
+            while operations < self._max:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, _Stop):
+                    stop = item
+                    break
+                if operations + item.count > self._max:
+                    pending = item  # starts the next batch
+                    break
+                batch.append(item)
+                operations += item.count
+            self._commit(batch)
+            if stop is not None:
+                pending = stop
+
+    def _commit(self, batch):
+        now = self._monotonic()
+        live, expired = [], 0
+        for request in batch:
+            if request.deadline is not None and request.deadline <= now:
+                expired += 1
+                _answer(request, exception=DeadlineExceeded(
+                    "deadline passed before the request's batch"))
+            else:
+                live.append(request)
+        started = time.perf_counter()
+        operations = sum(r.count for r in live)
+        if live:
+            try:
+                results = self._ledger.apply(b"".join(r.ops for r in live),
+                                             self._clock())
+            except Exception as exc:  # the whole batch was refused
+                for request in live:
+                    _answer(request, exception=exc)
+            else:
+                raw = results.raw
+                offset = 0
+                for request in live:
+                    end = offset + request.count * RESULT.size
+                    _answer(request, result=Results(raw[offset:end]))
+                    offset = end
+        if self._on_commit is not None:
+            self._on_commit(CommitStats(len(live), operations, expired,
+                                        time.perf_counter() - started))
+
+
+def _answer(request, *, result=None, exception=None):
+    def settle():
+        if request.future.done():  # the caller gave up (cancelled)
+            return
+        if exception is not None:
+            request.future.set_exception(exception)
+        else:
+            request.future.set_result(result)
+    try:
+        request.loop.call_soon_threadsafe(settle)
+    except RuntimeError:
+        pass  # the caller's loop is closed: nobody is waiting any more
