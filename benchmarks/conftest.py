@@ -114,7 +114,12 @@ def pytest_terminal_summary(terminalreporter):
     RESULTS_DIR.mkdir(exist_ok=True)
     # A run with other than the default configuration (quick mode, other
     # populations or budgets) is named so that it does not replace a full run.
-    suffix = "" if benchlib.DEFAULT_CONFIG else f"-{benchlib.label(benchlib.BIG_ACCOUNTS)}-dev"
+    # So is a run of only some cases (`-k`).
+    populations = len({benchlib.RATIO_ACCOUNTS, benchlib.BIG_ACCOUNTS})
+    every_case = populations * len(benchlib.OPERATIONS) * len(benchlib.BATCH_SIZES) \
+        * len(benchlib.IMPLEMENTATIONS)
+    complete = benchlib.DEFAULT_CONFIG and len(collector.rows) == every_case
+    suffix = "" if complete else f"-{benchlib.label(benchlib.BIG_ACCOUNTS)}-dev"
     out = RESULTS_DIR / f"kernel-{meta['date']}-{host}{suffix}.json"
     out.write_text(json.dumps({"meta": meta, **summary}, indent=1) + "\n")
     terminalreporter.write_line(f"saved {out}")

@@ -74,7 +74,8 @@ class Batch:
         return bytes(self._buffer)
 
     def add(self, kind, op_id, *, key=b"", key2=b"", flags=0, program=0,
-            partner=0, version=0, reason=0, account=0, account2=0, amount=0,
+            partner=0, version=0, reason=0, store=0, lane=0, account=0,
+            account2=0, amount=0,
             amount2=0, money=0, activates_at=0, expires_at=0,
             business_time=0):
         """Append one raw operation; the named helpers below are the usual way.
@@ -87,7 +88,8 @@ class Batch:
                 raise ValueError(f"{name} longer than 255 bytes")
         self._buffer += OP.pack(
             kind, flags, len(op_id), len(key), len(key2), program, partner,
-            version, reason, account, account2, amount, amount2, money,
+            version, reason, store, lane, account, account2, amount, amount2,
+            money,
             activates_at, expires_at, business_time)
         self._buffer += op_id + key + key2
         self.count += 1
@@ -118,38 +120,45 @@ class Batch:
 
     def earn(self, op_id, account, points, *, activates_at=0,
              expires_at=NEVER, money=0, partner=0, version=0,
-             business_time=0, card=b""):
+             business_time=0, card=b"", store=0, lane=0):
         return self.add(Kind.EARN, op_id, account=account, amount2=points,
-                        key2=card,
+                        key2=card, store=store, lane=lane,
                         activates_at=activates_at, expires_at=expires_at,
                         money=money, partner=partner, version=version,
                         business_time=business_time)
 
     def spend(self, op_id, account, points, *, money=0, partner=0, version=0,
-              business_time=0, card=b""):
+              business_time=0, card=b"", store=0, lane=0):
         return self.add(Kind.SPEND, op_id, account=account, amount=points,
-                        key2=card,
+                        key2=card, store=store, lane=lane,
                         money=money, partner=partner, version=version,
                         business_time=business_time)
 
-    def hold(self, op_id, account, points, *, expires_at, partner=0, card=b""):
+    def hold(self, op_id, account, points, *, expires_at, partner=0, card=b"",
+             store=0, lane=0):
         return self.add(Kind.HOLD, op_id, account=account, amount=points,
-                        expires_at=expires_at, partner=partner, key2=card)
+                        expires_at=expires_at, partner=partner, key2=card,
+                        store=store, lane=lane)
 
     def capture(self, op_id, account, *, hold=b"", spend=0, earn=0,
                 activates_at=0, expires_at=NEVER, money=0, partner=0,
-                version=0, business_time=0, card=b""):
-        """Spend (from `hold`, the hold's op id, when given) and earn, at once."""
+                version=0, business_time=0, card=b"", store=0, lane=0):
+        """Spend (from `hold`, the hold's op id, when given) and earn, at once.
+
+        With neither (no hold, nothing spent or earned) and `money`, it
+        records a receipt that moved no points: a visit, money for tiers."""
         return self.add(Kind.CAPTURE, op_id, key=hold, key2=card, account=account,
+                        store=store, lane=lane,
                         amount=spend, amount2=earn, activates_at=activates_at,
                         expires_at=expires_at, money=money, partner=partner,
                         version=version, business_time=business_time)
 
-    def void(self, op_id, hold):
-        return self.add(Kind.VOID, op_id, key=hold)
+    def void(self, op_id, hold, *, store=0, lane=0):
+        return self.add(Kind.VOID, op_id, key=hold, store=store, lane=lane)
 
     def refund(self, op_id, original, *, money=0, give_back=0, claw_back=0,
-               proportional=False, version=0, business_time=0):
+               proportional=False, version=0, business_time=0, store=0,
+               lane=0):
         """Refund part or all of `original` (an earn, spend or capture op id).
 
         Proportional: points follow `money` / the receipt's money, rounded
@@ -158,7 +167,8 @@ class Batch:
         return self.add(Kind.REFUND, op_id, key=original, money=money,
                         amount=give_back, amount2=claw_back,
                         flags=REFUND_PROPORTIONAL if proportional else 0,
-                        version=version, business_time=business_time)
+                        version=version, business_time=business_time,
+                        store=store, lane=lane)
 
     def adjust(self, op_id, account, points, *, reason, activates_at=0,
                expires_at=NEVER, business_time=0):

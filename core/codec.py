@@ -145,6 +145,7 @@ class Operation:
     returned: int = 0
     clawed: int = 0
     partner: int = 0
+    store: int = 0
     consumed: list = field(default_factory=list)
 
     @classmethod
@@ -162,7 +163,7 @@ class Operation:
             self.digest, self.kind, self.hold_state, self.code, self.program,
             self.account, self.a, self.b, self.money, self.spent, self.earned,
             self.earned_lot, self.hold_no, self.refunded_money, self.returned,
-            self.clawed, self.partner, len(self.consumed))
+            self.clawed, self.partner, self.store, len(self.consumed))
         return head + b"".join(
             CONSUMED.pack(c.lot_no, c.partner, c.amount, c.activates_at,
                           c.expires_at) for c in self.consumed)
@@ -177,6 +178,7 @@ class JournalEntry:
     partner: int
     partner2: int
     version: int
+    store: int
     time: int
     business_time: int
     debit: int
@@ -192,7 +194,7 @@ class JournalEntry:
         """The bytes the chain hash covers (after the previous hash)."""
         return ENTRY.pack(
             self.seq, self.type, self.sys, self.program, self.partner,
-            self.partner2, self.version, self.time, self.business_time,
+            self.partner2, self.version, self.store, self.time, self.business_time,
             self.debit, self.credit, self.amount, self.amount2, self.ref,
             len(self.op_id), len(self.data)) + self.op_id + self.data
 
@@ -218,6 +220,8 @@ class Op:
     partner: int
     version: int
     reason: int
+    store: int
+    lane: int
     account: int
     account2: int
     amount: int
@@ -240,8 +244,8 @@ def iter_ops(batch):
         if offset + OP.size > len(view):
             raise ValueError("truncated operation header")
         (kind, flags, n_id, n_key, n_key2, program, partner, version, reason,
-         account, account2, amount, amount2, money, activates_at, expires_at,
-         business_time) = OP.unpack_from(view, offset)
+         store, lane, account, account2, amount, amount2, money, activates_at,
+         expires_at, business_time) = OP.unpack_from(view, offset)
         end = offset + OP.size + n_id + n_key + n_key2
         if end > len(view):
             raise ValueError("truncated operation")
@@ -249,7 +253,8 @@ def iter_ops(batch):
         op_id = bytes(view[p:p + n_id])
         key = bytes(view[p + n_id:p + n_id + n_key])
         key2 = bytes(view[p + n_id + n_key:end])
-        yield Op(kind, flags, program, partner, version, reason, account,
+        yield Op(kind, flags, program, partner, version, reason, store, lane,
+                 account,
                  account2, amount, amount2, money, activates_at, expires_at,
                  business_time, op_id, key, key2, bytes(view[offset:end]))
         offset = end

@@ -576,9 +576,10 @@ SUFFIXES = ("/capture", "/referral", "/coupon-issue", "/coupon-redeem")
 class Settlement:
     """A checkout, priced: the ledger operations and what a refund needs.
 
-    `batch` holds the CAPTURE (spend and earn as one operation; empty when
-    the receipt neither spends nor earns and no hold is open, since the
-    kernel refuses an empty capture; `allocation.capture` is then None).
+    `batch` holds the CAPTURE (spend and earn as one operation; with no
+    points either way it still records the receipt's money, a visit; empty
+    only for a receipt with no money, no points and no hold, which the
+    kernel refuses; `allocation.capture` is then None).
     `after` holds the referrer's EARN: apply it only once the capture (if
     any) succeeded, since the kernel applies a batch's operations
     independently and a refused capture must not leave the referrer paid.
@@ -658,21 +659,24 @@ def settle_quote(q, spend, op_id_prefix, *, hold=None):
     priced = q.at(spend)
     bt, capture = receipt.business_time, op_id_prefix + "/capture"
     batch = Batch()
-    if hold is not None or spend or priced.earn:
+    if hold is not None or spend or priced.earn or priced.paid:
+        # with no points either way it still records the visit and its money
         batch.capture(capture, member.account, hold=hold or b"", spend=spend,
                       earn=priced.earn, activates_at=q.activates_at,
                       expires_at=q.expires_at, money=priced.paid, partner=q.partner,
-                      version=v.number, business_time=bt, card=member.card)
+                      version=v.number, business_time=bt, card=member.card,
+                      store=receipt.store, lane=receipt.lane)
     else:
         capture = None
     after, referral_op = Batch(), None
     if priced.referral:
         referral_op = op_id_prefix + "/referral"
         activates_at, expires_at = q._calc.referral_times
+        # a bonus, not the referrer's receipt: no money (no visit of theirs)
         after.earn(referral_op, member.referrer, priced.referral,
                    activates_at=activates_at, expires_at=expires_at,
-                   money=priced.paid, partner=q.partner, version=v.number,
-                   business_time=bt)
+                   partner=q.partner, version=v.number, business_time=bt,
+                   store=receipt.store, lane=receipt.lane)
     c, lines = q._calc, priced.lines
     allocation = Allocation(capture, referral_op, v.number, tuple(map(
         LineShare, c.numbers, [line.quantity for line in receipt.lines],

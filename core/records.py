@@ -109,6 +109,7 @@ class Entry(IntEnum):
     CARD_REPLACED = 6
     HOLD_PLACED = 7
     HOLD_RELEASED = 8
+    RECEIPT = 9      # a receipt with money: amount = money, amount2 = points spent
     EARN = 16
     SPEND = 17
     EXPIRE = 18
@@ -135,9 +136,9 @@ def system_account(kind, partner=0):
 
 # --- operations (the batch format) ---------------------------------------
 # kind, flags, len(op_id), len(key), len(key2), program, partner, version,
-# reason, account, account2, amount, amount2, money, activates_at,
-# expires_at, business_time; then op_id, key and key2 bytes.
-OP = struct.Struct("<BBBBB3xIIIIQQqqqqqq")
+# reason, store, lane, account, account2, amount, amount2, money,
+# activates_at, expires_at, business_time; then op_id, key and key2 bytes.
+OP = struct.Struct("<BBBBB3xIIIIIIQQqqqqqq")
 
 # code, flags, a, b
 RESULT = struct.Struct("<HH4xqq")
@@ -159,14 +160,15 @@ PROGRAM = struct.Struct("<Iq")
 CARD = struct.Struct("<QB")
 # operation: digest(16), kind, hold state, code, program, account, a, b,
 # money, spent, earned, earned_lot, hold_no, refunded_money, returned,
-# clawed, partner, n_consumed; then consumed lots
-OPERATION = struct.Struct("<16sBBHIQqqqqqIIqqqIH")
+# clawed, partner, store, n_consumed; then consumed lots
+OPERATION = struct.Struct("<16sBBHIQqqqqqIIqqqIIH")
 # consumed lot: lot_no, partner, amount, activates_at, expires_at
 CONSUMED = struct.Struct("<IIqqq")
 # journal entry: seq, type, sys kind, program, partner, partner2, version,
-# time, business_time, debit, credit, amount, amount2, ref, len(op_id),
-# len(data); then op_id, data, and the 32-byte BLAKE2b chain hash
-ENTRY = struct.Struct("<QBB2xIIIIqqQQqqQHH")
+# store (0 for what no store did: expiry, timeouts), time, business_time,
+# debit, credit, amount, amount2, ref, len(op_id), len(data); then op_id,
+# data, and the 32-byte BLAKE2b chain hash
+ENTRY = struct.Struct("<QBB2xIIIIIqqQQqqQHH")
 HASH_SIZE = 32
 DIGEST_SIZE = 16
 # meta head: last seq, its hash

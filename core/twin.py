@@ -169,7 +169,7 @@ class _Work:
         self.state = state
         self.op = op
         self.now = state.now
-        self.record = Operation(digest=digest, kind=op.kind)
+        self.record = Operation(digest=digest, kind=op.kind, store=op.store)
         self.accounts = {}
         self.puts = []       # (db, key, value)
         self.entries = []    # JournalEntry without seq and hash
@@ -218,15 +218,19 @@ class _Work:
 
     # --- journal -----------------------------------------------------------
     def event(self, type_, program, subject, *, amount=0, amount2=0, ref=0,
-              data=b""):
+              data=b"", store=None):
         self.entries.append(JournalEntry(
             0, type_, 0, program, self.op.partner, 0, self.op.version,
-            self.now, self.op.business_time, 0, subject, amount, amount2, ref,
+            self.op.store if store is None else store, self.now,
+            self.op.business_time, 0, subject, amount, amount2, ref,
             self.op.op_id, data))
 
     def post(self, type_, program, debit, credit, amount, *, sys_kind,
-             partner=0, partner2=0, amount2=0, ref=0):
-        """A double-entry posting: `amount` leaves debit and reaches credit."""
+             partner=0, partner2=0, amount2=0, ref=0, store=None):
+        """A double-entry posting: `amount` leaves debit and reaches credit.
+
+        Entries carry the store of the operation that made them, except what
+        no store did (expiry, hold timeouts on touch): store 0."""
         for account_id, delta in ((debit, -amount), (credit, amount)):
             if account_id == system_account(sys_kind, partner):
                 key = (program, sys_kind, partner)
@@ -236,8 +240,9 @@ class _Work:
                 self.system[key] = checked(self.system[key] + delta)
         self.entries.append(JournalEntry(
             0, type_, sys_kind, program, partner, partner2, self.op.version,
-            self.now, self.op.business_time, debit, credit, amount, amount2,
-            ref, self.op.op_id, b""))
+            self.op.store if store is None else store, self.now,
+            self.op.business_time, debit, credit, amount, amount2, ref,
+            self.op.op_id, b""))
 
     # --- lots and holds ----------------------------------------------------
     def touch(self, account_id):
@@ -250,14 +255,14 @@ class _Work:
             self.post(Entry.EXPIRE, account.program, account_id,
                       system_account(Sys.EXPIRED, lot.partner), lot.remaining,
                       sys_kind=Sys.EXPIRED, partner=lot.partner,
-                      partner2=lot.partner, ref=lot.lot_no)
+                      partner2=lot.partner, ref=lot.lot_no, store=0)
         kept = []
         for hold in account.holds:
             if hold.expires_at <= self.now:
                 account.held -= hold.amount
                 self.event(Entry.HOLD_RELEASED, account.program, account_id,
                            amount=hold.amount, amount2=RELEASE_EXPIRED,
-                           ref=hold.hold_no)
+                           ref=hold.hold_no, store=0)
             else:
                 kept.append(hold)
         account.holds = kept
@@ -489,8 +494,9 @@ def _receipt(work, op):
     if op.kind == Kind.SPEND and (earn != 0 or spend == 0):
         raise Rejected(Code.AMOUNT_INVALID)
     has_hold = op.kind == Kind.CAPTURE and op.key != b""
-    if op.kind == Kind.CAPTURE and not has_hold and spend == 0 and earn == 0:
-        raise Rejected(Code.AMOUNT_INVALID)
+    if (op.kind == Kind.CAPTURE and not has_hold and spend == 0 and earn == 0
+            and op.money == 0):
+        raise Rejected(Code.AMOUNT_INVALID)  # money alone records a visit
     if earn > 0:
         work.check_lot_times(op)
     account_id = work.resolve(op)
@@ -533,6 +539,9 @@ def _receipt(work, op):
         work.post(Entry.EARN, account.program,
                   system_account(Sys.ISSUED, op.partner), account_id, earn,
                   sys_kind=Sys.ISSUED, partner=op.partner, ref=lot_no)
+    if op.money > 0:  # the receipt itself: visits and money, for reports
+        work.event(Entry.RECEIPT, account.program, account_id, amount=op.money,
+                   amount2=spend, ref=lot_no)
     work.touch(account_id)
     record.program, record.account, record.partner = (
         account.program, account_id, op.partner)
@@ -756,9 +765,9 @@ def _transfer(work, op):
     target.balance = checked(target.balance + total)
     if total:
         work.entries.append(JournalEntry(
-            0, Entry.TRANSFER, 0, source.program, 0, 0, op.version, work.now,
-            op.business_time, op.account, op.account2, total, 0, 0, op.op_id,
-            b""))
+            0, Entry.TRANSFER, 0, source.program, 0, 0, op.version, op.store,
+            work.now, op.business_time, op.account, op.account2, total, 0, 0,
+            op.op_id, b""))
     work.touch(op.account2)
     work.record.program, work.record.account = source.program, op.account
     work.record.a = total

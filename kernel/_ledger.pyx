@@ -155,6 +155,7 @@ cdef enum:
     E_CARD_REPLACED = 6
     E_HOLD_PLACED = 7
     E_HOLD_RELEASED = 8
+    E_RECEIPT = 9
     E_EARN = 16
     E_SPEND = 17
     E_EXPIRE = 18
@@ -174,7 +175,7 @@ cdef enum:
 cdef packed struct OpHead:          # records.OP
     uint8_t kind, flags, n_id, n_key, n_key2
     uint8_t pad[3]
-    uint32_t program, partner, version, reason
+    uint32_t program, partner, version, reason, store, lane
     uint64_t account, account2
     int64_t amount, amount2, money, activates_at, expires_at, business_time
 
@@ -216,14 +217,14 @@ cdef packed struct OperationRec:    # records.OPERATION
     int64_t a, b, money, spent, earned
     uint32_t earned_lot, hold_no
     int64_t refunded_money, returned, clawed
-    uint32_t partner
+    uint32_t partner, store
     uint16_t n_consumed
 
 cdef packed struct EntryHead:       # records.ENTRY
     uint64_t seq
     uint8_t type, sys
     uint8_t pad[2]
-    uint32_t program, partner, partner2, version
+    uint32_t program, partner, partner2, version, store
     int64_t time, business_time
     uint64_t debit, credit
     int64_t amount, amount2
@@ -284,6 +285,7 @@ cdef struct Work:
     const char *key
     const char *key2
     uint64_t next_account_op
+    uint32_t entry_store # store on the entries being made (0 inside touch)
     OperationRec rec
     LotBuf consumed      # rec's consumed lots
     LotBuf scratch_lots  # transfers' moved lots, loaded records' consumed
@@ -690,6 +692,7 @@ cdef EntryRec *new_entry(Work *w, int type_, int sys, uint32_t program,
     e.h.partner = partner
     e.h.partner2 = partner2
     e.h.version = w.op.version
+    e.h.store = w.entry_store
     e.h.time = w.now
     e.h.business_time = w.op.business_time
     e.h.debit = debit
@@ -844,7 +847,18 @@ cdef int take_active(Work *w, Acct *a, int64_t amount, LotBuf *taken,
 
 
 cdef int touch(Work *w, Acct *a) noexcept nogil:
-    """Burn expired lots, release timed-out holds, pay debt from lots."""
+    """Burn expired lots, release timed-out holds, pay debt from lots.
+
+    What it journals no store did: its entries carry store 0."""
+    cdef uint32_t store = w.entry_store
+    cdef int rc
+    w.entry_store = 0
+    rc = touch_account(w, a)
+    w.entry_store = store
+    return rc
+
+
+cdef int touch_account(Work *w, Acct *a) noexcept nogil:
     cdef uint32_t i, n, j
     cdef LotRec lot
     cdef HoldRec *hold
@@ -1342,8 +1356,9 @@ cdef int op_receipt(Work *w) noexcept nogil:
     if op.kind == K_SPEND and (earn != 0 or spend == 0):
         return AMOUNT_INVALID
     has_hold = op.kind == K_CAPTURE and op.n_key != 0
-    if op.kind == K_CAPTURE and not has_hold and spend == 0 and earn == 0:
-        return AMOUNT_INVALID
+    if (op.kind == K_CAPTURE and not has_hold and spend == 0 and earn == 0
+            and op.money == 0):
+        return AMOUNT_INVALID  # money alone records a visit
     if earn > 0:
         rc = check_lot_times(w)
         if rc:
@@ -1395,6 +1410,11 @@ cdef int op_receipt(Work *w) noexcept nogil:
             return rc
         rc = post(w, E_EARN, a.h.program, system_account(SYS_ISSUED, op.partner),
                   account_id, earn, SYS_ISSUED, op.partner, 0, 0, lot_no)
+        if rc:
+            return rc
+    if op.money > 0:  # the receipt itself: visits and money, for reports
+        rc = event(w, E_RECEIPT, a.h.program, account_id, op.money, spend,
+                   lot_no, NULL, 0)
         if rc:
             return rc
     rc = touch(w, a)
@@ -1888,6 +1908,8 @@ cdef int apply_op(Work *w, const OpHead *op, ResultRec *out) noexcept nogil:
     w.key = p + op.n_id
     w.key2 = p + op.n_id + op.n_key
     reset_op(w)
+    w.entry_store = op.store
+    w.rec.store = op.store
     crypto_generichash(w.rec.digest, DIGEST_SIZE, <const unsigned char *>op,
                        sizeof(OpHead) + op.n_id + op.n_key + op.n_key2, NULL, 0)
     # Worked out first, written only if it succeeds; an id applied before

@@ -342,10 +342,13 @@ def test_earn(ledger, member):
     expect(ledger, member, T, available=150, balance=150, earned=150)
     assert ledger.lots(member) == [Lot(1, 0, 150, 0, T + 365 * DAY)]
     assert sys_balance(ledger, Sys.ISSUED) == -150
-    entry = ledger.journal()[-1]
+    entry, receipt = ledger.journal()[-2:]
     assert (entry.type, entry.sys, entry.debit, entry.credit, entry.amount,
             entry.ref, entry.time, entry.op_id) == (
         Entry.EARN, Sys.ISSUED, ISSUED0, member, 150, 1, T, b"e1")
+    # the receipt itself, for visits and money in reports
+    assert (receipt.type, receipt.credit, receipt.amount, receipt.amount2,
+            receipt.ref, receipt.op_id) == (Entry.RECEIPT, member, 3000, 0, 1, b"e1")
     record = ledger.operation(b"e1")
     assert (record.kind, record.account, record.program, record.money,
             record.earned, record.earned_lot) == (Kind.EARN, member, 1, 3000, 150, 1)
@@ -450,9 +453,10 @@ def test_spend_takes_earliest_expiring_lots_first(ledger, member):
         Consumed(4, 0, 10, 0, T + 20 * DAY)]
     expect(ledger, member, T, available=110, balance=110, earned=200, spent=90)
     assert sys_balance(ledger, Sys.REDEEMED) == 90
-    entry = ledger.journal()[-1]
+    entry, receipt = ledger.journal()[-2:]
     assert (entry.type, entry.sys, entry.debit, entry.credit, entry.amount) == (
         Entry.SPEND, Sys.REDEEMED, member, REDEEMED0, 90)
+    assert (receipt.type, receipt.amount, receipt.amount2) == (Entry.RECEIPT, 900, 90)
 
 
 def test_spend_posts_once_per_issuing_partner(ledger, member):
@@ -558,7 +562,7 @@ def test_capture_a_hold_spends_and_earns_at_once(ledger, member):
     assert ledger.lots(member) == [Lot(2, 0, 12, 0, T + 365 * DAY), Lot(1, 0, 70, 0, NEVER)]
     assert [(e.type, e.amount, e.amount2) for e in entries_after(ledger, seq)] == [
         (Entry.HOLD_RELEASED, 40, RELEASE_CAPTURED), (Entry.SPEND, 30, 0),
-        (Entry.EARN, 12, 0)]
+        (Entry.EARN, 12, 0), (Entry.RECEIPT, 1850, 30)]
     assert ledger.operation(b"h1").hold_state == HoldState.CAPTURED
     record = ledger.operation(b"c1")
     assert (record.hold_no, record.spent, record.earned, record.earned_lot,
@@ -1312,3 +1316,32 @@ def test_failed_reads_raise_ledger_error(ledger_class, tmp_path, case):
             read()
     finally:
         opened.close()
+
+
+# --- stores and receipts without points --------------------------------------
+
+def test_a_receipt_with_money_and_no_points_records_a_visit(ledger, member):
+    head = ledger.head()[0]
+    r = ledger.apply(Batch().capture("v1", member, money=4_500, store=42, lane=3), T)[0]
+    assert r.ok and (r.a, r.b) == (0, 0)
+    [visit] = ledger.journal(head + 1)
+    assert (visit.type, visit.credit, visit.amount, visit.store) == (
+        Entry.RECEIPT, member, 4_500, 42)
+    assert ledger.operation(b"v1").money == 4_500
+    expect(ledger, member, T)  # no points moved
+    # with neither money nor points it is still nothing to record
+    assert ledger.apply(Batch().capture("v2", member), T)[0].code == Code.AMOUNT_INVALID
+
+
+def test_entries_carry_the_store_except_what_no_store_did(ledger, member):
+    ledger.apply(Batch().earn("e1", member, 50, expires_at=T + DAY, money=500,
+                              store=7, lane=2), T)
+    ledger.apply(Batch().hold("h1", member, 10, expires_at=T + 60, store=8), T)
+    head = ledger.head()[0]
+    ledger.apply(Batch().earn("e2", member, 5, store=9), T + 2 * DAY)  # touch expires
+    entries = ledger.journal(1)
+    assert {(e.type, e.store) for e in entries if e.op_id == b"e1"} == {
+        (Entry.EARN, 7), (Entry.RECEIPT, 7)}
+    assert ledger.operation(b"h1").store == 8
+    after = [(e.type, e.store) for e in ledger.journal(head + 1)]
+    assert after == [(Entry.EXPIRE, 0), (Entry.HOLD_RELEASED, 0), (Entry.EARN, 9)]

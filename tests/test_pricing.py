@@ -115,7 +115,7 @@ def test_design_next_order_of_2000_spends_all_150_cap_200_pays_1850(example):
     expected = Batch().capture(
         "s42/l1/r-1/capture", 1, spend=150, earn=129, activates_at=V1 + 14 * DAY,
         expires_at=micros("2026-01-01T00:00:00+03:00"), money=185_000, partner=1,
-        version=1, business_time=V1)
+        version=1, business_time=V1, store=42, lane=1)
     assert bytes(s.batch) == bytes(expected)
     # a quote of 2,000 with enough points: the cap binds at 200
     q = quote(example, r, Member(available=1000), V1)
@@ -334,10 +334,11 @@ def test_referral_newcomer_and_referrer_share(example):
     # 10% off the first purchase, and the referrer earns 10% of the 1,350 paid
     assert (s.quote.discount, s.paid, s.referral) == (15_000, 135_000, 135)
     assert [x.referral for x in s.allocation.lines] == [90, 45]
+    # a bonus, not the referrer's receipt: no money, so no visit of theirs
     assert bytes(s.after) == bytes(Batch().earn(
         "p/referral", 9, 135, activates_at=V1 + 14 * DAY,
-        expires_at=micros("2026-01-01T00:00:00+03:00"), money=135_000, partner=1,
-        version=1, business_time=V1))
+        expires_at=micros("2026-01-01T00:00:00+03:00"), partner=1,
+        version=1, business_time=V1, store=42, lane=1))
     assert s.allocation.referral_op == "p/referral"
     assert refund_referral(s.allocation, {2: 1}) == 45
     # on what the newcomer actually paid: points are not money paid
@@ -396,7 +397,9 @@ def test_points_that_would_have_expired_on_arrival_are_not_earned():
     late = quote(p, r, Member(), sold + 20 * MINUTE)
     assert (late.earn, codes(late.reasons)) == (0, [(Why.EXPIRED_ON_ARRIVAL, "")])
     s = settle(p, r, Member(account=1), 0, sold + 20 * MINUTE, "p")
-    assert (len(s.batch), s.allocation.capture) == (0, None)
+    # nothing earned, but the receipt is still recorded (a visit, its money)
+    op = capture_of(s)
+    assert (op.amount, op.amount2, op.money, s.allocation.capture) == (0, 0, 10_000, "p/capture")
 
 
 @pytest.mark.parametrize("zone", ["Europe/Moscow", "America/Santiago",
@@ -500,9 +503,16 @@ def test_settle_by_card_at_a_coalition_partners_store(example):
     assert caught.value.problems == (Problem("spend", "must be from 0 to 100"),)
 
 
-def test_nothing_to_spend_or_earn_makes_no_capture(example):
+def test_a_receipt_that_moves_no_points_still_records_the_visit(example):
     s = settle(example, receipt(line(1, flags=["promo"])), Member(account=1), 0, V1, "p")
-    assert (len(s.batch), s.allocation.capture, s.paid) == (0, None, 100_000)
+    op = capture_of(s)
+    assert (op.amount, op.amount2, op.money, op.store, op.lane) == (0, 0, 100_000, 42, 1)
+    assert (s.allocation.capture, s.paid) == ("p/capture", 100_000)
+
+
+def test_a_free_receipt_makes_no_capture(example):
+    s = settle(example, receipt(line(1, price=0)), Member(account=1), 0, V1, "p")
+    assert (len(s.batch), s.allocation.capture, s.paid) == (0, None, 0)
 
 
 # --- bad receipts ---------------------------------------------------------------
@@ -816,7 +826,7 @@ def test_property_quote_and_settle_agree(p, r, member, rnd):
         spend, q.at(spend).earn, q.due - spend * q.version.point_value, q.at(spend).referral)
     a = s.allocation
     assert (a.spent, a.earned, a.paid, a.referral) == (s.spend, s.earn, s.paid, s.referral)
-    if spend or s.earn:
+    if spend or s.earn or s.paid:
         op = capture_of(s)
         assert (op.amount, op.amount2, op.money, op.version, op.business_time) == (
             spend, s.earn, s.paid, 1, V1)

@@ -61,7 +61,7 @@ def operations(draw):
         account=draw(accounts), account2=draw(accounts),
         amount=draw(amounts), amount2=draw(amounts),
         money=draw(st.one_of(*[st.integers(0, 5000)] * 8, st.sampled_from(EDGE))),
-        reason=draw(st.integers(0, 3)),
+        reason=draw(st.integers(0, 3)), store=draw(st.sampled_from([0, 5])),
         activates_at=draw(offsets), expires_at=draw(offsets),
         key=key, key2=draw(st.sampled_from(CARDS)),
     )
@@ -157,7 +157,8 @@ def random_operation(rng, history):
              account=rng.choice([1, 1, 2, 2, 3, 4, 5, 9]),
              account2=rng.choice([1, 2, 3, 4, 5]), amount=0, amount2=0,
              money=rng.randint(0, 5000), reason=0, activates_at=0,
-             expires_at=NEVER, key=rng.choice(CARDS), key2=rng.choice(CARDS))
+             expires_at=NEVER, key=rng.choice(CARDS), key2=rng.choice(CARDS),
+             store=rng.choice([0, 1, 42]), lane=rng.randint(0, 3))
     lot_times = dict(activates_at=rng.choice([0, 0, rng.randint(0, 4 * DAY)]),
                      expires_at=rng.choice([NEVER, rng.randint(1, 20 * DAY)]))
     if kind == Kind.PUT_PROGRAM:
@@ -171,7 +172,8 @@ def random_operation(rng, history):
     elif kind == Kind.HOLD:
         f.update(amount=points, expires_at=rng.choice([0, rng.randint(1, 6 * DAY)]))
     elif kind == Kind.CAPTURE:
-        f.update(amount=rng.randint(0, 60), amount2=rng.choice([0, points]), **lot_times)
+        f.update(amount=rng.randint(0, 60), amount2=rng.choice([0, points]),
+                 money=rng.choice([0, f["money"]]), **lot_times)
         if holds and rng.random() < 0.8:
             f.update(key=rng.choice(holds), account=rng.choice([0, 0, f["account"]]))
         else:
@@ -186,7 +188,8 @@ def random_operation(rng, history):
             f.update(amount=rng.randint(0, 40), amount2=rng.randint(0, 40),
                      money=rng.randint(0, 1000))
     elif kind == Kind.ADJUST:
-        f.update(amount=rng.choice([points, -points]), reason=rng.randint(1, 5), **lot_times)
+        negated = -points if points != INT64_MIN else points  # -INT64_MIN is no int64
+        f.update(amount=rng.choice([points, negated]), reason=rng.randint(1, 5), **lot_times)
     elif kind == Kind.TRANSFER:
         if rng.random() < 0.3:
             f["flags"] = 1
