@@ -5,10 +5,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 KERNEL := kernel/_ledger.pyx kernel/_lmdb.pxi
+PROTOS := $(wildcard proto/kopilka/v1/*.proto)
 APT_PACKAGES := liblmdb-dev libsodium-dev gcc python3-dev python3-venv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test bench system-deps build clean
+.PHONY: test bench system-deps build proto clean
 
 test: build
 	$(BIN)/python -m pytest tests
@@ -34,14 +35,20 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(INSTALLED): pyproject.toml setup.py | system-deps $(BIN)/python
-	$(BIN)/pip install -q -U pip setuptools wheel cython
+	$(BIN)/pip install -q -U pip setuptools wheel cython grpcio-tools googleapis-common-protos
 	$(BIN)/pip install -q --no-build-isolation -e '.[dev]'
 	touch $@
 
+# The public API's Python modules (kopilka.v1, in gen/), generated from
+# proto/kopilka/v1/*.proto when a .proto (or the generator) changes, or when
+# a .proto is added or removed; not committed.
+proto: $(PROTOS) | $(INSTALLED)
+	@$(BIN)/python tools/gen_proto.py --if-stale
+
 # Rebuilds the kernel when its sources change (cythonize skips it otherwise).
-build: system-deps $(INSTALLED)
+build: system-deps $(INSTALLED) proto
 	@$(BIN)/python setup.py -q build_ext --inplace > $(VENV)/build.log 2>&1 \
 		|| { cat $(VENV)/build.log; exit 1; }
 
 clean:
-	rm -rf build *.egg-info kernel/_ledger.c kernel/*.so
+	rm -rf build *.egg-info kernel/_ledger.c kernel/*.so gen
