@@ -59,7 +59,7 @@ from .allocation import (Allocation, LineShare, Refund, refund_lines,
                          refund_referral, split)
 from .batch import Batch
 from .lifetimes import add_months, lot_times, period_bounds
-from .program import BASIS, Problem, Version
+from .program import BASIS, Problem, Version, per_version
 from .receipt import (DAY, Line, Member, MemberCoupon, MemberError,
                       PricingError, Receipt, ReceiptError, SpendError,
                       check_member, check_receipt)
@@ -249,16 +249,7 @@ class _Plan:
         return t + lifetime.activation_days * DAY, expires
 
 
-_PLANS = {}
-
-
-def _plan(version):
-    entry = _PLANS.get(id(version))
-    if entry is None or entry[0] is not version:
-        if len(_PLANS) > 1024:
-            _PLANS.clear()
-        entry = _PLANS[id(version)] = (version, _Plan(version))
-    return entry[1]
+_plan = per_version(_Plan)
 
 
 # --- the quote ------------------------------------------------------------------

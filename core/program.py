@@ -116,6 +116,22 @@ class ProgramError(ValueError):
         super().__init__(f"invalid program ({len(self.problems)} problems):\n{lines}")
 
 
+def per_version(build):
+    """`build(version)`, remembered per Version object: what pricing derives
+    from a version once (plans, vocabularies) rather than per receipt.
+    Keyed by identity, as versions are immutable and not hashable; bounded."""
+    memo = {}
+
+    def cached(version):
+        entry = memo.get(id(version))
+        if entry is None or entry[0] is not version:
+            if len(memo) > 1024:
+                memo.clear()
+            entry = memo[id(version)] = (version, build(version))
+        return entry[1]
+    return cached
+
+
 # --- the rules -------------------------------------------------------------
 # Built only by parse_program, which has checked every value; nothing below
 # re-validates, so pricing can trust a Program it is handed.

@@ -19,7 +19,7 @@ regular). The engine decides what they are worth; it never looks them up.
 
 from dataclasses import dataclass
 
-from .program import Problem, format_time
+from .program import Problem, format_time, per_version
 
 INT64_MAX = (1 << 63) - 1
 DAY = 86_400_000_000  # microseconds
@@ -122,17 +122,10 @@ def check_receipt(receipt, program, now):
     return version if version is not None else _check(receipt, program, now)
 
 
-_VOCABULARY = {}
 
-
+@per_version
 def _vocabulary(version):
-    entry = _VOCABULARY.get(id(version))
-    if entry is None or entry[0] is not version:
-        if len(_VOCABULARY) > 1024:
-            _VOCABULARY.clear()
-        entry = _VOCABULARY[id(version)] = (
-            version, frozenset(version.items.categories), frozenset(version.items.flags))
-    return entry[1], entry[2]
+    return frozenset(version.items.categories), frozenset(version.items.flags)
 
 
 def _quick(receipt, program, now):
