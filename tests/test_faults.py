@@ -98,3 +98,19 @@ def test_full_map_refuses_the_whole_batch_and_keeps_serving(impl, tmp_path):
         assert result[0].ok
         assert ledger.balances(1, 10_001).balance == (n - 1) * 200 + 5
         assert ledger.audit() == []
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_a_compacting_copy_is_the_same_ledger(impl, tmp_path):
+    Ledger = IMPLEMENTATIONS[impl]
+    with Ledger(tmp_path / "live", sync=False) as ledger:
+        batch = Batch().put_program("p", 1).open_account("a", 1, "m")
+        for i in range(300):
+            batch.earn(f"e{i}", 1, 1 + i % 5, money=100)
+        ledger.apply(batch, 1)
+        (tmp_path / "copy").mkdir()
+        ledger.copy(tmp_path / "copy")
+        live = ledger.dump()
+    with Ledger(tmp_path / "copy") as copy:
+        assert copy.dump() == live
+        assert copy.audit() == []
