@@ -793,7 +793,7 @@ def _sweep(work, op):
         account = work.account(account_id)
         before = account.expired
         work.touch(account_id)
-        expired += account.expired - before
+        expired = checked(expired + account.expired - before)
         work.puts.append((name, key, None))
         if name == "lot_expiry" and account.lots and account.lots[0].expires_at != NEVER:
             work.index_expiry(account_id)

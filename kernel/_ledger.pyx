@@ -7,6 +7,7 @@ the GIL released in one write transaction, committed durably. Each operation
 is worked out in scratch memory first and written only if it succeeds.
 """
 
+cimport cython
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, INT64_MIN
 from libc.string cimport memcpy, memset, memcmp, memmove
 from libc.stdlib cimport malloc, realloc, free
@@ -423,7 +424,11 @@ cdef int load_operation(Work *w, const char *op_id, size_t n, OperationRec *rec,
     cdef int rc = db_get(w, DB_OPS, op_id, n, &v)
     if rc:
         return rc
+    if v.mv_size < sizeof(OperationRec):
+        return fail(w, MDB_CORRUPTED)
     memcpy(rec, v.mv_data, sizeof(OperationRec))
+    if v.mv_size != sizeof(OperationRec) + rec.n_consumed * sizeof(LotRec):
+        return fail(w, MDB_CORRUPTED)
     if consumed != NULL:
         if grow(<void **>&consumed.items, &consumed.cap, rec.n_consumed, sizeof(LotRec)):
             return fail(w, 12)
@@ -638,6 +643,8 @@ cdef int load_card(Work *w, const char *card, size_t n, CardRec *out) noexcept n
         return CARD_NOT_FOUND
     if rc:
         return rc
+    if v.mv_size != sizeof(CardRec):
+        return fail(w, MDB_CORRUPTED)
     memcpy(out, v.mv_data, sizeof(CardRec))
     return OK
 
@@ -670,6 +677,8 @@ cdef int program_flags(Work *w, uint32_t program, uint32_t *flags) noexcept nogi
         return PROGRAM_NOT_FOUND
     if rc:
         return rc
+    if v.mv_size != sizeof(ProgramRec):
+        return fail(w, MDB_CORRUPTED)
     flags[0] = (<ProgramRec *>v.mv_data).flags
     return OK
 
@@ -754,6 +763,8 @@ cdef int sys_add(Work *w, uint32_t program, int kind, uint32_t partner,
             key.kind = kind
             key.partner = be32(partner)
             rc = db_get(w, DB_SYSTEM, &key, sizeof(SystemKey), &v)
+            if rc == 0 and v.mv_size != 8:
+                return fail(w, MDB_CORRUPTED)
             if rc == 0:
                 memcpy(&b.balance, v.mv_data, 8)
             elif rc == 1:
@@ -1142,6 +1153,8 @@ cdef int claim_op_id(Work *w, OperationRec *first) noexcept nogil:
     v.mv_data = buf
     rc = mdb_put(w.txn, w.dbi[DB_OPS], &k, &v, MDB_NOOVERWRITE)
     if rc == MDB_KEYEXIST:
+        if v.mv_size < sizeof(OperationRec):
+            return fail(w, MDB_CORRUPTED)
         memcpy(first, v.mv_data, sizeof(OperationRec))
         return 1
     if rc != MDB_SUCCESS:
@@ -1161,6 +1174,8 @@ cdef int op_put_program(Work *w) noexcept nogil:
     if op.flags & ~PROGRAM_ALLOW_DEBT:
         return FLAGS_INVALID
     rc = db_get(w, DB_PROGRAMS, &key, 4, &v)
+    if rc == 0 and v.mv_size != sizeof(ProgramRec):
+        return fail(w, MDB_CORRUPTED)
     if rc == 0:
         rec.created_at = (<ProgramRec *>v.mv_data).created_at
     elif rc == 1:
@@ -1837,7 +1852,8 @@ cdef int op_sweep(Work *w) noexcept nogil:
         rc = touch(w, a)
         if rc:
             return rc
-        expired += a.h.expired - before
+        if k_add(expired, a.h.expired - before, &expired):
+            return OVERFLOW
         rc = queue_put(w, DB_LOT_EXPIRY if i < lots_due else DB_HOLD_EXPIRY,
                        &w.due[i], sizeof(ExpiryKey), NULL, 0, 1)
         if rc:
@@ -1984,16 +2000,26 @@ cdef int run_batch(MDB_env *env, MDB_dbi *dbi, const char *batch, size_t size,
     k.mv_size = 4
     k.mv_data = <void *>META_HEAD_KEY
     rc = mdb_get(w.txn, dbi[DB_META], &k, &v)
-    if rc == MDB_SUCCESS:
+    if rc == MDB_SUCCESS and v.mv_size != sizeof(HeadRec):
+        fail(&w, MDB_CORRUPTED)
+    elif rc == MDB_SUCCESS:
         memcpy(&head, v.mv_data, sizeof(HeadRec))
         w.seq = head.seq
         memcpy(w.hash, head.hash, HASH_SIZE)
+    elif rc != MDB_NOTFOUND:
+        fail(&w, rc)
     k.mv_size = 12
     k.mv_data = <void *>META_NEXT_ACCOUNT_KEY
     w.next_account = 1
-    if mdb_get(w.txn, dbi[DB_META], &k, &v) == MDB_SUCCESS:
-        w.next_account = be64((<uint64_t *>v.mv_data)[0])
-    while offset < size:
+    rc = mdb_get(w.txn, dbi[DB_META], &k, &v)
+    if rc == MDB_SUCCESS and v.mv_size != 8:
+        fail(&w, MDB_CORRUPTED)
+    elif rc == MDB_SUCCESS:
+        memcpy(&next_be, v.mv_data, 8)
+        w.next_account = be64(next_be)
+    elif rc != MDB_NOTFOUND:
+        fail(&w, rc)
+    while offset < size and w.fatal == 0:
         op = <const OpHead *>(batch + offset)
         if apply_op(&w, op, &results[i]):
             break
@@ -2049,10 +2075,16 @@ cdef size_t count_ops(const char *batch, size_t size) except? 0:
 
 
 cdef class Environment:
-    """One LMDB environment (a directory) and the kernel's databases in it."""
+    """One LMDB environment (a directory) and the kernel's databases in it.
+
+    LMDB must not be closed under a transaction: `close()` aborts the
+    snapshots still open and refuses while a batch or a copy is running on
+    another thread (they run with the GIL released)."""
     cdef MDB_env *env
     cdef MDB_dbi dbi[NDB]
     cdef readonly str path
+    cdef readonly int busy  # apply() and copy() calls inside LMDB right now
+    cdef object readers  # the ReadTxns still open
 
     def __cinit__(self, path, size_t map_size=1 << 30, bint sync=True,
                   bint writemap=False):
@@ -2060,6 +2092,8 @@ cdef class Environment:
         cdef int rc
         cdef unsigned int flags = MDB_NOTLS | MDB_NORDAHEAD
         import os
+        import weakref
+        self.readers = weakref.WeakSet()
         self.path = str(path)
         os.makedirs(self.path, exist_ok=True)
         if not sync:
@@ -2090,12 +2124,20 @@ cdef class Environment:
             _raise(rc)
 
     def close(self):
-        if self.env != NULL:
-            mdb_env_close(self.env)
-            self.env = NULL
+        if self.env == NULL:
+            return
+        if self.busy:
+            raise LedgerError("the ledger is applying a batch or copying: "
+                              "close it once that returns")
+        for txn in list(self.readers):
+            txn.close()
+        mdb_env_close(self.env)
+        self.env = NULL
 
     def __dealloc__(self):
-        self.close()
+        if self.env != NULL:  # nothing can be busy or reading any more
+            mdb_env_close(self.env)
+            self.env = NULL
 
     def _check_open(self):
         if self.env == NULL:
@@ -2112,8 +2154,12 @@ cdef class Environment:
         cdef ResultRec *results = <ResultRec *>PyBytes_AS_STRING(out)
         cdef int rc
         memset(results, 0, n * sizeof(ResultRec))
-        with nogil:
-            rc = run_batch(self.env, self.dbi, p, size, now, results)
+        self.busy += 1
+        try:
+            with nogil:
+                rc = run_batch(self.env, self.dbi, p, size, now, results)
+        finally:
+            self.busy -= 1
         if rc:
             _raise(rc)
         return out
@@ -2128,8 +2174,12 @@ cdef class Environment:
         cdef bytes encoded = str(path).encode()
         cdef const char *p = encoded
         cdef int rc
-        with nogil:
-            rc = mdb_env_copy2(self.env, p, MDB_CP_COMPACT if compact else 0)
+        self.busy += 1
+        try:
+            with nogil:
+                rc = mdb_env_copy2(self.env, p, MDB_CP_COMPACT if compact else 0)
+        finally:
+            self.busy -= 1
         if rc:
             _raise(rc)
 
@@ -2141,16 +2191,19 @@ cdef class Environment:
                 "last_txn": info.me_last_txnid, "readers": info.me_numreaders}
 
 
+@cython.no_gc_clear
 cdef class ReadTxn:
     """A read-only snapshot: `get` a key, `scan` a database from a key."""
     cdef MDB_txn *txn
     cdef Environment env
+    cdef object __weakref__
 
     def __cinit__(self, Environment env):
         cdef int rc = mdb_txn_begin(env.env, NULL, MDB_RDONLY, &self.txn)
         if rc:
             _raise(rc)
         self.env = env
+        env.readers.add(self)
 
     def _db(self, name):
         cdef int index = DB_NAMES.index(name.encode())
@@ -2189,11 +2242,14 @@ cdef class ReadTxn:
             while rc == MDB_SUCCESS:
                 yield (PyBytes_FromStringAndSize(<char *>k.mv_data, k.mv_size),
                        PyBytes_FromStringAndSize(<char *>v.mv_data, v.mv_size))
+                if self.txn == NULL:  # closed while the caller held the generator
+                    raise LedgerError("snapshot is closed")
                 rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)
             if rc != MDB_NOTFOUND:
                 _raise(rc)
         finally:
-            mdb_cursor_close(cur)
+            if cur != NULL:
+                mdb_cursor_close(cur)
 
     def close(self):
         if self.txn != NULL:

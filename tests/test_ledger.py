@@ -1345,3 +1345,13 @@ def test_entries_carry_the_store_except_what_no_store_did(ledger, member):
     assert ledger.operation(b"h1").store == 8
     after = [(e.type, e.store) for e in ledger.journal(head + 1)]
     assert after == [(Entry.EXPIRE, 0), (Entry.HOLD_RELEASED, 0), (Entry.EARN, 9)]
+
+
+def test_a_sweep_whose_total_would_overflow_is_refused(ledger, members):
+    first, second = members
+    for op_id, member, partner in (("e1", first, 1), ("e2", second, 2)):
+        assert ledger.apply(Batch().earn(op_id, member, INT64_MAX - 1, partner=partner,
+                                         expires_at=T + 100), T)[0].ok
+    head = ledger.head()
+    assert ledger.apply(Batch().sweep("sw", 10), T + 200)[0].code == Code.OVERFLOW
+    assert ledger.head() == head
