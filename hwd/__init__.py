@@ -11,5 +11,14 @@ The pure parts, no serial I/O, no threads, no clock of their own:
 - `filters`: which card numbers are the program's (`CardNumberPolicy`),
   double-swipe suppression (`Deduplicator`), Luhn;
 - `events`: `CardRead` and `Reject` (a reason and a byte count, never the
-  bytes), and `mask` for logs.
+  bytes), `LaneRead` (an accepted read with its id, lane, reader and time),
+  and `mask` for logs.
+
+The runtime around them:
+
+- `reader`: one reader's thread: a serial port through pyserial, the
+  parser, dedup, a sink for accepted reads; reconnects with capped, jittered
+  backoff; a health snapshot;
+- `spool`: the durable, bounded queue of reads awaiting the core's
+  acknowledgement (SQLite, WAL, synchronous=FULL).
 """

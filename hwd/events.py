@@ -54,3 +54,27 @@ class Reject:
 
 
 Event = CardRead | Reject
+
+
+@dataclass(frozen=True)
+class LaneRead:
+    """An accepted read as the daemon hands it on (spool, core): a `CardRead`
+    given its unique read id, the lane and reader it happened at, and when.
+
+    `lane` is the lane's resource name (`stores/{store}/lanes/{lane}`),
+    `read_time_us` the hwd's clock in integer microseconds since the epoch.
+    Like `CardRead`, its repr masks the card number."""
+
+    read_id: str
+    lane: str
+    reader: str
+    card_number: str = field(repr=False)
+    source: str
+    symbology: str | None
+    read_time_us: int
+
+    def __repr__(self):
+        return (f"LaneRead(read_id={self.read_id!r}, lane={self.lane!r}, "
+                f"reader={self.reader!r}, card_number={mask(self.card_number)!r}, "
+                f"source={self.source!r}, symbology={self.symbology!r}, "
+                f"read_time_us={self.read_time_us!r})")
