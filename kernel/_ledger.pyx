@@ -2074,6 +2074,9 @@ cdef size_t count_ops(const char *batch, size_t size) except? 0:
     return n
 
 
+_OPEN_PATHS = set()  # environments open in this process, by real path
+
+
 cdef class Environment:
     """One LMDB environment (a directory) and the kernel's databases in it.
 
@@ -2096,6 +2099,9 @@ cdef class Environment:
         self.readers = weakref.WeakSet()
         self.path = str(path)
         os.makedirs(self.path, exist_ok=True)
+        self.path = os.path.realpath(self.path)
+        if self.path in _OPEN_PATHS:  # LMDB: never two handles in one process
+            raise LedgerError(f"{self.path} is already open in this process")
         if not sync:
             flags |= MDB_NOSYNC | MDB_NOMETASYNC
         if writemap:
@@ -2122,6 +2128,7 @@ cdef class Environment:
         rc = mdb_txn_commit(txn)
         if rc:
             _raise(rc)
+        _OPEN_PATHS.add(self.path)
 
     def close(self):
         if self.env == NULL:
@@ -2133,11 +2140,14 @@ cdef class Environment:
             txn.close()
         mdb_env_close(self.env)
         self.env = NULL
+        _OPEN_PATHS.discard(self.path)
 
     def __dealloc__(self):
         if self.env != NULL:  # nothing can be busy or reading any more
             mdb_env_close(self.env)
             self.env = NULL
+            if _OPEN_PATHS is not None:  # None while the interpreter shuts down
+                _OPEN_PATHS.discard(self.path)
 
     def _check_open(self):
         if self.env == NULL:

@@ -76,3 +76,11 @@ def test_a_damaged_operation_record_is_an_error_not_a_crash(ledger, tmp_path):
         with pytest.raises(LedgerError, match="MDB_CORRUPTED"):
             reopened.apply(Batch().refund("r", "s", give_back=5), 3)
         assert reopened.head() == head  # the batch was refused whole
+
+
+def test_one_environment_is_opened_once_per_process(ledger, tmp_path):
+    with pytest.raises(LedgerError, match="already open"):
+        kernel.Ledger(tmp_path / ".." / tmp_path.name)
+    ledger.close()
+    with kernel.Ledger(tmp_path) as again:  # closed: may be opened anew
+        assert again.audit() == []
