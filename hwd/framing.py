@@ -80,6 +80,15 @@ class ConfigError(ValueError):
         super().__init__("\n".join(f"{k}: {m}" for k, m in self.problems))
 
 
+def _finish_checks(problems, max_frame_bytes):
+    """The checks every framing shares, then every problem found, at once."""
+    lo, hi = FRAME_BYTES_RANGE
+    if not lo <= max_frame_bytes <= hi:
+        problems.append(("max_frame_bytes", f"must be between {lo} and {hi}"))
+    if problems:
+        raise ConfigError(problems)
+
+
 def parse_bytes(value):
     """Turn a byte value written in the config (see the module doc) into bytes.
 
@@ -266,11 +275,7 @@ class MagstripeFraming:
             problems.append(("lrc", "'optional' needs a terminator, a postamble or "
                                     "stx_etx: otherwise a byte after the last end "
                                     "sentinel could be an LRC or the next swipe"))
-        lo, hi = FRAME_BYTES_RANGE
-        if not lo <= self.max_frame_bytes <= hi:
-            problems.append(("max_frame_bytes", f"must be between {lo} and {hi}"))
-        if problems:
-            raise ConfigError(problems)
+        _finish_checks(problems, self.max_frame_bytes)
 
     @classmethod
     def from_mapping(cls, mapping, where="framing"):
@@ -318,11 +323,7 @@ class BarcodeFraming:
                                             "with aim = \"required\""))
         if self.check_digit not in CHECK_DIGIT_MODES:
             problems.append(("check_digit", f"expected one of {CHECK_DIGIT_MODES}"))
-        lo, hi = FRAME_BYTES_RANGE
-        if not lo <= self.max_frame_bytes <= hi:
-            problems.append(("max_frame_bytes", f"must be between {lo} and {hi}"))
-        if problems:
-            raise ConfigError(problems)
+        _finish_checks(problems, self.max_frame_bytes)
 
     @classmethod
     def from_mapping(cls, mapping, where="framing"):
