@@ -1,8 +1,8 @@
 """The ledger's invariants, checked over a read snapshot.
 
 `audit(snapshot)` returns one line per problem, naming where it is: an empty
-list means the ledger is sound. It trusts nothing stored: balances are
-replayed from the journal and compared with what the records say.
+list means the ledger is sound. It trusts nothing stored: balances and tiers
+are replayed from the journal and compared with what the records say.
 """
 
 import hashlib
@@ -23,6 +23,7 @@ def audit(snap):
     problems = []
     replayed = defaultdict(int)   # member account id or system key -> balance
     programs_of = {}              # member account id -> program
+    tiers = {}                    # member account id -> tier, from TIER_SET
 
     seq, digest = 0, bytes(HASH_SIZE)
     for key, value in snap.scan("journal"):
@@ -36,6 +37,11 @@ def audit(snap):
             problems.append(f"journal seq {entry.seq}: hash chain broken")
             digest = entry.hash  # report each break once
         seq = entry.seq
+        if entry.type == Entry.TIER_SET:
+            if entry.amount2 != tiers.get(entry.credit, 0):
+                problems.append(f"journal seq {entry.seq}: tier was "
+                                f"{tiers.get(entry.credit, 0)}, not {entry.amount2}")
+            tiers[entry.credit] = entry.amount
         if entry.type < FIRST_POSTING:
             continue  # an event: moves no points
         if entry.amount <= 0 or not entry.debit or not entry.credit:
@@ -84,6 +90,9 @@ def audit(snap):
             problems.append(f"{where}: too many lots or holds")
         if any(h.amount <= 0 for h in a.holds):
             problems.append(f"{where}: empty hold")
+        if a.tier != tiers.get(account_id, 0):
+            problems.append(f"{where}: tier {a.tier}, journal says "
+                            f"{tiers.get(account_id, 0)}")
         if a.lots and a.lots[0].expires_at != NEVER and not (
                 indexed.get(account_id, NEVER) <= a.lots[0].expires_at):
             problems.append(f"{where}: earliest expiry not in the expiry index")
@@ -107,4 +116,8 @@ def audit(snap):
                 account_id = int.from_bytes(value[:8], "little")
             if snap.get("accounts", U64.pack(account_id)) is None:
                 problems.append(f"{name} {key!r}: names missing account {account_id}")
+    for key, _ in snap.scan("profiles"):
+        account_id = U64.unpack(key)[0] if len(key) == U64.size else None
+        if account_id is None or snap.get("accounts", key) is None:
+            problems.append(f"profiles {key!r}: names missing account {account_id}")
     return problems

@@ -1,14 +1,14 @@
 """Building batches of operations and reading their results.
 
 A batch is a flat byte string of `records.OP` headers each followed by its
-op id, key and key2. Fields an operation does not use are zero, so the same
-request always encodes to the same bytes (its idempotency digest).
+op id, key, key2 and data. Fields an operation does not use are zero, so the
+same request always encodes to the same bytes (its idempotency digest).
 """
 
 from dataclasses import dataclass
 
-from .records import (NEVER, OP, REFUND_PROPORTIONAL, RESULT, RESULT_REPLAYED,
-                      TRANSFER_ALL, Code, Kind)
+from .records import (MAX_DATA, NEVER, OP, PROFILE_ERASE, REFUND_PROPORTIONAL,
+                      RESULT, RESULT_REPLAYED, TRANSFER_ALL, Code, Kind)
 
 
 @dataclass(frozen=True)
@@ -73,34 +73,40 @@ class Batch:
     def __bytes__(self):
         return bytes(self._buffer)
 
-    def add(self, kind, op_id, *, key=b"", key2=b"", flags=0, program=0,
-            partner=0, version=0, reason=0, store=0, lane=0, account=0,
-            account2=0, amount=0,
+    def add(self, kind, op_id, *, key=b"", key2=b"", data=b"", flags=0,
+            program=0, partner=0, version=0, reason=0, store=0, lane=0,
+            account=0, account2=0, amount=0,
             amount2=0, money=0, activates_at=0, expires_at=0,
             business_time=0):
         """Append one raw operation; the named helpers below are the usual way.
 
         Lengths are clamped into the header's byte so that an oversized id
-        is still encoded and the ledger, not the encoder, rejects it."""
+        is still encoded and the ledger, not the encoder, rejects it. `data`
+        (up to MAX_DATA bytes) is opaque to the ledger: it is kept with the
+        operation's record, or is the profile of OPEN_ACCOUNT and
+        SET_PROFILE."""
         op_id, key, key2 = _bytes(op_id), _bytes(key), _bytes(key2)
+        data = _bytes(data)
         for name, value in (("op_id", op_id), ("key", key), ("key2", key2)):
             if len(value) > 255:
                 raise ValueError(f"{name} longer than 255 bytes")
+        if len(data) > MAX_DATA:
+            raise ValueError(f"data longer than {MAX_DATA} bytes")
         self._buffer += OP.pack(
-            kind, flags, len(op_id), len(key), len(key2), program, partner,
-            version, reason, store, lane, account, account2, amount, amount2,
-            money,
-            activates_at, expires_at, business_time)
-        self._buffer += op_id + key + key2
+            kind, flags, len(op_id), len(key), len(key2), len(data), program,
+            partner, version, reason, store, lane, account, account2, amount,
+            amount2, money, activates_at, expires_at, business_time)
+        self._buffer += op_id + key + key2 + data
         self.count += 1
         return self
 
     def put_program(self, op_id, program, *, flags=0):
         return self.add(Kind.PUT_PROGRAM, op_id, program=program, flags=flags)
 
-    def open_account(self, op_id, program, external_id):
+    def open_account(self, op_id, program, external_id, *, data=b""):
+        """`data`, when given, is the new member's profile (see set_profile)."""
         return self.add(Kind.OPEN_ACCOUNT, op_id, program=program,
-                        key=external_id)
+                        key=external_id, data=data)
 
     def set_account_status(self, op_id, account, status):
         return self.add(Kind.SET_ACCOUNT_STATUS, op_id, account=account,
@@ -120,35 +126,36 @@ class Batch:
 
     def earn(self, op_id, account, points, *, activates_at=0,
              expires_at=NEVER, money=0, partner=0, version=0,
-             business_time=0, card=b"", store=0, lane=0):
+             business_time=0, card=b"", store=0, lane=0, data=b""):
         return self.add(Kind.EARN, op_id, account=account, amount2=points,
-                        key2=card, store=store, lane=lane,
+                        key2=card, store=store, lane=lane, data=data,
                         activates_at=activates_at, expires_at=expires_at,
                         money=money, partner=partner, version=version,
                         business_time=business_time)
 
     def spend(self, op_id, account, points, *, money=0, partner=0, version=0,
-              business_time=0, card=b"", store=0, lane=0):
+              business_time=0, card=b"", store=0, lane=0, data=b""):
         return self.add(Kind.SPEND, op_id, account=account, amount=points,
-                        key2=card, store=store, lane=lane,
+                        key2=card, store=store, lane=lane, data=data,
                         money=money, partner=partner, version=version,
                         business_time=business_time)
 
     def hold(self, op_id, account, points, *, expires_at, partner=0, card=b"",
-             store=0, lane=0):
+             store=0, lane=0, data=b""):
         return self.add(Kind.HOLD, op_id, account=account, amount=points,
                         expires_at=expires_at, partner=partner, key2=card,
-                        store=store, lane=lane)
+                        store=store, lane=lane, data=data)
 
     def capture(self, op_id, account, *, hold=b"", spend=0, earn=0,
                 activates_at=0, expires_at=NEVER, money=0, partner=0,
-                version=0, business_time=0, card=b"", store=0, lane=0):
+                version=0, business_time=0, card=b"", store=0, lane=0,
+                data=b""):
         """Spend (from `hold`, the hold's op id, when given) and earn, at once.
 
         With neither (no hold, nothing spent or earned) and `money`, it
         records a receipt that moved no points: a visit, money for tiers."""
         return self.add(Kind.CAPTURE, op_id, key=hold, key2=card, account=account,
-                        store=store, lane=lane,
+                        store=store, lane=lane, data=data,
                         amount=spend, amount2=earn, activates_at=activates_at,
                         expires_at=expires_at, money=money, partner=partner,
                         version=version, business_time=business_time)
@@ -158,7 +165,7 @@ class Batch:
 
     def refund(self, op_id, original, *, money=0, give_back=0, claw_back=0,
                proportional=False, version=0, business_time=0, store=0,
-               lane=0):
+               lane=0, data=b""):
         """Refund part or all of `original` (an earn, spend or capture op id).
 
         Proportional: points follow `money` / the receipt's money, rounded
@@ -168,13 +175,14 @@ class Batch:
                         amount=give_back, amount2=claw_back,
                         flags=REFUND_PROPORTIONAL if proportional else 0,
                         version=version, business_time=business_time,
-                        store=store, lane=lane)
+                        store=store, lane=lane, data=data)
 
     def adjust(self, op_id, account, points, *, reason, activates_at=0,
-               expires_at=NEVER, business_time=0):
+               expires_at=NEVER, business_time=0, data=b""):
         return self.add(Kind.ADJUST, op_id, account=account, amount=points,
                         reason=reason, activates_at=activates_at,
-                        expires_at=expires_at, business_time=business_time)
+                        expires_at=expires_at, business_time=business_time,
+                        data=data)
 
     def transfer(self, op_id, source, target, points=0, *, everything=False):
         return self.add(Kind.TRANSFER, op_id, account=source, account2=target,
@@ -182,3 +190,17 @@ class Batch:
 
     def sweep(self, op_id, limit=10_000):
         return self.add(Kind.SWEEP, op_id, amount=limit)
+
+    def set_profile(self, op_id, account, data, *, erase=False, external_id=b""):
+        """Store the member's profile (`data`; empty deletes it).
+
+        `erase` also deletes the external id mapping `external_id` (it must
+        be this account's); with no external id only the profile goes. The
+        profile is kept in `profiles` alone, never in the journal or the
+        operation's record, so deleting it leaves no copy behind."""
+        return self.add(Kind.SET_PROFILE, op_id, account=account, data=data,
+                        key=external_id, flags=PROFILE_ERASE if erase else 0)
+
+    def set_tier(self, op_id, account, tier):
+        """The member's tier (0: none, up to MAX_TIER), e.g. at a period's close."""
+        return self.add(Kind.SET_TIER, op_id, account=account, amount=tier)

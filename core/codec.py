@@ -70,6 +70,7 @@ class Account:
     spent: int = 0
     expired: int = 0
     opened_at: int = 0
+    tier: int = 0      # 0: none
     lots: list = field(default_factory=list)    # sorted by (expires_at, lot_no)
     holds: list = field(default_factory=list)   # sorted by hold_no
 
@@ -81,6 +82,7 @@ class Account:
             r.uv(), r.uv(), r.uv(), r.uv(), r.uv(), r.uv())
         balance, debt, held, earned, spent, expired, opened_at = (
             r.zz(), r.zz(), r.zz(), r.zz(), r.zz(), r.zz(), r.zz())
+        tier = r.uv()
         lots, previous = [], 0
         for _ in range(n_lots):
             lot_no, partner, remaining = r.uv(), r.uv(), r.zz()
@@ -90,7 +92,7 @@ class Account:
             previous = expires_at
         holds = [Hold(r.uv(), r.zz(), r.zz()) for _ in range(n_holds)]
         return cls(program, status, next_lot, next_hold, balance, debt, held,
-                   earned, spent, expired, opened_at, lots, holds)
+                   earned, spent, expired, opened_at, tier, lots, holds)
 
     def encode(self):
         out = bytearray()
@@ -100,6 +102,7 @@ class Account:
         for value in (self.balance, self.debt, self.held, self.earned,
                       self.spent, self.expired, self.opened_at):
             _put_zz(out, value)
+        _put_uv(out, self.tier)
         previous = 0
         for lot in self.lots:
             _put_uv(out, lot.lot_no)
@@ -147,26 +150,31 @@ class Operation:
     partner: int = 0
     store: int = 0
     consumed: list = field(default_factory=list)
+    data: bytes = b""  # the operation's own data, opaque to the ledger
 
     @classmethod
     def decode(cls, data):
         fields = OPERATION.unpack_from(data)
+        n_consumed, n_data = fields[-2], fields[-1]
         consumed = []
         offset = OPERATION.size
-        for _ in range(fields[-1]):
+        for _ in range(n_consumed):
             consumed.append(Consumed(*CONSUMED.unpack_from(data, offset)))
             offset += CONSUMED.size
-        return cls(*fields[:-1], consumed)
+        if len(data) != offset + n_data:
+            raise ValueError("operation record of the wrong size")
+        return cls(*fields[:-2], consumed, bytes(data[offset:]))
 
     def encode(self):
         head = OPERATION.pack(
             self.digest, self.kind, self.hold_state, self.code, self.program,
             self.account, self.a, self.b, self.money, self.spent, self.earned,
             self.earned_lot, self.hold_no, self.refunded_money, self.returned,
-            self.clawed, self.partner, self.store, len(self.consumed))
+            self.clawed, self.partner, self.store, len(self.consumed),
+            len(self.data))
         return head + b"".join(
             CONSUMED.pack(c.lot_no, c.partner, c.amount, c.activates_at,
-                          c.expires_at) for c in self.consumed)
+                          c.expires_at) for c in self.consumed) + self.data
 
 
 @dataclass
@@ -233,6 +241,7 @@ class Op:
     op_id: bytes
     key: bytes
     key2: bytes
+    data: bytes
     raw: bytes
 
 
@@ -243,19 +252,22 @@ def iter_ops(batch):
     while offset < len(view):
         if offset + OP.size > len(view):
             raise ValueError("truncated operation header")
-        (kind, flags, n_id, n_key, n_key2, program, partner, version, reason,
-         store, lane, account, account2, amount, amount2, money, activates_at,
-         expires_at, business_time) = OP.unpack_from(view, offset)
-        end = offset + OP.size + n_id + n_key + n_key2
+        (kind, flags, n_id, n_key, n_key2, n_data, program, partner, version,
+         reason, store, lane, account, account2, amount, amount2, money,
+         activates_at, expires_at, business_time) = OP.unpack_from(view, offset)
+        end = offset + OP.size + n_id + n_key + n_key2 + n_data
         if end > len(view):
             raise ValueError("truncated operation")
         p = offset + OP.size
         op_id = bytes(view[p:p + n_id])
-        key = bytes(view[p + n_id:p + n_id + n_key])
-        key2 = bytes(view[p + n_id + n_key:end])
+        p += n_id
+        key = bytes(view[p:p + n_key])
+        p += n_key
+        key2 = bytes(view[p:p + n_key2])
+        data = bytes(view[p + n_key2:end])
         yield Op(kind, flags, program, partner, version, reason, store, lane,
-                 account,
-                 account2, amount, amount2, money, activates_at, expires_at,
-                 business_time, op_id, key, key2, bytes(view[offset:end]))
+                 account, account2, amount, amount2, money, activates_at,
+                 expires_at, business_time, op_id, key, key2, data,
+                 bytes(view[offset:end]))
         offset = end
 

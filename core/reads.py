@@ -25,6 +25,7 @@ class Balances:
     earned: int
     spent: int
     expired: int
+    tier: int = 0   # 0: none; last, so positional users keep working
 
 
 def balances_of(account_id, account, now):
@@ -40,7 +41,8 @@ def balances_of(account_id, account, now):
     return Balances(account_id, account.program, account.status,
                     active - held - account.debt, pending,
                     held, account.balance, account.debt,
-                    account.earned, account.spent, account.expired)
+                    account.earned, account.spent, account.expired,
+                    account.tier)
 
 
 class LedgerReads:
@@ -63,6 +65,11 @@ class LedgerReads:
         with self._snapshot() as snap:
             raw = snap.get("ops", bytes(op_id))
             return Operation.decode(raw) if raw is not None else None
+
+    def profile(self, account_id):
+        """The member's profile (opaque bytes), or None."""
+        with self._snapshot() as snap:
+            return snap.get("profiles", U64.pack(account_id))
 
     def card(self, number):
         """(account id, CardStatus) of a card number, or None."""

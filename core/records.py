@@ -11,6 +11,8 @@ from enum import IntEnum
 
 MAX_OP_ID = 128
 MAX_KEY = 128
+MAX_DATA = 65535  # opaque data attached to an operation (u16 n_data)
+MAX_TIER = 65535
 NEVER = (1 << 63) - 1  # expires_at of points that never expire
 INT64_MAX = (1 << 63) - 1
 INT64_MIN = -(1 << 63)
@@ -35,6 +37,8 @@ class Kind(IntEnum):
     ADJUST = 13
     TRANSFER = 14
     SWEEP = 15
+    SET_PROFILE = 16
+    SET_TIER = 17
 
 
 class Code(IntEnum):
@@ -110,6 +114,8 @@ class Entry(IntEnum):
     HOLD_PLACED = 7
     HOLD_RELEASED = 8
     RECEIPT = 9      # a receipt with money: amount = money, amount2 = points spent
+    PROFILE_SET = 10  # amount = flags, no data: the journal never holds a profile
+    TIER_SET = 11    # amount = new tier, amount2 = previous tier
     EARN = 16
     SPEND = 17
     EXPIRE = 18
@@ -123,6 +129,7 @@ class Entry(IntEnum):
 PROGRAM_ALLOW_DEBT = 1   # PUT_PROGRAM: a clawback may leave the member in debt
 REFUND_PROPORTIONAL = 1  # REFUND: derive points from money refunded / receipt money
 TRANSFER_ALL = 1         # TRANSFER: move every lot, pending included (card merge)
+PROFILE_ERASE = 1        # SET_PROFILE: also delete the external id mapping `key`
 
 # Hold release reasons (journal entry `amount2` of HOLD_RELEASED).
 RELEASE_CAPTURED = 1
@@ -135,10 +142,12 @@ def system_account(kind, partner=0):
 
 
 # --- operations (the batch format) ---------------------------------------
-# kind, flags, len(op_id), len(key), len(key2), program, partner, version,
-# reason, store, lane, account, account2, amount, amount2, money,
-# activates_at, expires_at, business_time; then op_id, key and key2 bytes.
-OP = struct.Struct("<BBBBB3xIIIIIIQQqqqqqq")
+# kind, flags, len(op_id), len(key), len(key2), pad, len(data), program,
+# partner, version, reason, store, lane, account, account2, amount, amount2,
+# money, activates_at, expires_at, business_time; then op_id, key, key2 and
+# data bytes. Data is opaque to the ledger: kept with the operation's record
+# (a profile for OPEN_ACCOUNT and SET_PROFILE: kept in `profiles` only).
+OP = struct.Struct("<BBBBBxHIIIIIIQQqqqqqq")
 
 # code, flags, a, b
 RESULT = struct.Struct("<HH4xqq")
@@ -152,6 +161,7 @@ PROGRAM = struct.Struct("<Iq")
 # batch). Unsigned LEB128 (u) and zigzag (z) varints, in this order:
 #   program u, status u, n_lots u, n_holds u, next_lot u, next_hold u,
 #   balance z, debt z, held z, earned z, spent z, expired z, opened_at z,
+#   tier u (0: none),
 #   lots (sorted by expires_at, lot_no): lot_no u, partner u, remaining z,
 #     expires_at u as the delta from the previous lot's (the first from 0),
 #     expires_at - activates_at u,
@@ -160,8 +170,9 @@ PROGRAM = struct.Struct("<Iq")
 CARD = struct.Struct("<QB")
 # operation: digest(16), kind, hold state, code, program, account, a, b,
 # money, spent, earned, earned_lot, hold_no, refunded_money, returned,
-# clawed, partner, store, n_consumed; then consumed lots
-OPERATION = struct.Struct("<16sBBHIQqqqqqIIqqqIIH")
+# clawed, partner, store, n_consumed, n_data; then consumed lots, then the
+# operation's data (empty for OPEN_ACCOUNT and SET_PROFILE: see OP)
+OPERATION = struct.Struct("<16sBBHIQqqqqqIIqqqIIHH")
 # consumed lot: lot_no, partner, amount, activates_at, expires_at
 CONSUMED = struct.Struct("<IIqqq")
 # journal entry: seq, type, sys kind, program, partner, partner2, version,
@@ -174,8 +185,12 @@ DIGEST_SIZE = 16
 # meta head: last seq, its hash
 HEAD = struct.Struct("<Q32s")
 
+# profiles: account (BE u64) -> the member's profile, opaque bytes the
+# server owns. Stored nowhere else (not in the journal, not in the ops
+# record), so that erasing it erases it for good.
 DATABASES = (b"meta", b"programs", b"accounts", b"externals", b"cards",
-             b"ops", b"journal", b"system", b"lot_expiry", b"hold_expiry")
+             b"ops", b"journal", b"system", b"lot_expiry", b"hold_expiry",
+             b"profiles")
 META_HEAD = b"head"
 META_NEXT_ACCOUNT = b"next_account"
 

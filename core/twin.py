@@ -20,8 +20,9 @@ from .codec import Account, Consumed, Hold, JournalEntry, Lot, Operation, iter_o
 from .reads import LedgerReads
 from .records import (CARD, DATABASES, DIGEST_SIZE, EXPIRY_KEY, HASH_SIZE,
                       HEAD, I64, INT64_MAX, INT64_MIN, MAX_HOLDS, MAX_KEY,
-                      MAX_LOTS, MAX_OP_ID, META_HEAD, META_NEXT_ACCOUNT, NEVER,
-                      PROGRAM, PROGRAM_ALLOW_DEBT, REFUND_PROPORTIONAL,
+                      MAX_LOTS, MAX_OP_ID, MAX_TIER, META_HEAD,
+                      META_NEXT_ACCOUNT, NEVER, PROFILE_ERASE, PROGRAM,
+                      PROGRAM_ALLOW_DEBT, REFUND_PROPORTIONAL,
                       RELEASE_CAPTURED, RELEASE_EXPIRED, RELEASE_VOIDED,
                       RESULT, RESULT_REPLAYED, SYSTEM_KEY, TRANSFER_ALL, U32,
                       U64, CardStatus, Code, Entry, HoldState, Kind,
@@ -29,6 +30,9 @@ from .records import (CARD, DATABASES, DIGEST_SIZE, EXPIRY_KEY, HASH_SIZE,
                       system_account)
 
 REFUNDABLE = (Kind.EARN, Kind.SPEND, Kind.CAPTURE)
+# Their data is a profile: kept in `profiles` only, not in the ops record,
+# so that deleting the profile leaves no copy of it in the ledger.
+PROFILE_KINDS = (Kind.OPEN_ACCOUNT, Kind.SET_PROFILE)
 
 
 class Rejected(Exception):
@@ -169,7 +173,9 @@ class _Work:
         self.state = state
         self.op = op
         self.now = state.now
-        self.record = Operation(digest=digest, kind=op.kind, store=op.store)
+        self.record = Operation(
+            digest=digest, kind=op.kind, store=op.store,
+            data=b"" if op.kind in PROFILE_KINDS else op.data)
         self.accounts = {}
         self.puts = []       # (db, key, value)
         self.entries = []    # JournalEntry without seq and hash
@@ -413,6 +419,8 @@ def _open_account(work, op):
     work.next_account += 1
     work.accounts[account_id] = Account(op.program, opened_at=work.now)
     work.puts.append(("externals", key, U64.pack(account_id)))
+    if op.data:
+        work.puts.append(("profiles", U64.pack(account_id), op.data))
     work.event(Entry.ACCOUNT_OPENED, op.program, account_id, data=op.key)
     work.record.program = op.program
     work.record.account = work.record.a = account_id
@@ -429,6 +437,44 @@ def _set_account_status(work, op):
                amount=op.amount)
     work.record.account = op.account
     work.record.a = op.amount
+
+
+def _set_profile(work, op):
+    """Store or delete a member's profile; with PROFILE_ERASE and the
+    member's external id in `key`, delete that mapping too. Any status: a
+    closed member's personal data can still be erased."""
+    if op.flags & ~PROFILE_ERASE:
+        raise Rejected(Code.FLAGS_INVALID)
+    account = work.account(op.account)
+    if op.flags & PROFILE_ERASE and op.key:
+        if len(op.key) > MAX_KEY:
+            raise Rejected(Code.KEY_INVALID)
+        key = external_key(account.program, op.key)
+        raw = work.state.get("externals", key)
+        if raw is None or U64.unpack(raw)[0] != op.account:
+            raise Rejected(Code.KEY_INVALID)
+        work.puts.append(("externals", key, None))
+    work.puts.append(("profiles", U64.pack(op.account), op.data or None))
+    work.event(Entry.PROFILE_SET, account.program, op.account, amount=op.flags)
+    work.record.program = account.program
+    work.record.account = work.record.a = op.account
+
+
+def _set_tier(work, op):
+    """Journaled only when the tier changes: a period close run twice
+    leaves one entry."""
+    if not 0 <= op.amount <= MAX_TIER:
+        raise Rejected(Code.AMOUNT_INVALID)
+    account = work.account(op.account)
+    if account.status == Status.CLOSED:
+        raise Rejected(Code.ACCOUNT_CLOSED)
+    previous = account.tier
+    if op.amount != previous:
+        account.tier = op.amount
+        work.event(Entry.TIER_SET, account.program, op.account,
+                   amount=op.amount, amount2=previous)
+    work.record.program, work.record.account = account.program, op.account
+    work.record.a, work.record.b = op.amount, previous
 
 
 def _card_key(key):
@@ -816,4 +862,6 @@ _HANDLERS = {
     Kind.ADJUST: _adjust,
     Kind.TRANSFER: _transfer,
     Kind.SWEEP: _sweep,
+    Kind.SET_PROFILE: _set_profile,
+    Kind.SET_TIER: _set_tier,
 }

@@ -61,7 +61,8 @@ cdef enum:
     MAX_HOLDS = 256
     HASH_SIZE = 32
     DIGEST_SIZE = 16
-    NDB = 10
+    MAX_TIER = 65535
+    NDB = 11
 cdef int64_t NEVER = 0x7FFFFFFFFFFFFFFF
 cdef uint64_t SYSTEM = 1ULL << 63
 cdef const char *META_HEAD_KEY = b"head"
@@ -79,8 +80,10 @@ cdef enum:
     DB_SYSTEM = 7
     DB_LOT_EXPIRY = 8
     DB_HOLD_EXPIRY = 9
+    DB_PROFILES = 10
 DB_NAMES = (b"meta", b"programs", b"accounts", b"externals", b"cards",
-            b"ops", b"journal", b"system", b"lot_expiry", b"hold_expiry")
+            b"ops", b"journal", b"system", b"lot_expiry", b"hold_expiry",
+            b"profiles")
 
 # kinds
 cdef enum:
@@ -99,6 +102,8 @@ cdef enum:
     K_ADJUST = 13
     K_TRANSFER = 14
     K_SWEEP = 15
+    K_SET_PROFILE = 16
+    K_SET_TIER = 17
 
 # codes
     OK = 0
@@ -157,6 +162,8 @@ cdef enum:
     E_HOLD_PLACED = 7
     E_HOLD_RELEASED = 8
     E_RECEIPT = 9
+    E_PROFILE_SET = 10
+    E_TIER_SET = 11
     E_EARN = 16
     E_SPEND = 17
     E_EXPIRE = 18
@@ -167,6 +174,7 @@ cdef enum:
     PROGRAM_ALLOW_DEBT = 1
     REFUND_PROPORTIONAL = 1
     TRANSFER_ALL = 1
+    PROFILE_ERASE = 1
     RELEASE_CAPTURED = 1
     RELEASE_VOIDED = 2
     RELEASE_EXPIRED = 3
@@ -175,7 +183,8 @@ cdef enum:
 # --- stored layouts (little-endian, packed: records.py's struct formats) ---
 cdef packed struct OpHead:          # records.OP
     uint8_t kind, flags, n_id, n_key, n_key2
-    uint8_t pad[3]
+    uint8_t pad
+    uint16_t n_data
     uint32_t program, partner, version, reason, store, lane
     uint64_t account, account2
     int64_t amount, amount2, money, activates_at, expires_at, business_time
@@ -192,6 +201,7 @@ cdef packed struct AccountHead:     # an account's scalars, in memory only
     uint8_t pad2[2]
     uint32_t next_lot, next_hold
     int64_t balance, debt, held, earned, spent, expired, opened_at
+    uint64_t tier
 
 cdef packed struct LotRec:          # records.LOT and records.CONSUMED
     uint32_t lot_no, partner
@@ -219,7 +229,7 @@ cdef packed struct OperationRec:    # records.OPERATION
     uint32_t earned_lot, hold_no
     int64_t refunded_money, returned, clawed
     uint32_t partner, store
-    uint16_t n_consumed
+    uint16_t n_consumed, n_data
 
 cdef packed struct EntryHead:       # records.ENTRY
     uint64_t seq
@@ -247,6 +257,10 @@ cdef packed struct SystemKey:       # records.SYSTEM_KEY (big-endian)
 # --- scratch of one operation ---------------------------------------------
 cdef struct LotBuf:
     LotRec *items
+    uint32_t n, cap
+
+cdef struct DataBuf:
+    char *p
     uint32_t n, cap
 
 cdef struct Acct:
@@ -285,11 +299,13 @@ cdef struct Work:
     const char *op_id
     const char *key
     const char *key2
+    const char *data
     uint64_t next_account_op
     uint32_t entry_store # store on the entries being made (0 inside touch)
     OperationRec rec
     LotBuf consumed      # rec's consumed lots
     LotBuf scratch_lots  # transfers' moved lots, loaded records' consumed
+    DataBuf loaded_data  # the data of the operation record loaded (hold, refund)
     Acct *accts
     uint32_t n_accts, n_slots, cap_accts
     EntryRec *entries
@@ -418,39 +434,53 @@ cdef inline int64_t min64(int64_t a, int64_t b) noexcept nogil:
 
 # --- operation records -----------------------------------------------------------
 cdef int load_operation(Work *w, const char *op_id, size_t n, OperationRec *rec,
-                        LotBuf *consumed) noexcept nogil:
-    """0 found (copied out), 1 not found, FATAL."""
+                        LotBuf *consumed, DataBuf *data) noexcept nogil:
+    """0 found (copied out: consumed lots and data where asked), 1 not
+    found, FATAL."""
     cdef MDB_val v
+    cdef size_t lots_size
     cdef int rc = db_get(w, DB_OPS, op_id, n, &v)
     if rc:
         return rc
     if v.mv_size < sizeof(OperationRec):
         return fail(w, MDB_CORRUPTED)
     memcpy(rec, v.mv_data, sizeof(OperationRec))
-    if v.mv_size != sizeof(OperationRec) + rec.n_consumed * sizeof(LotRec):
+    lots_size = rec.n_consumed * sizeof(LotRec)
+    if v.mv_size != sizeof(OperationRec) + lots_size + rec.n_data:
         return fail(w, MDB_CORRUPTED)
     if consumed != NULL:
         if grow(<void **>&consumed.items, &consumed.cap, rec.n_consumed, sizeof(LotRec)):
             return fail(w, 12)
-        memcpy(consumed.items, <char *>v.mv_data + sizeof(OperationRec),
-               rec.n_consumed * sizeof(LotRec))
+        memcpy(consumed.items, <char *>v.mv_data + sizeof(OperationRec), lots_size)
         consumed.n = rec.n_consumed
+    if data != NULL:
+        if grow(<void **>&data.p, &data.cap, rec.n_data, 1):
+            return fail(w, 12)
+        if rec.n_data:
+            memcpy(data.p, <char *>v.mv_data + sizeof(OperationRec) + lots_size,
+                   rec.n_data)
+        data.n = rec.n_data
     return 0
 
 
 cdef int queue_operation(Work *w, const char *op_id, size_t n, OperationRec *rec,
-                         LotBuf *consumed) noexcept nogil:
-    cdef size_t size
+                         LotBuf *consumed, DataBuf *data) noexcept nogil:
+    """Rewrite a loaded record (a hold captured or voided, a receipt
+    refunded), keeping its consumed lots and data."""
+    cdef size_t size, lots_size
     cdef char *buf
-    cdef uint32_t count = consumed.n if consumed != NULL else 0
-    rec.n_consumed = count
-    size = sizeof(OperationRec) + count * sizeof(LotRec)
+    rec.n_consumed = consumed.n if consumed != NULL else 0
+    rec.n_data = data.n
+    lots_size = rec.n_consumed * sizeof(LotRec)
+    size = sizeof(OperationRec) + lots_size + rec.n_data
     buf = need_buf(w, size)
     if buf == NULL:
         return fail(w, 12)
     memcpy(buf, rec, sizeof(OperationRec))
-    if count:
-        memcpy(buf + sizeof(OperationRec), consumed.items, count * sizeof(LotRec))
+    if lots_size:
+        memcpy(buf + sizeof(OperationRec), consumed.items, lots_size)
+    if rec.n_data:
+        memcpy(buf + sizeof(OperationRec) + lots_size, data.p, rec.n_data)
     return queue_put(w, DB_OPS, op_id, n, buf, size, 0)
 
 
@@ -538,6 +568,7 @@ cdef int decode_account(Work *w, Acct *a, const void *data, size_t size) noexcep
     a.h.spent = get_zz(&r)
     a.h.expired = get_zz(&r)
     a.h.opened_at = get_zz(&r)
+    a.h.tier = get_uv(&r)
     if grow(<void **>&a.lots.items, &a.lots.cap, a.h.n_lots + 1, sizeof(LotRec)):
         return fail(w, 12)
     if grow(<void **>&a.holds, &a.cap_holds, a.h.n_holds + 1, sizeof(HoldRec)):
@@ -564,7 +595,7 @@ cdef int decode_account(Work *w, Acct *a, const void *data, size_t size) noexcep
 
 
 cdef size_t encode_account(Acct *a, uint8_t *p) noexcept nogil:
-    """Needs 13 * 10 + 50 per lot + 30 per hold bytes at most."""
+    """Needs 14 * 10 + 50 per lot + 30 per hold bytes at most."""
     cdef size_t n = 0
     cdef uint32_t i
     cdef uint64_t previous = 0
@@ -582,6 +613,7 @@ cdef size_t encode_account(Acct *a, uint8_t *p) noexcept nogil:
     n += put_zz(p + n, a.h.spent)
     n += put_zz(p + n, a.h.expired)
     n += put_zz(p + n, a.h.opened_at)
+    n += put_uv(p + n, a.h.tier)
     for i in range(a.lots.n):
         lot = &a.lots.items[i]
         n += put_uv(p + n, lot.lot_no)
@@ -1041,7 +1073,7 @@ cdef int find_hold(Work *w, const char *key, size_t n, OperationRec *hold) noexc
     cdef int rc
     if n < 1 or n > MAX_OP_ID:
         return KEY_INVALID
-    rc = load_operation(w, key, n, hold, NULL)
+    rc = load_operation(w, key, n, hold, NULL, &w.loaded_data)
     if rc == 1 or (rc == 0 and hold.kind != K_HOLD):
         return HOLD_NOT_FOUND
     if rc:
@@ -1084,7 +1116,7 @@ cdef int commit_work(Work *w) noexcept nogil:
     cdef crypto_generichash_state hs
     for i in range(w.n_accts):
         a = &w.accts[i]
-        buf = need_buf(w, 13 * 10 + a.lots.n * 50 + a.n_holds * 30)
+        buf = need_buf(w, 14 * 10 + a.lots.n * 50 + a.n_holds * 30)
         if buf == NULL:
             return fail(w, 12)
         size = encode_account(a, <uint8_t *>buf)
@@ -1137,16 +1169,29 @@ cdef int commit_work(Work *w) noexcept nogil:
 cdef int claim_op_id(Work *w, OperationRec *first) noexcept nogil:
     """Store the operation's record unless its id is taken: 0 stored, 1 taken
     (the first record copied out), FATAL. Done before anything else of the
-    operation is written, so the id costs one B-tree search, not two."""
-    cdef size_t size = sizeof(OperationRec) + w.consumed.n * sizeof(LotRec)
-    cdef char *buf = need_buf(w, size)
+    operation is written, so the id costs one B-tree search, not two.
+
+    The operation's data is kept with it, except a profile's (OPEN_ACCOUNT,
+    SET_PROFILE): that lives in `profiles` alone, so deleting it leaves no
+    copy behind."""
+    cdef size_t lots_size = w.consumed.n * sizeof(LotRec)
+    cdef uint16_t n_data = w.op.n_data
+    cdef size_t size
+    cdef char *buf
     cdef MDB_val k, v
     cdef int rc
+    if w.op.kind == K_OPEN_ACCOUNT or w.op.kind == K_SET_PROFILE:
+        n_data = 0
+    size = sizeof(OperationRec) + lots_size + n_data
+    buf = need_buf(w, size)
     if buf == NULL:
         return fail(w, 12)
     w.rec.n_consumed = w.consumed.n
+    w.rec.n_data = n_data
     memcpy(buf, &w.rec, sizeof(OperationRec))
-    memcpy(buf + sizeof(OperationRec), w.consumed.items, w.consumed.n * sizeof(LotRec))
+    memcpy(buf + sizeof(OperationRec), w.consumed.items, lots_size)
+    if n_data:
+        memcpy(buf + sizeof(OperationRec) + lots_size, w.data, n_data)
     k.mv_size = w.op.n_id
     k.mv_data = <void *>w.op_id
     v.mv_size = size
@@ -1227,6 +1272,10 @@ cdef int op_open_account(Work *w) noexcept nogil:
     rc = queue_put(w, DB_EXTERNALS, key, 4 + op.n_key, &id_be, 8, 0)
     if rc:
         return rc
+    if op.n_data:
+        rc = queue_put(w, DB_PROFILES, &id_be, 8, w.data, op.n_data, 0)
+        if rc:
+            return rc
     rc = event(w, E_ACCOUNT_OPENED, op.program, account_id, 0, 0, 0, w.key, op.n_key)
     w.rec.program = op.program
     w.rec.account = account_id
@@ -1250,6 +1299,80 @@ cdef int op_set_account_status(Work *w) noexcept nogil:
     w.rec.account = op.account
     w.rec.a = op.amount
     return rc
+
+
+cdef int op_set_profile(Work *w) noexcept nogil:
+    """Store or delete a profile; with PROFILE_ERASE and the member's
+    external id in `key`, delete that mapping too. Any status: a closed
+    member's personal data can still be erased."""
+    cdef const OpHead *op = w.op
+    cdef Acct *a
+    cdef char key[4 + MAX_KEY]
+    cdef uint32_t program_be
+    cdef uint64_t id_be, mapped
+    cdef MDB_val v
+    cdef int rc
+    if op.flags & ~PROFILE_ERASE:
+        return FLAGS_INVALID
+    rc = load_account(w, op.account, &a)
+    if rc:
+        return rc
+    if op.flags & PROFILE_ERASE and op.n_key:
+        if op.n_key > MAX_KEY:
+            return KEY_INVALID
+        program_be = be32(a.h.program)
+        memcpy(key, &program_be, 4)
+        memcpy(key + 4, w.key, op.n_key)
+        rc = db_get(w, DB_EXTERNALS, key, 4 + op.n_key, &v)
+        if rc == 1:
+            return KEY_INVALID
+        if rc:
+            return rc
+        if v.mv_size != 8:
+            return fail(w, MDB_CORRUPTED)
+        memcpy(&mapped, v.mv_data, 8)
+        if be64(mapped) != op.account:
+            return KEY_INVALID
+        rc = queue_put(w, DB_EXTERNALS, key, 4 + op.n_key, NULL, 0, 1)
+        if rc:
+            return rc
+    id_be = be64(op.account)
+    rc = queue_put(w, DB_PROFILES, &id_be, 8, w.data, op.n_data, op.n_data == 0)
+    if rc:
+        return rc
+    rc = event(w, E_PROFILE_SET, a.h.program, op.account, op.flags, 0, 0, NULL, 0)
+    w.rec.program = a.h.program
+    w.rec.account = op.account
+    w.rec.a = <int64_t>op.account
+    return rc
+
+
+cdef int op_set_tier(Work *w) noexcept nogil:
+    """Journaled only when the tier changes: a period close run twice
+    leaves one entry."""
+    cdef const OpHead *op = w.op
+    cdef Acct *a
+    cdef uint64_t previous
+    cdef int rc
+    if op.amount < 0 or op.amount > MAX_TIER:
+        return AMOUNT_INVALID
+    rc = load_account(w, op.account, &a)
+    if rc:
+        return rc
+    if a.h.status == ST_CLOSED:
+        return ACCOUNT_CLOSED
+    previous = a.h.tier
+    if <uint64_t>op.amount != previous:
+        a.h.tier = <uint64_t>op.amount
+        rc = event(w, E_TIER_SET, a.h.program, op.account, op.amount,
+                   <int64_t>previous, 0, NULL, 0)
+        if rc:
+            return rc
+    w.rec.program = a.h.program
+    w.rec.account = op.account
+    w.rec.a = op.amount
+    w.rec.b = <int64_t>previous
+    return OK
 
 
 cdef int card_exists(Work *w, const char *card, size_t n) noexcept nogil:
@@ -1398,7 +1521,7 @@ cdef int op_receipt(Work *w) noexcept nogil:
         if spend > held:
             return CAPTURE_EXCEEDS_HOLD
         hold.hold_state = HOLD_ST_CAPTURED
-        rc = queue_operation(w, w.key, op.n_key, &hold, NULL)
+        rc = queue_operation(w, w.key, op.n_key, &hold, NULL, &w.loaded_data)
         if rc:
             return rc
         w.rec.hold_no = hold.hold_no
@@ -1516,7 +1639,7 @@ cdef int op_void(Work *w) noexcept nogil:
     if rc:
         return rc
     hold.hold_state = HOLD_ST_VOIDED
-    rc = queue_operation(w, w.key, w.op.n_key, &hold, NULL)
+    rc = queue_operation(w, w.key, w.op.n_key, &hold, NULL, &w.loaded_data)
     w.rec.program = a.h.program
     w.rec.account = hold.account
     w.rec.hold_no = hold.hold_no
@@ -1618,7 +1741,7 @@ cdef int op_refund(Work *w) noexcept nogil:
     if op.money < 0 or op.amount < 0 or op.amount2 < 0:
         return AMOUNT_INVALID
     w.scratch_lots.n = 0
-    rc = load_operation(w, w.key, op.n_key, &orig, &w.scratch_lots)
+    rc = load_operation(w, w.key, op.n_key, &orig, &w.scratch_lots, &w.loaded_data)
     if rc == 1:
         return OPERATION_NOT_FOUND
     if rc:
@@ -1664,7 +1787,7 @@ cdef int op_refund(Work *w) noexcept nogil:
     orig.refunded_money = refunded_money
     orig.returned += give
     orig.clawed += claw
-    rc = queue_operation(w, w.key, op.n_key, &orig, &w.scratch_lots)
+    rc = queue_operation(w, w.key, op.n_key, &orig, &w.scratch_lots, &w.loaded_data)
     w.rec.program = a.h.program
     w.rec.account = orig.account
     w.rec.money = op.money
@@ -1895,6 +2018,10 @@ cdef int dispatch(Work *w) noexcept nogil:
         return op_block_card(w)
     if kind == K_REPLACE_CARD:
         return op_replace_card(w)
+    if kind == K_SET_PROFILE:
+        return op_set_profile(w)
+    if kind == K_SET_TIER:
+        return op_set_tier(w)
     return KIND_INVALID
 
 
@@ -1906,6 +2033,7 @@ cdef void reset_op(Work *w) noexcept nogil:
     w.n_sys = 0
     w.consumed.n = 0
     w.scratch_lots.n = 0
+    w.loaded_data.n = 0
     w.next_account_op = w.next_account
     memset(&w.rec, 0, sizeof(OperationRec))
 
@@ -1923,11 +2051,13 @@ cdef int apply_op(Work *w, const OpHead *op, ResultRec *out) noexcept nogil:
     w.op_id = p
     w.key = p + op.n_id
     w.key2 = p + op.n_id + op.n_key
+    w.data = w.key2 + op.n_key2
     reset_op(w)
     w.entry_store = op.store
     w.rec.store = op.store
     crypto_generichash(w.rec.digest, DIGEST_SIZE, <const unsigned char *>op,
-                       sizeof(OpHead) + op.n_id + op.n_key + op.n_key2, NULL, 0)
+                       sizeof(OpHead) + op.n_id + op.n_key + op.n_key2 + op.n_data,
+                       NULL, 0)
     # Worked out first, written only if it succeeds; an id applied before
     # wins either way (its first result, or OP_ID_REUSED), as in the twin.
     w.rec.kind = op.kind
@@ -1935,7 +2065,7 @@ cdef int apply_op(Work *w, const OpHead *op, ResultRec *out) noexcept nogil:
     if rc == FATAL or w.fatal:
         return FATAL
     if rc != OK:
-        found = load_operation(w, w.op_id, op.n_id, &first, NULL)
+        found = load_operation(w, w.op_id, op.n_id, &first, NULL, NULL)
         if found == 0:
             return replay(w, &first, out)
         if found == FATAL:
@@ -1978,6 +2108,7 @@ cdef void free_work(Work *w) noexcept nogil:
     free(w.due)
     free(w.consumed.items)
     free(w.scratch_lots.items)
+    free(w.loaded_data.p)
 
 
 cdef int run_batch(MDB_env *env, MDB_dbi *dbi, const char *batch, size_t size,
@@ -2023,7 +2154,7 @@ cdef int run_batch(MDB_env *env, MDB_dbi *dbi, const char *batch, size_t size,
         op = <const OpHead *>(batch + offset)
         if apply_op(&w, op, &results[i]):
             break
-        offset += sizeof(OpHead) + op.n_id + op.n_key + op.n_key2
+        offset += sizeof(OpHead) + op.n_id + op.n_key + op.n_key2 + op.n_data
         i += 1
     if w.fatal == 0:
         write_batch_sys(&w)
@@ -2067,7 +2198,7 @@ cdef size_t count_ops(const char *batch, size_t size) except? 0:
         if offset + sizeof(OpHead) > size:
             raise ValueError("truncated operation header")
         op = <const OpHead *>(batch + offset)
-        offset += sizeof(OpHead) + op.n_id + op.n_key + op.n_key2
+        offset += sizeof(OpHead) + op.n_id + op.n_key + op.n_key2 + op.n_data
         if offset > size:
             raise ValueError("truncated operation")
         n += 1

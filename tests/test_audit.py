@@ -7,7 +7,7 @@ from kopilka import kernel
 from kopilka.core import twin
 from kopilka.core.batch import Batch
 from kopilka.core.codec import Account, JournalEntry
-from kopilka.core.records import EXPIRY_KEY, U64
+from kopilka.core.records import EXPIRY_KEY, U64, Entry
 
 DAY = 86_400_000_000
 IMPLEMENTATIONS = {"twin": twin.Ledger, "kernel": kernel.Ledger}
@@ -20,7 +20,9 @@ def path(request, tmp_path):
                      .open_account("a2", 1, "m2")
                      .earn("e1", 1, 100, expires_at=30 * DAY)
                      .earn("e2", 2, 40, expires_at=20 * DAY)
-                     .spend("s1", 1, 30), DAY)
+                     .spend("s1", 1, 30)
+                     .set_tier("t1", 1, 2)
+                     .set_profile("p1", 2, b"profile"), DAY)
         assert ledger.audit() == []
     return tmp_path, IMPLEMENTATIONS[request.param]
 
@@ -91,3 +93,37 @@ def test_lots_that_disagree_with_the_balance(path):
     tamper(where, b"accounts", change)
     assert audit(where, Ledger) == ["account 1: balance 70 != lots 69 - debt 0"]
 
+
+
+def test_a_profile_of_no_account_is_found(path):
+    where, Ledger = path
+    tamper(where, b"profiles", lambda txn: txn.put(U64.pack(9), b"orphan"))
+    assert audit(where, Ledger) == [
+        "profiles b'\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\t': names missing account 9"]
+
+
+def test_a_tier_the_journal_never_set_is_found(path):
+    where, Ledger = path
+
+    def change(txn):
+        for account_id, tier in ((1, 3), (2, 1)):
+            account = Account.decode(txn.get(U64.pack(account_id)))
+            account.tier = tier
+            txn.put(U64.pack(account_id), account.encode())
+    tamper(where, b"accounts", change)
+    assert audit(where, Ledger) == ["account 1: tier 3, journal says 2",
+                                    "account 2: tier 1, journal says 0"]
+
+
+def test_a_tier_entry_that_does_not_follow_the_previous_one(path):
+    where, Ledger = path
+
+    def change(txn):
+        key = U64.pack(7)  # the tier set
+        entry = JournalEntry.decode(txn.get(key))
+        assert entry.type == Entry.TIER_SET
+        entry.amount2 = 1
+        txn.put(key, entry.body() + entry.hash)
+    tamper(where, b"journal", change)
+    assert audit(where, Ledger) == ["journal seq 7: hash chain broken",
+                                    "journal seq 7: tier was 0, not 1"]

@@ -12,12 +12,13 @@ import hashlib
 import pytest
 
 from kopilka.core.batch import Batch, Result
-from kopilka.core.codec import Account, Consumed, Lot
+from kopilka.core.codec import Account, Consumed, Lot, iter_ops
 from kopilka.core.records import (HASH_SIZE, I64, INT64_MAX, INT64_MIN,
-                                  MAX_HOLDS, MAX_LOTS, NEVER, PROGRAM,
+                                  MAX_DATA, MAX_HOLDS, MAX_LOTS, MAX_TIER,
+                                  NEVER, PROFILE_ERASE, PROGRAM,
                                   PROGRAM_ALLOW_DEBT, RELEASE_CAPTURED,
                                   RELEASE_EXPIRED, RELEASE_VOIDED, SYSTEM_KEY,
-                                  U32, CardStatus, Code, Entry, HoldState,
+                                  U32, U64, CardStatus, Code, Entry, HoldState,
                                   Kind, LedgerError, Status, Sys,
                                   system_account)
 
@@ -1355,3 +1356,199 @@ def test_a_sweep_whose_total_would_overflow_is_refused(ledger, members):
     head = ledger.head()
     assert ledger.apply(Batch().sweep("sw", 10), T + 200)[0].code == Code.OVERFLOW
     assert ledger.head() == head
+
+
+# --- data attached to operations ---------------------------------------------
+
+def test_data_is_kept_with_the_operation_and_covered_by_its_digest(ledger, member):
+    ok(ledger, T, "earn", "e1", member, 10, data=b"receipt\x00lines")
+    ok(ledger, T, "earn", "e2", member, 10)
+    assert ledger.operation(b"e1").data == b"receipt\x00lines"
+    assert ledger.operation(b"e2").data == b""
+    # a replay returns the first result and keeps the first data
+    again = run(ledger, T, "earn", "e1", member, 10, data=b"receipt\x00lines")
+    assert again == Result(Code.OK, 1, replayed=True)
+    # the same id with other data is another payload
+    rejected(ledger, T, Code.OP_ID_REUSED, "earn", "e1", member, 10, data=b"other")
+    rejected(ledger, T, Code.OP_ID_REUSED, "earn", "e2", member, 10, data=b"x")
+    assert ledger.operation(b"e1").data == b"receipt\x00lines"
+    # never journaled
+    assert all(e.data == b"" for e in ledger.journal(1) if e.op_id in (b"e1", b"e2"))
+
+
+def test_data_of_every_size_round_trips(ledger, member):
+    big = bytes(range(256)) * 255 + bytes(range(255))
+    assert len(big) == MAX_DATA
+    ok(ledger, T, "earn", "e1", member, 10, data=big)
+    ok(ledger, T, "spend", "s1", member, 3, data=b"\x00")
+    ok(ledger, T, "adjust", "a1", member, 4, reason=1, data=b"ticket 7")
+    assert ledger.operation(b"e1").data == big
+    assert ledger.operation(b"s1").data == b"\x00"
+    assert ledger.operation(b"a1").data == b"ticket 7"
+    with pytest.raises(ValueError):
+        Batch().earn("e2", member, 1, data=big + b"!")
+
+
+def test_a_refund_keeps_the_receipts_data(ledger, member):
+    ok(ledger, T, "earn", "e1", member, 100, money=1000, data=b"earned")
+    ok(ledger, T, "spend", "s1", member, 40, money=500, data=b"spent")
+    ok(ledger, T, "refund", "r1", "s1", money=250, proportional=True, data=b"return")
+    ok(ledger, T, "refund", "r2", "e1", claw_back=10, data=b"")
+    spent = ledger.operation(b"s1")
+    assert (spent.data, spent.returned, len(spent.consumed)) == (b"spent", 20, 1)
+    assert (ledger.operation(b"e1").data, ledger.operation(b"e1").clawed) == (b"earned", 10)
+    assert ledger.operation(b"r1").data == b"return"
+    assert ledger.operation(b"r2").data == b""
+
+
+def test_a_hold_keeps_its_data_when_captured_or_voided(ledger, member):
+    ok(ledger, T, "earn", "e1", member, 100)
+    ok(ledger, T, "hold", "h1", member, 30, expires_at=T + 60, data=b"basket 1")
+    ok(ledger, T, "hold", "h2", member, 30, expires_at=T + 60, data=b"basket 2")
+    ok(ledger, T, "capture", "c1", member, hold="h1", spend=30, data=b"paid")
+    ok(ledger, T, "void", "v2", "h2")
+    h1, h2 = ledger.operation(b"h1"), ledger.operation(b"h2")
+    assert (h1.hold_state, h1.data) == (HoldState.CAPTURED, b"basket 1")
+    assert (h2.hold_state, h2.data) == (HoldState.VOIDED, b"basket 2")
+    assert ledger.operation(b"c1").data == b"paid"
+
+
+def test_batches_carry_data_after_the_keys(ledger, member):
+    batch = Batch().capture("c1", member, hold="h", card="k", money=1, data=b"dd")
+    [op] = iter_ops(bytes(batch))
+    assert (op.op_id, op.key, op.key2, op.data) == (b"c1", b"h", b"k", b"dd")
+    assert op.raw == bytes(batch)
+    # data running past the end of the batch refuses the whole batch
+    state = stored(ledger)
+    with pytest.raises(ValueError):
+        ledger.apply(bytes(Batch().earn("e1", member, 5, data=b"abc"))[:-1], T)
+    assert stored(ledger) == state
+
+
+# --- SET_PROFILE ------------------------------------------------------------------
+
+def test_open_account_with_a_profile(ledger):
+    ok(ledger, 0, "put_program", "p1", 1)
+    assert ok(ledger, T, "open_account", "o1", 1, "cust-1", data=b"{name}").a == 1
+    ok(ledger, T, "open_account", "o2", 1, "cust-2")
+    assert ledger.profile(1) == b"{name}"
+    assert ledger.profile(2) is None
+    # the profile is stored once: not in the journal, not with the operation
+    assert ledger.journal()[-2].data == b"cust-1"
+    assert ledger.operation(b"o1").data == b""
+    assert ledger.dump()["profiles"] == [(U64.pack(1), b"{name}")]
+
+
+def test_set_profile_replaces_and_deletes(ledger, member):
+    seq = last_seq(ledger)
+    assert ok(ledger, T, "set_profile", "p1", member, b"first").a == member
+    assert ok(ledger, T, "set_profile", "p2", member, b"second").a == member
+    assert ledger.profile(member) == b"second"
+    ok(ledger, T, "set_profile", "p3", member, b"")
+    assert ledger.profile(member) is None
+    ok(ledger, T, "set_profile", "p4", member, b"")  # nothing to delete: still fine
+    entries = entries_after(ledger, seq)
+    assert [(e.type, e.program, e.credit, e.amount, e.data) for e in entries] == [
+        (Entry.PROFILE_SET, 1, member, 0, b"")] * 4
+    assert ledger.operation(b"p1").data == b""
+    assert ledger.account_id(1, b"member-1-0") == member
+
+
+def test_erase_a_member_deletes_profile_and_external_id(ledger, members):
+    member, other = members
+    ok(ledger, T, "earn", "e1", member, 50, data=b"receipt")
+    ok(ledger, T, "set_profile", "p1", member, b"Ivan Petrov, +7 900")
+    ok(ledger, T, "set_profile", "p2", other, b"someone else")
+    ok(ledger, T, "set_account_status", "close", member, Status.CLOSED)
+    seq = last_seq(ledger)
+    result = ok(ledger, T, "set_profile", "erase", member, b"", erase=True,
+                external_id="member-1-0")
+    assert result.a == member
+    assert ledger.profile(member) is None
+    assert ledger.account_id(1, b"member-1-0") is None
+    [entry] = entries_after(ledger, seq)
+    assert (entry.type, entry.credit, entry.amount, entry.data) == (
+        Entry.PROFILE_SET, member, PROFILE_ERASE, b"")
+    # nothing of the profile or the mapping is left anywhere; history stays
+    dump = ledger.dump()
+    assert not any(b"Ivan" in key + value for records in dump.values()
+                   for key, value in records)
+    assert [key for key, _ in dump["externals"]] == [U32.pack(1) + b"member-1-1"]
+    assert ledger.profile(other) == b"someone else"
+    assert ledger.balances(member, T).balance == 50
+    assert ledger.operation(b"e1").data == b"receipt"
+    # a retry replays; the freed external id may enrol someone new
+    assert run(ledger, T, "set_profile", "erase", member, b"", erase=True,
+               external_id="member-1-0").replayed
+    assert ok(ledger, T, "open_account", "again", 1, "member-1-0").a == 3
+
+
+def test_erase_without_an_external_id_deletes_the_profile_only(ledger, member):
+    ok(ledger, T, "set_profile", "p1", member, b"profile")
+    ok(ledger, T, "set_profile", "erase", member, b"", erase=True)
+    assert ledger.profile(member) is None
+    assert ledger.account_id(1, b"member-1-0") == member
+
+
+def test_set_profile_rejections(ledger, members):
+    member, other = members
+    ok(ledger, T, "set_profile", "p0", member, b"kept")
+    rejected(ledger, T, Code.ACCOUNT_NOT_FOUND, "set_profile", "p1", 99, b"x")
+    rejected(ledger, T, Code.ACCOUNT_NOT_FOUND, "set_profile", "p2", 0, b"x")
+    rejected_raw(ledger, T, Code.FLAGS_INVALID, Kind.SET_PROFILE, "p3",
+                 account=member, flags=2)
+    rejected_raw(ledger, T, Code.FLAGS_INVALID, Kind.SET_PROFILE, "p4",
+                 account=member, flags=PROFILE_ERASE | 4, key="member-1-0")
+    for op_id, key in (("p5", "member-1-1"),  # another member's
+                       ("p6", "nobody"), ("p7", "k" * 129)):
+        rejected(ledger, T, Code.KEY_INVALID, "set_profile", op_id, member, b"",
+                 erase=True, external_id=key)
+    ok(ledger, T, "set_profile", "erase", member, b"", erase=True,
+       external_id="member-1-0")
+    # already erased
+    rejected(ledger, T, Code.KEY_INVALID, "set_profile", "p8", member, b"",
+             erase=True, external_id="member-1-0")
+    assert ledger.account_id(1, b"member-1-1") == other
+
+
+# --- SET_TIER -------------------------------------------------------------------------
+
+def test_set_tier_journals_changes_only(ledger, member):
+    seq = last_seq(ledger)
+    assert ledger.balances(member, T).tier == 0
+    assert ok(ledger, T, "set_tier", "t1", member, 2) == Result(Code.OK, 2, 0)
+    assert ledger.balances(member, T).tier == 2
+    head = ledger.head()
+    # the same tier again (a period close run twice): no entry
+    assert ok(ledger, T, "set_tier", "t2", member, 2) == Result(Code.OK, 2, 2)
+    assert ledger.head() == head
+    assert ok(ledger, T, "set_tier", "t3", member, MAX_TIER) == Result(Code.OK, MAX_TIER, 2)
+    assert ok(ledger, T, "set_tier", "t4", member, 0) == Result(Code.OK, 0, MAX_TIER)
+    entries = entries_after(ledger, seq)
+    assert [(e.type, e.program, e.credit, e.amount, e.amount2) for e in entries] == [
+        (Entry.TIER_SET, 1, member, 2, 0),
+        (Entry.TIER_SET, 1, member, MAX_TIER, 2),
+        (Entry.TIER_SET, 1, member, 0, MAX_TIER)]
+
+
+def test_tier_stays_through_other_operations(ledger, member):
+    ok(ledger, T, "set_tier", "t1", member, 3)
+    ok(ledger, T, "earn", "e1", member, 10, expires_at=T + DAY)
+    ok(ledger, T, "hold", "h1", member, 5, expires_at=T + 60)
+    ok(ledger, T, "set_account_status", "b", member, Status.BLOCKED)
+    assert ok(ledger, T, "set_tier", "t2", member, 4).b == 3  # blocked: allowed
+    ok(ledger, T, "set_account_status", "a", member, Status.ACTIVE)
+    ok(ledger, T + 2 * DAY, "sweep", "sw")
+    assert ledger.account(member).tier == 4
+    b = ledger.balances(member, T + 2 * DAY)
+    assert (b.tier, b.balance, b.expired) == (4, 0, 10)
+
+
+def test_set_tier_rejections(ledger, members):
+    member, other = members
+    for op_id, tier in (("t1", -1), ("t2", MAX_TIER + 1), ("t3", INT64_MIN)):
+        rejected(ledger, T, Code.AMOUNT_INVALID, "set_tier", op_id, member, tier)
+    rejected(ledger, T, Code.ACCOUNT_NOT_FOUND, "set_tier", "t4", 99, 1)
+    ok(ledger, T, "set_account_status", "close", other, Status.CLOSED)
+    rejected(ledger, T, Code.ACCOUNT_CLOSED, "set_tier", "t5", other, 1)
+    rejected(ledger, T, Code.ACCOUNT_CLOSED, "set_tier", "t6", other, 0)

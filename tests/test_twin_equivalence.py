@@ -3,7 +3,9 @@ must give the same results and store the same bytes, with a clean audit.
 
 Sequences draw ids from small pools so that replays, id reuse, blocked cards,
 hold timeouts, expiry, debt and refunds of every kind happen often; time
-jumps cross activation, expiry and hold timeouts.
+jumps cross activation, expiry and hold timeouts. Operations carry data now
+and then (kept with their records, or as a profile), and profiles are set,
+deleted and erased with their external ids; tiers change and stay.
 """
 
 import collections
@@ -17,14 +19,18 @@ from hypothesis import strategies as st
 from kopilka.core import twin
 from kopilka import kernel
 from kopilka.core.batch import Batch
-from kopilka.core.records import (INT64_MAX, INT64_MIN, NEVER,
-                                  PROGRAM_ALLOW_DEBT, Kind, Status)
+from kopilka.core.records import (INT64_MAX, INT64_MIN, MAX_TIER, NEVER,
+                                  PROFILE_ERASE, PROGRAM_ALLOW_DEBT, Kind,
+                                  Status)
 
 DAY = 86_400_000_000
 RECEIPTS = [f"r{i}" for i in range(24)]   # earn, spend, capture: refundable
 HOLDS = [f"h{i}" for i in range(6)]
 SHARED = [f"s{i}" for i in range(4)]       # reused across kinds: conflicts
 CARDS = [f"card{i}" for i in range(5)]
+EXTERNALS = ["m1", "m2", "m3"]             # the setup's members' external ids
+DATA = [b"", b"", b"", b"", b"d", b"\x00profile", b"p" * 700]
+TIERS = [0, 1, 1, 2, 3, MAX_TIER, MAX_TIER + 1, -1, INT64_MAX]
 EDGE = [INT64_MAX, INT64_MIN, INT64_MAX - 1, -1, 0]
 RECEIPT_KINDS = (Kind.EARN, Kind.SPEND, Kind.CAPTURE)
 
@@ -64,6 +70,7 @@ def operations(draw):
         reason=draw(st.integers(0, 3)), store=draw(st.sampled_from([0, 5])),
         activates_at=draw(offsets), expires_at=draw(offsets),
         key=key, key2=draw(st.sampled_from(CARDS)),
+        data=draw(st.sampled_from(DATA)),
     )
     if kind in (Kind.EARN, Kind.ADJUST, Kind.CAPTURE):
         fields["expires_at"] = draw(st.sampled_from([NEVER, fields["activates_at"] + DAY]))
@@ -83,6 +90,11 @@ def operations(draw):
         fields["flags"] = draw(st.sampled_from([0, PROGRAM_ALLOW_DEBT]))
     if kind == Kind.SWEEP:
         fields["amount"] = draw(st.sampled_from([1, 2, 100, 0]))
+    if kind == Kind.SET_PROFILE:
+        fields["flags"] = draw(st.sampled_from([0, 0, PROFILE_ERASE, PROFILE_ERASE, 2]))
+        fields["key"] = draw(st.sampled_from(EXTERNALS + ["", "m9", "card1"]))
+    if kind == Kind.SET_TIER:
+        fields["amount"] = draw(st.sampled_from(TIERS))
     return fields
 
 
@@ -92,7 +104,8 @@ batches = st.lists(st.tuples(st.integers(0, 3 * DAY),
 
 SETUP = (Batch().put_program("setup-p1", 1).put_program("setup-p2", 2, flags=PROGRAM_ALLOW_DEBT)
          .open_account("setup-a1", 1, "m1").open_account("setup-a2", 1, "m2")
-         .open_account("setup-a3", 2, "m3").link_card("setup-c1", 1, "card0")
+         .open_account("setup-a3", 2, "m3", data=b"profile-3")
+         .link_card("setup-c1", 1, "card0")
          .earn("setup-e1", 1, 100, expires_at=40 * DAY, money=2000)
          .earn("setup-e2", 2, 50, activates_at=2 * DAY, expires_at=30 * DAY)
          .earn("setup-e3", 3, 70, expires_at=10 * DAY))
@@ -147,7 +160,8 @@ def test_kernel_matches_twin(steps):
 def random_operation(rng, history):
     """One operation with a realistic mix: mostly valid, references to
     operations applied earlier (`history`), some edge values and garbage."""
-    kind = rng.choices(list(Kind), weights=[1, 3, 1, 2, 1, 1, 12, 6, 6, 6, 3, 6, 3, 3, 2])[0]
+    kind = rng.choices(list(Kind),
+                       weights=[1, 3, 1, 2, 1, 1, 12, 6, 6, 6, 3, 6, 3, 3, 2, 2, 2])[0]
     receipts = [h["op_id"] for h in history if h["kind"] in RECEIPT_KINDS]
     holds = [h["op_id"] for h in history if h["kind"] == Kind.HOLD]
     edge = rng.random() < 0.03
@@ -197,6 +211,18 @@ def random_operation(rng, history):
             f["amount"] = points
     elif kind == Kind.SWEEP:
         f["amount"] = rng.choice([1, 3, 1000])
+    elif kind == Kind.SET_PROFILE:
+        if rng.random() < 0.3:  # erase: the member's own external id, mostly
+            own = EXTERNALS[f["account"] - 1] if f["account"] <= 3 else ""
+            f.update(flags=PROFILE_ERASE, data=b"",
+                     key=rng.choice([own] * 4 + EXTERNALS + CARDS + [""]))
+        else:
+            f.update(flags=rng.choice([0, 0, 0, 2]),
+                     data=rng.choice([b"", rng.randbytes(rng.randint(1, 400))]))
+    elif kind == Kind.SET_TIER:
+        f["amount"] = rng.choice(TIERS[:5] + TIERS)
+    if kind not in (Kind.SET_PROFILE,) and rng.random() < 0.15:
+        f["data"] = rng.randbytes(rng.choice([1, 16, 2000]))
     if kind in (Kind.EARN, Kind.SPEND, Kind.HOLD, Kind.CAPTURE) and rng.random() < 0.3:
         f.update(account=rng.choice([0, 0, 1]), key2=rng.choice(CARDS))  # by card
     elif kind not in (Kind.REPLACE_CARD,):
@@ -207,6 +233,15 @@ def random_operation(rng, history):
 
 
 SEEDS = range(12)
+
+
+def label(f, result):
+    """The kind's name, told apart for the paths the counts must see."""
+    if f["kind"] == Kind.SET_PROFILE and f["flags"] == PROFILE_ERASE and f["key"]:
+        return "SET_PROFILE/erase"
+    if f["kind"] == Kind.SET_TIER and result.ok and result.a == result.b:
+        return "SET_TIER/unchanged"
+    return Kind(f["kind"]).name
 
 
 def run_sequence(seed, path, codes):
@@ -232,7 +267,7 @@ def run_sequence(seed, path, codes):
                 batch.add(f["kind"], f["op_id"], **fields)
             expected, got = list(left.apply(batch, now)), list(right.apply(batch, now))
             assert got == expected, f"seed {seed} step {step}"
-            codes.update((Kind(f["kind"]).name, r.code.name) for f, r in zip(ops, expected))
+            codes.update((label(f, r), r.code.name) for f, r in zip(ops, expected))
             history += [f for f, r in zip(ops, expected) if r.ok]
         assert left.dump() == right.dump(), f"seed {seed}"
         assert left.audit() == [] and right.audit() == [], f"seed {seed}"
@@ -247,8 +282,8 @@ def test_kernel_matches_twin_long_sequences(tmp_path):
         (tmp_path / str(seed)).mkdir()
         run_sequence(seed, tmp_path / str(seed), codes)
     # the mix exercised the paths that matter, not only rejections
-    for kind in Kind:
-        assert codes[(kind.name, "OK")] > 0, (kind, codes)
+    for kind in [k.name for k in Kind] + ["SET_PROFILE/erase", "SET_TIER/unchanged"]:
+        assert codes[(kind, "OK")] > 0, (kind, codes)
     for code in ("INSUFFICIENT_POINTS", "HOLD_EXPIRED", "HOLD_CAPTURED", "CARD_BLOCKED",
                  "REFUND_EXCEEDS_ORIGINAL", "OP_ID_REUSED", "TIME_INVALID"):
         assert any(c == code for _, c in codes), code
