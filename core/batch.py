@@ -100,26 +100,35 @@ class Batch:
         self.count += 1
         return self
 
-    def put_program(self, op_id, program, *, flags=0):
-        return self.add(Kind.PUT_PROGRAM, op_id, program=program, flags=flags)
+    def extend(self, other):
+        """Appends another batch's operations, in order."""
+        self._buffer += other._buffer
+        self.count += other.count
+        return self
+
+    def put_program(self, op_id, program, *, flags=0, data=b""):
+        """`data` is kept with the program's record (its definition)."""
+        return self.add(Kind.PUT_PROGRAM, op_id, program=program, flags=flags,
+                        data=data)
 
     def open_account(self, op_id, program, external_id, *, data=b""):
         """`data`, when given, is the new member's profile (see set_profile)."""
         return self.add(Kind.OPEN_ACCOUNT, op_id, program=program,
                         key=external_id, data=data)
 
-    def set_account_status(self, op_id, account, status):
+    def set_account_status(self, op_id, account, status, *, data=b""):
         return self.add(Kind.SET_ACCOUNT_STATUS, op_id, account=account,
-                        amount=int(status))
+                        amount=int(status), data=data)
 
-    def link_card(self, op_id, account, card):
-        return self.add(Kind.LINK_CARD, op_id, account=account, key=card)
+    def link_card(self, op_id, account, card, *, data=b""):
+        return self.add(Kind.LINK_CARD, op_id, account=account, key=card, data=data)
 
-    def block_card(self, op_id, card):
-        return self.add(Kind.BLOCK_CARD, op_id, key=card)
+    def block_card(self, op_id, card, *, data=b""):
+        return self.add(Kind.BLOCK_CARD, op_id, key=card, data=data)
 
-    def replace_card(self, op_id, old_card, new_card):
-        return self.add(Kind.REPLACE_CARD, op_id, key=old_card, key2=new_card)
+    def replace_card(self, op_id, old_card, new_card, *, data=b""):
+        return self.add(Kind.REPLACE_CARD, op_id, key=old_card, key2=new_card,
+                        data=data)
 
     # Receipts and holds name the account by id, or by `card` (then the card
     # must be active: checked in the same transaction).
@@ -160,8 +169,8 @@ class Batch:
                         expires_at=expires_at, money=money, partner=partner,
                         version=version, business_time=business_time)
 
-    def void(self, op_id, hold, *, store=0, lane=0):
-        return self.add(Kind.VOID, op_id, key=hold, store=store, lane=lane)
+    def void(self, op_id, hold, *, store=0, lane=0, data=b""):
+        return self.add(Kind.VOID, op_id, key=hold, store=store, lane=lane, data=data)
 
     def refund(self, op_id, original, *, money=0, give_back=0, claw_back=0,
                proportional=False, version=0, business_time=0, store=0,
@@ -184,9 +193,11 @@ class Batch:
                         expires_at=expires_at, business_time=business_time,
                         data=data)
 
-    def transfer(self, op_id, source, target, points=0, *, everything=False):
+    def transfer(self, op_id, source, target, points=0, *, everything=False,
+                 data=b""):
         return self.add(Kind.TRANSFER, op_id, account=source, account2=target,
-                        amount=points, flags=TRANSFER_ALL if everything else 0)
+                        amount=points, flags=TRANSFER_ALL if everything else 0,
+                        data=data)
 
     def sweep(self, op_id, limit=10_000):
         return self.add(Kind.SWEEP, op_id, amount=limit)

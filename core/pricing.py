@@ -614,8 +614,12 @@ def settle(program, receipt, member, spend, now, op_id_prefix, *, hold=None):
                         hold=hold)
 
 
-def settle_quote(q, spend, op_id_prefix, *, hold=None):
-    """`settle` for a quote already in hand (same process, same inputs)."""
+def settle_quote(q, spend, op_id_prefix, *, hold=None, annotate=None):
+    """`settle` for a quote already in hand (same process, same inputs).
+
+    `annotate(allocation, referral)`, when given, returns the data the
+    capture carries into the ledger (a server keeps there what refunds and
+    retries need); `referral` is the referrer's EARN as plain data, or None."""
     member, receipt, v = q.member, q.receipt, q.version
     problems = []
     if type(spend) is not int or spend < 0:
@@ -649,21 +653,17 @@ def settle_quote(q, spend, op_id_prefix, *, hold=None):
 
     priced = q.at(spend)
     bt, capture = receipt.business_time, op_id_prefix + "/capture"
-    batch = Batch()
-    if hold is not None or spend or priced.earn or priced.paid:
-        # with no points either way it still records the visit and its money
-        batch.capture(capture, member.account, hold=hold or b"", spend=spend,
-                      earn=priced.earn, activates_at=q.activates_at,
-                      expires_at=q.expires_at, money=priced.paid, partner=q.partner,
-                      version=v.number, business_time=bt, card=member.card,
-                      store=receipt.store, lane=receipt.lane)
-    else:
-        capture = None
-    after, referral_op = Batch(), None
+    if not (hold is not None or spend or priced.earn or priced.paid):
+        capture = None  # no money, no points, no hold: nothing to record
+    after, referral_op, referral = Batch(), None, None
     if priced.referral:
         referral_op = op_id_prefix + "/referral"
         activates_at, expires_at = q._calc.referral_times
         # a bonus, not the referrer's receipt: no money (no visit of theirs)
+        referral = {"op": referral_op, "account": member.referrer,
+                    "points": priced.referral, "act": activates_at, "exp": expires_at,
+                    "partner": q.partner, "version": v.number, "bt": bt,
+                    "store": receipt.store, "lane": receipt.lane}
         after.earn(referral_op, member.referrer, priced.referral,
                    activates_at=activates_at, expires_at=expires_at,
                    partner=q.partner, version=v.number, business_time=bt,
@@ -673,6 +673,15 @@ def settle_quote(q, spend, op_id_prefix, *, hold=None):
         LineShare, c.numbers, [line.quantity for line in receipt.lines],
         [d + k for d, k in zip(c.discounts, c.coupons)], [p.spent for p in lines],
         [p.earn for p in lines], [p.paid for p in lines], [p.referral for p in lines])))
+    batch = Batch()
+    if capture is not None:
+        # with no points either way it still records the visit and its money
+        batch.capture(capture, member.account, hold=hold or b"", spend=spend,
+                      earn=priced.earn, activates_at=q.activates_at,
+                      expires_at=q.expires_at, money=priced.paid, partner=q.partner,
+                      version=v.number, business_time=bt, card=member.card,
+                      store=receipt.store, lane=receipt.lane,
+                      data=annotate(allocation, referral) if annotate else b"")
     issue = redemption = None
     if q.coupon_earned is not None:
         issue = CouponIssue(op_id_prefix + "/coupon-issue", *q.coupon_earned)

@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 from .audit import audit
 from .codec import Account, JournalEntry, Operation
-from .records import (CARD, DATABASES, HEAD, I64, META_HEAD, SYSTEM_KEY, U64,
-                      CardStatus, external_key)
+from .records import (CARD, DATABASES, HEAD, I64, META_HEAD, PROGRAM, SYSTEM_KEY,
+                      U32, U64, CardStatus, external_key)
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,24 @@ def balances_of(account_id, account, now):
                     account.tier)
 
 
+@dataclass(frozen=True)
+class ProgramRecord:
+    program: int
+    flags: int
+    created_at: int
+    updated_at: int
+    data: bytes      # of the last PUT_PROGRAM: the definition
+
+
 class LedgerReads:
     """Point reads over one read transaction each."""
+
+    def programs(self):
+        """Every program's record, by id."""
+        with self._snapshot() as snap:
+            return [ProgramRecord(U32.unpack(key)[0], *PROGRAM.unpack_from(value),
+                                  bytes(value[PROGRAM.size:]))
+                    for key, value in snap.scan("programs")]
 
     def account(self, account_id):
         with self._snapshot() as snap:

@@ -74,6 +74,7 @@ class Code(IntEnum):
     TOO_MANY_LOTS = 29
     TOO_MANY_HOLDS = 30
     STATUS_INVALID = 31
+    DATA_TOO_LONG = 32   # a refund's data would overflow its receipt's record
 
 
 class Status(IntEnum):
@@ -154,8 +155,9 @@ RESULT = struct.Struct("<HH4xqq")
 RESULT_REPLAYED = 1  # the first result of an operation id seen before
 
 # --- stored values --------------------------------------------------------
-# program: flags, created_at
-PROGRAM = struct.Struct("<Iq")
+# program: flags, created_at, updated_at; then the data of the last
+# PUT_PROGRAM (the definition the server prices by)
+PROGRAM = struct.Struct("<Iqq")
 # account: one value per account, varint-coded because account pages are
 # what a durable commit mostly writes (a smaller value is fewer pages per
 # batch). Unsigned LEB128 (u) and zigzag (z) varints, in this order:

@@ -20,8 +20,8 @@ from .codec import Account, Consumed, Hold, JournalEntry, Lot, Operation, iter_o
 from .reads import LedgerReads
 from .records import (CARD, DATABASES, DIGEST_SIZE, EXPIRY_KEY, HASH_SIZE,
                       HEAD, I64, INT64_MAX, INT64_MIN, MAX_HOLDS, MAX_KEY,
-                      MAX_LOTS, MAX_OP_ID, MAX_TIER, META_HEAD,
-                      META_NEXT_ACCOUNT, NEVER, PROFILE_ERASE, PROGRAM,
+                      MAX_DATA, MAX_LOTS, MAX_OP_ID, MAX_TIER, META_HEAD,
+                      MAX_DATA, META_NEXT_ACCOUNT, NEVER, PROFILE_ERASE, PROGRAM,
                       PROGRAM_ALLOW_DEBT, REFUND_PROPORTIONAL,
                       RELEASE_CAPTURED, RELEASE_EXPIRED, RELEASE_VOIDED,
                       RESULT, RESULT_REPLAYED, SYSTEM_KEY, TRANSFER_ALL, U32,
@@ -220,7 +220,7 @@ class _Work:
         raw = self.state.get("programs", U32.pack(program))
         if raw is None:
             raise Rejected(Code.PROGRAM_NOT_FOUND)
-        return PROGRAM.unpack(raw)[0]
+        return PROGRAM.unpack_from(raw)[0]
 
     # --- journal -----------------------------------------------------------
     def event(self, type_, program, subject, *, amount=0, amount2=0, ref=0,
@@ -400,9 +400,9 @@ def _put_program(work, op):
     if op.flags & ~PROGRAM_ALLOW_DEBT:
         raise Rejected(Code.FLAGS_INVALID)
     raw = work.state.get("programs", U32.pack(op.program))
-    created = PROGRAM.unpack(raw)[1] if raw else work.now
+    created = PROGRAM.unpack_from(raw)[1] if raw else work.now
     work.puts.append(("programs", U32.pack(op.program),
-                      PROGRAM.pack(op.flags, created)))
+                      PROGRAM.pack(op.flags, created, work.now) + op.data))
     work.event(Entry.PROGRAM_PUT, op.program, 0, amount=op.flags)
     work.record.program = op.program
     work.record.a = op.program
@@ -652,6 +652,8 @@ def _refund(work, op):
     original = Operation.decode(raw)
     if original.kind not in REFUNDABLE:
         raise Rejected(Code.NOT_REFUNDABLE)
+    if len(original.data) + len(op.data) > MAX_DATA:
+        raise Rejected(Code.DATA_TOO_LONG)
     refunded_money = checked(original.refunded_money + op.money)
     if refunded_money > original.money:
         raise Rejected(Code.REFUND_EXCEEDS_ORIGINAL)
@@ -682,6 +684,7 @@ def _refund(work, op):
     original.refunded_money = refunded_money
     original.returned += give
     original.clawed += claw
+    original.data += op.data  # the receipt's record lists its refunds' data
     work.rewrite_operation(op.key, original)
     record = work.record
     record.program, record.account = account.program, account_id

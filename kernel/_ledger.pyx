@@ -62,6 +62,7 @@ cdef enum:
     HASH_SIZE = 32
     DIGEST_SIZE = 16
     MAX_TIER = 65535
+    MAX_DATA = 65535
     NDB = 11
 cdef int64_t NEVER = 0x7FFFFFFFFFFFFFFF
 cdef uint64_t SYSTEM = 1ULL << 63
@@ -138,6 +139,7 @@ cdef enum:
     TOO_MANY_LOTS = 29
     TOO_MANY_HOLDS = 30
     STATUS_INVALID = 31
+    DATA_TOO_LONG = 32
     FATAL = -1  # LMDB or memory failure: the whole batch is aborted
 
     ST_ACTIVE = 1
@@ -215,9 +217,9 @@ cdef packed struct CardRec:         # records.CARD
     uint64_t account
     uint8_t status
 
-cdef packed struct ProgramRec:      # records.PROGRAM
+cdef packed struct ProgramRec:      # records.PROGRAM, then the definition
     uint32_t flags
-    int64_t created_at
+    int64_t created_at, updated_at
 
 cdef packed struct OperationRec:    # records.OPERATION
     uint8_t digest[16]
@@ -709,7 +711,7 @@ cdef int program_flags(Work *w, uint32_t program, uint32_t *flags) noexcept nogi
         return PROGRAM_NOT_FOUND
     if rc:
         return rc
-    if v.mv_size != sizeof(ProgramRec):
+    if v.mv_size < sizeof(ProgramRec):
         return fail(w, MDB_CORRUPTED)
     flags[0] = (<ProgramRec *>v.mv_data).flags
     return OK
@@ -1209,17 +1211,20 @@ cdef int claim_op_id(Work *w, OperationRec *first) noexcept nogil:
 
 # --- operations ------------------------------------------------------------------
 cdef int op_put_program(Work *w) noexcept nogil:
+    """Creates or updates a program; its data (the definition the server
+    prices by) is kept with the program's record, replacing the last one."""
     cdef const OpHead *op = w.op
     cdef uint32_t key = be32(op.program)
     cdef ProgramRec rec
     cdef MDB_val v
+    cdef char *buf
     cdef int rc
     if op.program == 0:
         return KEY_INVALID
     if op.flags & ~PROGRAM_ALLOW_DEBT:
         return FLAGS_INVALID
     rc = db_get(w, DB_PROGRAMS, &key, 4, &v)
-    if rc == 0 and v.mv_size != sizeof(ProgramRec):
+    if rc == 0 and v.mv_size < sizeof(ProgramRec):
         return fail(w, MDB_CORRUPTED)
     if rc == 0:
         rec.created_at = (<ProgramRec *>v.mv_data).created_at
@@ -1228,7 +1233,14 @@ cdef int op_put_program(Work *w) noexcept nogil:
     else:
         return rc
     rec.flags = op.flags
-    rc = queue_put(w, DB_PROGRAMS, &key, 4, &rec, sizeof(ProgramRec), 0)
+    rec.updated_at = w.now
+    buf = need_buf(w, sizeof(ProgramRec) + op.n_data)
+    if buf == NULL:
+        return fail(w, 12)
+    memcpy(buf, &rec, sizeof(ProgramRec))
+    if op.n_data:
+        memcpy(buf + sizeof(ProgramRec), w.data, op.n_data)
+    rc = queue_put(w, DB_PROGRAMS, &key, 4, buf, sizeof(ProgramRec) + op.n_data, 0)
     if rc:
         return rc
     rc = event(w, E_PROGRAM_PUT, op.program, 0, op.flags, 0, 0, NULL, 0)
@@ -1748,6 +1760,8 @@ cdef int op_refund(Work *w) noexcept nogil:
         return rc
     if orig.kind != K_EARN and orig.kind != K_SPEND and orig.kind != K_CAPTURE:
         return NOT_REFUNDABLE
+    if <size_t>w.loaded_data.n + op.n_data > MAX_DATA:
+        return DATA_TOO_LONG
     if k_add(orig.refunded_money, op.money, &refunded_money):
         return OVERFLOW
     if refunded_money > orig.money:
@@ -1787,6 +1801,12 @@ cdef int op_refund(Work *w) noexcept nogil:
     orig.refunded_money = refunded_money
     orig.returned += give
     orig.clawed += claw
+    if op.n_data:  # the refund's data is appended to the receipt's
+        if grow(<void **>&w.loaded_data.p, &w.loaded_data.cap,
+                w.loaded_data.n + op.n_data, 1):
+            return fail(w, 12)
+        memcpy(w.loaded_data.p + w.loaded_data.n, w.data, op.n_data)
+        w.loaded_data.n += op.n_data
     rc = queue_operation(w, w.key, op.n_key, &orig, &w.scratch_lots, &w.loaded_data)
     w.rec.program = a.h.program
     w.rec.account = orig.account

@@ -123,15 +123,30 @@ def member(members):
 
 def test_put_program_creates_and_updates_keeping_creation_time(ledger):
     assert ok(ledger, 5, "put_program", "p1", 7).a == 7
-    assert ledger.dump()["programs"] == [(U32.pack(7), PROGRAM.pack(0, 5))]
+    assert ledger.dump()["programs"] == [(U32.pack(7), PROGRAM.pack(0, 5, 5))]
     [entry] = ledger.journal()
     assert (entry.seq, entry.type, entry.program, entry.amount) == (
         1, Entry.PROGRAM_PUT, 7, 0)
 
-    assert ok(ledger, 9, "put_program", "p2", 7, flags=PROGRAM_ALLOW_DEBT).a == 7
+    assert ok(ledger, 9, "put_program", "p2", 7, flags=PROGRAM_ALLOW_DEBT,
+              data=b"definition v2").a == 7
     assert ledger.dump()["programs"] == [
-        (U32.pack(7), PROGRAM.pack(PROGRAM_ALLOW_DEBT, 5))]
+        (U32.pack(7), PROGRAM.pack(PROGRAM_ALLOW_DEBT, 5, 9) + b"definition v2")]
     assert ledger.journal()[-1].amount == PROGRAM_ALLOW_DEBT
+    [record] = ledger.programs()
+    assert (record.program, record.created_at, record.updated_at, record.data) == (
+        7, 5, 9, b"definition v2")
+
+
+def test_refund_appends_its_data_to_the_receipts(ledger, member):
+    ok(ledger, T, "earn", "e1", member, 20, money=1_000, data=b"receipt")
+    ok(ledger, T, "refund", "r1", "e1", money=100, claw_back=2, data=b"|one")
+    ok(ledger, T, "refund", "r2", "e1", money=100, claw_back=2)
+    assert ledger.operation(b"e1").data == b"receipt|one"
+    assert ledger.operation(b"r1").data == b"|one"
+    rejected(ledger, T, Code.DATA_TOO_LONG, "refund", "r3", "e1", money=100,
+             data=b"x" * (65_535 - 10))
+    assert ledger.operation(b"e1").refunded_money == 200
 
 
 def test_put_program_again_changes_what_its_accounts_may_do(ledger, open_program):
@@ -1389,13 +1404,13 @@ def test_data_of_every_size_round_trips(ledger, member):
         Batch().earn("e2", member, 1, data=big + b"!")
 
 
-def test_a_refund_keeps_the_receipts_data(ledger, member):
+def test_a_refund_keeps_the_receipts_data_and_appends_its_own(ledger, member):
     ok(ledger, T, "earn", "e1", member, 100, money=1000, data=b"earned")
     ok(ledger, T, "spend", "s1", member, 40, money=500, data=b"spent")
     ok(ledger, T, "refund", "r1", "s1", money=250, proportional=True, data=b"return")
     ok(ledger, T, "refund", "r2", "e1", claw_back=10, data=b"")
     spent = ledger.operation(b"s1")
-    assert (spent.data, spent.returned, len(spent.consumed)) == (b"spent", 20, 1)
+    assert (spent.data, spent.returned, len(spent.consumed)) == (b"spentreturn", 20, 1)
     assert (ledger.operation(b"e1").data, ledger.operation(b"e1").clawed) == (b"earned", 10)
     assert ledger.operation(b"r1").data == b"return"
     assert ledger.operation(b"r2").data == b""

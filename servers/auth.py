@@ -1,0 +1,213 @@
+"""Who is calling, and what they may do.
+
+Every RPC is authenticated: by a bearer token (`authorization: Bearer
+kop_<id>_<secret>`), or, with mutual TLS, by the client certificate (its
+subject's OU is the role, `store-<n>` entries among its OUs scope it). Tokens
+are kept hashed (SHA-256 of the secret; a secret is 256 random bits, so no
+slow hash is needed) in a JSON file the `kopilka token create` command
+writes; the server rereads it when it changes, so a new token works without
+a restart. Secrets are compared in constant time.
+
+Roles: `admin` (everything), `pos` and `hwd` (scoped to their stores),
+`integration` (the feed and reports). `ALLOWED` lists, per RPC, the roles
+that may call it; a store-scoped principal may only name its own stores,
+which servicers check with `require_store`.
+"""
+
+import contextvars
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+
+from .status import server
+
+ROLES = ("admin", "pos", "hwd", "integration")
+PUBLIC = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+_POS = frozenset({"pos", "admin"})
+_ADMIN = frozenset({"admin"})
+_READERS = frozenset({"admin", "pos", "integration"})
+_FEED = frozenset({"integration", "admin"})
+ALLOWED = {
+    "/kopilka.v1.Checkout/Quote": _POS,
+    "/kopilka.v1.Checkout/Hold": _POS,
+    "/kopilka.v1.Checkout/Capture": _POS,
+    "/kopilka.v1.Checkout/Void": _POS,
+    "/kopilka.v1.Checkout/Refund": _POS,
+    "/kopilka.v1.Checkout/Post": _POS,
+    "/kopilka.v1.Members/GetMember": _POS,
+    "/kopilka.v1.Members/LookupMember": _POS,
+    "/kopilka.v1.Members/ResolveCard": _POS,
+    "/kopilka.v1.Programs/GetProgram": _READERS,
+    "/kopilka.v1.Programs/ListPrograms": _READERS,
+    "/kopilka.v1.Store/StreamCardReads": frozenset({"hwd", "admin"}),
+    "/kopilka.v1.Store/WatchLane": _POS,
+}
+for _name in ("Subscribe", "GetPointsReport", "GetBreakageReport",
+              "GetActiveMembersReport", "GetAverageReceiptReport",
+              "GetVisitFrequencyReport", "GetPartnerSettlementReport"):
+    ALLOWED[f"/kopilka.v1.Feed/{_name}"] = _FEED
+
+
+def allowed(method):
+    """Roles that may call `method`; admin alone for anything not listed."""
+    return ALLOWED.get(method, _ADMIN)
+
+
+@dataclass(frozen=True)
+class Principal:
+    role: str
+    stores: frozenset = field(default_factory=frozenset)  # empty: every store
+    name: str = ""   # the token id or certificate subject, for logs
+
+    def may_use_store(self, store):
+        return self.role in ("admin", "integration") or store in self.stores
+
+
+_current = contextvars.ContextVar("kopilka_principal", default=None)
+
+
+def current():
+    return _current.get()
+
+
+def bind(principal):
+    return _current.set(principal)
+
+
+def require_store(store, field="lane"):
+    """Refuse a store-scoped caller naming another store's store or lane."""
+    principal = current()
+    if principal is not None and not principal.may_use_store(store):
+        raise server("STORE_NOT_PERMITTED",
+                     f"{field}: this caller may not use store {store}", store=store)
+
+
+# --- tokens -----------------------------------------------------------------
+
+def _digest(secret):
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def new_token(role, stores=(), note=""):
+    """(token text to hand out once, record to store)."""
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {', '.join(ROLES)}")
+    if role in ("pos", "hwd") and not stores:
+        raise ValueError(f"a {role} token needs at least one store")
+    token_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
+    record = {"id": token_id, "role": role, "stores": sorted(set(stores)),
+              "sha256": _digest(secret), "note": note, "created": int(time.time())}
+    return f"kop_{token_id}_{secret}", record
+
+
+class TokenFile:
+    """The hashed tokens, reread when the file changes (checked once a second)."""
+
+    def __init__(self, path, *, monotonic=time.monotonic):
+        self.path = os.fspath(path)
+        self._monotonic = monotonic
+        self._checked = -1e9
+        self._stamp = None
+        self._tokens = {}
+
+    def add(self, role, stores=(), note=""):
+        """Creates a token, stores its hash; returns the token text."""
+        text, record = new_token(role, stores, note)
+        records = self._read()
+        records.append(record)
+        tmp = self.path + ".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump({"tokens": records}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        return text
+
+    def _read(self):
+        try:
+            with open(self.path) as f:
+                return json.load(f)["tokens"]
+        except FileNotFoundError:
+            return []
+
+    def _refresh(self):
+        now = self._monotonic()
+        if now - self._checked < 1.0:
+            return
+        self._checked = now
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        except FileNotFoundError:
+            stamp = None
+        if stamp != self._stamp:
+            self._stamp = stamp
+            self._tokens = {r["id"]: r for r in self._read()}
+
+    def verify(self, text):
+        """The Principal of a token text, or None."""
+        parts = text.split("_", 2)
+        if len(parts) != 3 or parts[0] != "kop":
+            return None
+        self._refresh()
+        record = self._tokens.get(parts[1])
+        if record is None or not hmac.compare_digest(record["sha256"], _digest(parts[2])):
+            return None
+        return Principal(record["role"], frozenset(record["stores"]), record["id"])
+
+
+def from_certificate(auth_context):
+    """The Principal of a verified client certificate (mutual TLS), or None.
+
+    The subject's OU entries carry the role and `store-<n>` scopes, e.g. a
+    till server's certificate `CN=pos-42, OU=pos, OU=store-42`."""
+    subjects = auth_context.get("x509_subject") or []
+    if not subjects:
+        return None
+    role, stores = None, set()
+    for part in subjects[0].decode().split(","):
+        key, _, value = part.strip().partition("=")
+        if key != "OU":
+            continue
+        if value in ROLES:
+            role = value
+        elif value.startswith("store-") and value[6:].isdigit():
+            stores.add(int(value[6:]))
+    if role is None:
+        return None
+    return Principal(role, frozenset(stores), subjects[0].decode())
+
+
+class Authenticator:
+    """Decides the Principal of a call from its metadata and TLS context."""
+
+    def __init__(self, tokens, *, client_certificates=False):
+        self.tokens = tokens
+        self.client_certificates = client_certificates
+
+    def principal(self, metadata, auth_context):
+        if self.client_certificates:
+            principal = from_certificate(auth_context)
+            if principal is not None:
+                return principal
+        for key, value in metadata:
+            if key == "authorization" and value.startswith("Bearer "):
+                return self.tokens.verify(value[7:].strip())
+        return None
+
+    def check(self, method, metadata, auth_context):
+        """The caller's Principal; raises ApiError when it may not call."""
+        principal = self.principal(metadata, auth_context)
+        if principal is None:
+            raise server("CREDENTIALS_INVALID", "missing or invalid credentials")
+        if principal.role not in allowed(method):
+            raise server("ROLE_NOT_PERMITTED",
+                         f"role {principal.role} may not call {method}",
+                         role=principal.role)
+        return principal

@@ -1,0 +1,156 @@
+"""What every servicer needs below the protobuf: the ledger, its writer, the
+programs, the clock, and the idempotency rules of the API.
+
+Idempotency. A write RPC becomes one kernel operation whose id is the
+request's `operation_id`; its data (stored with the operation, in the same
+commit) holds a digest of the request and the figures of the answer. A retry
+is recognised before anything is priced: the same request gets the first
+answer rebuilt from what was stored (`replayed`), another request under the
+same id gets OPERATION_ID_REUSED. Pricing can depend on the moment (balances,
+tiers, the hold's expiry), so two racing copies of one request may encode
+different operations; the loser's OP_ID_REUSED is then checked against the
+stored request digest too.
+"""
+
+import hashlib
+import json
+
+from kopilka.core.batch import Batch
+from kopilka.core.receipt import Member
+from kopilka.core.records import Code, CardStatus, MapFullError
+
+from . import convert
+from .status import ApiError, from_kernel, server
+from .writer import DeadlineExceeded, WriterClosed
+
+
+def request_digest(request):
+    """The identity of a request for idempotency: 16 bytes, hex."""
+    raw = request.SerializeToString(deterministic=True)
+    return hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+def pack(answer):
+    return json.dumps(answer, separators=(",", ":")).encode()
+
+
+def unpack(data):
+    return json.loads(data) if data else {}
+
+
+class Backend:
+    def __init__(self, ledger, writer, registry, clock, monotonic, *,
+                 hold_seconds=900):
+        self.ledger = ledger
+        self.writer = writer
+        self.registry = registry
+        self.clock = clock            # integer microseconds (the ledger's time)
+        self.monotonic = monotonic    # seconds, for deadlines
+        self.hold_seconds = hold_seconds
+
+    # --- writing ----------------------------------------------------------------
+    def deadline(self, context):
+        remaining = context.time_remaining() if context is not None else None
+        return None if remaining is None else self.monotonic() + remaining
+
+    async def apply(self, batch, context):
+        """Results of a batch committed through the group-commit writer."""
+        try:
+            return await self.writer.submit(bytes(batch), len(batch),
+                                            deadline=self.deadline(context))
+        except DeadlineExceeded:
+            raise server("DEADLINE_PASSED", "the deadline passed before the request "
+                         "was committed; nothing was applied") from None
+        except WriterClosed:
+            raise server("SHUTTING_DOWN", "the server is shutting down") from None
+        except MapFullError:
+            raise server("STORE_FULL", "the ledger's storage is full; nothing was "
+                         "written") from None
+
+    def stored(self, op_id, digest):
+        """The stored answer of an earlier request with this id, or None;
+        OPERATION_ID_REUSED if that request was another one."""
+        record = self.ledger.operation(op_id)
+        if record is None:
+            return None
+        answer = unpack(record.data)
+        if answer.get("rq") != digest:
+            raise from_kernel(Code.OP_ID_REUSED, message="operation_id was used "
+                              "before for a different request")
+        return record, answer
+
+    async def write_one(self, op_id, digest, build, context, field_of=None):
+        """Applies the single operation `build(batch)` adds, idempotently.
+
+        Returns (record, answer, replayed). A refusal raises ApiError;
+        `field_of(code)` names the request field a kernel code is about."""
+        first = self.stored(op_id, digest)
+        if first is not None:
+            return first[0], first[1], True
+        batch = Batch()
+        build(batch)
+        result = (await self.apply(batch, context))[0]
+        if result.code == Code.OP_ID_REUSED:
+            first = self.stored(op_id, digest)  # a racing copy won
+            if first is not None:
+                return first[0], first[1], True
+        if result.code != Code.OK:
+            raise self.refusal(result.code, field_of)
+        record = self.ledger.operation(op_id)
+        return record, unpack(record.data), bool(result.replayed)
+
+    def refusal(self, code, field_of=None, **metadata):
+        return from_kernel(code, field_of(code) if field_of else None, **metadata)
+
+    # --- reading ----------------------------------------------------------------
+    def program(self, program_id, field="program"):
+        entry = self.registry.get(program_id)
+        if entry is None:
+            raise ApiError("NOT_FOUND", "PROGRAM_NOT_FOUND",
+                           f"{field}: program {program_id} does not exist")
+        return entry
+
+    def account(self, program, account_id, field="member"):
+        account = self.ledger.account(account_id)
+        if account is None or account.program != program:
+            raise ApiError("NOT_FOUND", "MEMBER_NOT_FOUND",
+                           f"{field}: no such member")
+        return account
+
+    def customer(self, request, field_prefix=""):
+        """(program, account id, card bytes) of a request's `customer` oneof.
+
+        A card is resolved here for pricing; the kernel checks it again in
+        the operation's own transaction (a card blocked meanwhile fails)."""
+        which = request.WhichOneof("customer")
+        if which == "member":
+            field = field_prefix + "member"
+            program, account_id = convert.parse_member(request.member, field)
+            self.account(program, account_id, field)
+            return program, account_id, b""
+        if which == "card_number":
+            field = field_prefix + "card_number"
+            card = convert.identifier(request.card_number, field)
+            found = self.ledger.card(card)
+            if found is None:
+                raise ApiError("NOT_FOUND", "CARD_NOT_FOUND",
+                               f"{field}: no card has this number")
+            account_id, status = found
+            if status != CardStatus.ACTIVE:
+                raise from_kernel(Code.CARD_BLOCKED)
+            account = self.ledger.account(account_id)
+            return account.program, account_id, card
+        raise convert.invalid([(field_prefix + "customer",
+                                "set member or card_number")])
+
+    def balances(self, account_id, now=None):
+        now = self.clock() if now is None else now
+        b = self.ledger.balances(account_id, now)
+        return convert.balances(b, now) if b is not None else None
+
+    def member_context(self, account_id, card=b"", held=0, now=None):
+        """The pricing engine's view of a member, read now."""
+        now = self.clock() if now is None else now
+        b = self.ledger.balances(account_id, now)
+        return Member(available=b.available, held=held, account=account_id,
+                      card=card)

@@ -1,0 +1,129 @@
+"""Checkout: the POS at the till. Thin: checkout_ops prepares, this commits.
+
+Refunds of one receipt are taken one at a time (a lock per receipt): a
+per-line refund is priced against the lines returned before it, so two
+racing refunds of the same lines must not both see them unreturned.
+"""
+
+import asyncio
+import weakref
+
+from kopilka.core.batch import Batch
+from kopilka.core.pricing import quote
+from kopilka.core.records import Code
+from kopilka.v1 import checkout_pb2, checkout_pb2_grpc
+
+from . import auth, convert, receipts
+from .checkout_ops import (capture_id, prepare_capture, prepare_hold, prepare_refund,
+                           prepare_void)
+from .status import ApiError, invalid, ok_proto
+
+MAX_POST = 10_000
+
+
+class Checkout(checkout_pb2_grpc.CheckoutServicer):
+    def __init__(self, backend):
+        self.backend = backend
+        self._receipt_locks = weakref.WeakValueDictionary()
+
+    async def Quote(self, request, context):
+        b = self.backend
+        store, lane = convert.parse_lane(request.lane)
+        auth.require_store(store)
+        program_id, account, card = b.customer(request)
+        program = b.program(program_id, "member").program
+        receipt = receipts.receipt(request.receipt, store, lane, program.currency)
+        now = b.clock()
+        member = b.member_context(account, card, 0, now)
+        q = receipts.check(lambda: quote(program, receipt, member, now), "receipt")
+        spend = request.spend_points if request.HasField("spend_points") else None
+        if spend is not None and not 0 <= spend <= q.max_spend:
+            raise invalid([("spend_points", f"must be from 0 to {q.max_spend}, the "
+                                            "most this receipt may spend")])
+        return receipts.quote_response(q, program, account, b.balances(account, now),
+                                       spend)
+
+    async def Hold(self, request, context):
+        return await self._one(prepare_hold(self.backend, request), context)
+
+    async def Capture(self, request, context):
+        return await self._one(prepare_capture(self.backend, request), context)
+
+    async def Void(self, request, context):
+        return await self._one(prepare_void(self.backend, request), context)
+
+    async def Refund(self, request, context):
+        key = request.original_operation_id
+        lock = self._receipt_locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            return await self._one(prepare_refund(self.backend, request), context)
+
+    async def _one(self, prepared, context):
+        if prepared.answer is None:
+            result = (await self.backend.apply(prepared.batch, context))[0]
+            if result.code != Code.OK:
+                raise self.backend.refusal(result.code, prepared.field_of)
+            prepared.answer = prepared.finish(result)
+        if len(prepared.follow_up):
+            await self._follow_up(prepared.follow_up, context)
+        return prepared.answer
+
+    async def _follow_up(self, batch, context):
+        """A referral share or clawback: idempotent by its own id, so a retry
+        of the main request applies it again harmlessly. A refusal here (the
+        referrer closed meanwhile) does not undo the checkout."""
+        await self.backend.apply(batch, context)
+
+    async def Post(self, request, context):
+        """Every operation prepared, then one commit for all, results in order."""
+        if not 1 <= len(request.operations) <= MAX_POST:
+            raise invalid([("operations", f"must hold 1 to {MAX_POST} operations")])
+        b = self.backend
+        results = [None] * len(request.operations)
+        pending, batch, follow = [], Batch(), Batch()
+        seen = set()
+        for i, op in enumerate(request.operations):
+            which = op.WhichOneof("operation")
+            prefix = f"operations[{i}].{which}."
+            try:
+                if which is None:
+                    raise invalid([(f"operations[{i}]", "set one operation")])
+                message = getattr(op, which)
+                key = (capture_id(message.operation_id.encode()) if which == "capture"
+                       else message.operation_id)
+                if key in seen:  # the first in the request wins, as on a retry
+                    raise invalid([(prefix + "operation_id",
+                                    "appears twice in this request")])
+                seen.add(key)
+                prepared = _PREPARE[which](b, message, prefix)
+            except ApiError as err:
+                results[i] = checkout_pb2.PostResult(status=err.to_proto())
+                continue
+            if prepared.answer is not None:
+                results[i] = _result(which, prepared.answer)
+                follow.extend(prepared.follow_up)
+            else:
+                pending.append((i, which, prepared))
+                batch.extend(prepared.batch)
+        if pending:
+            outcome = await b.apply(batch, context)
+            for (i, which, prepared), result in zip(pending, outcome):
+                if result.code != Code.OK:
+                    err = b.refusal(result.code, prepared.field_of)
+                    results[i] = checkout_pb2.PostResult(status=err.to_proto())
+                    continue
+                results[i] = _result(which, prepared.finish(result))
+                follow.extend(prepared.follow_up)
+        if len(follow):
+            await self._follow_up(follow, context)
+        return checkout_pb2.PostResponse(results=results)
+
+
+_PREPARE = {"hold": prepare_hold, "capture": prepare_capture, "void": prepare_void,
+            "refund": prepare_refund}
+
+
+def _result(which, answer):
+    out = checkout_pb2.PostResult(status=ok_proto())
+    getattr(out, which).CopyFrom(answer)
+    return out

@@ -1,0 +1,136 @@
+"""Protobuf values to domain values and back: names, money, times, balances.
+
+Parsing never trusts the wire: each parser takes the field's path and raises
+`status.invalid` naming it, so every servicer reports bad input the same way.
+Times are integer microseconds since the epoch inside Kopilka.
+"""
+
+import re
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from kopilka.core.records import NEVER
+from kopilka.v1 import common_pb2
+
+from .status import invalid
+
+U32_MAX = (1 << 32) - 1
+INT64_MAX = (1 << 63) - 1
+_PROGRAM = re.compile(r"programs/([1-9][0-9]{0,9})")
+_MEMBER = re.compile(r"programs/([1-9][0-9]{0,9})/members/([1-9][0-9]{0,18})")
+_LANE = re.compile(r"stores/([1-9][0-9]{0,9})/lanes/([1-9][0-9]{0,9})")
+_PARTNER = re.compile(r"programs/([1-9][0-9]{0,9})/partners/([1-9][0-9]{0,9})")
+
+
+def _u32(text):
+    value = int(text)
+    return value if value <= U32_MAX else None
+
+
+def parse_program(name, field):
+    m = _PROGRAM.fullmatch(name)
+    if not m or _u32(m[1]) is None:
+        raise invalid([(field, "must be programs/{program}")])
+    return int(m[1])
+
+
+def parse_member(name, field):
+    """(program, account) of `programs/{p}/members/{m}`."""
+    m = _MEMBER.fullmatch(name)
+    if not m or _u32(m[1]) is None or int(m[2]) > INT64_MAX:
+        raise invalid([(field, "must be programs/{program}/members/{member}")])
+    return int(m[1]), int(m[2])
+
+
+def parse_lane(name, field="lane"):
+    """(store, lane) of `stores/{store}/lanes/{lane}`."""
+    m = _LANE.fullmatch(name)
+    if not m or _u32(m[1]) is None or _u32(m[2]) is None:
+        raise invalid([(field, "must be stores/{store}/lanes/{lane}")])
+    return int(m[1]), int(m[2])
+
+
+def program_name(program):
+    return f"programs/{program}"
+
+
+def member_name(program, account):
+    return f"programs/{program}/members/{account}"
+
+
+def partner_name(program, partner):
+    return f"programs/{program}/partners/{partner}" if partner else ""
+
+
+def version_name(program, version):
+    return f"programs/{program}/versions/{version}"
+
+
+def lane_name(store, lane):
+    return f"stores/{store}/lanes/{lane}"
+
+
+def operation_id(value, field="operation_id"):
+    """The idempotency key's bytes: 1 to 128 bytes of UTF-8, no controls."""
+    raw = value.encode()
+    if not 1 <= len(raw) <= 128 or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise invalid([(field, "must be 1 to 128 bytes of UTF-8 text without "
+                               "control characters")], reason="OPERATION_ID_INVALID")
+    return raw
+
+
+def identifier(value, field, limit=128):
+    """A card number or external id: 1 to `limit` bytes, no controls."""
+    raw = value.encode()
+    if not 1 <= len(raw) <= limit or any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise invalid([(field, f"must be 1 to {limit} bytes of text")],
+                      reason="IDENTIFIER_INVALID")
+    return raw
+
+
+# --- money and time -----------------------------------------------------------
+
+def money(value, currency):
+    return common_pb2.Money(currency_code=currency, minor_units=value)
+
+
+def parse_money(message, field, currency, problems):
+    """Minor units of a Money field; appends (path, why) to `problems`."""
+    if message.currency_code != currency:
+        problems.append((f"{field}.currency_code",
+                         f"must be the program's currency {currency}"))
+    if message.minor_units < 0:
+        problems.append((f"{field}.minor_units", "must not be negative"))
+    return message.minor_units
+
+
+def timestamp(micros):
+    """A Timestamp, or None for NEVER (absent in the response)."""
+    if micros is None or micros >= NEVER:
+        return None
+    ts = Timestamp()
+    ts.FromMicroseconds(micros)
+    return ts
+
+
+def set_time(message, field, micros):
+    ts = timestamp(micros)
+    if ts is not None:
+        getattr(message, field).CopyFrom(ts)
+
+
+def parse_time(ts, field, problems):
+    micros = ts.seconds * 1_000_000 + ts.nanos // 1000
+    if ts.seconds <= 0 or not 0 <= ts.nanos < 1_000_000_000:
+        problems.append((field, "must be a time after 1970"))
+    return micros
+
+
+def balances(b, now):
+    """common.Balances of a `core.reads.Balances`."""
+    out = common_pb2.Balances(
+        available_points=b.available, pending_points=b.pending,
+        held_points=b.held, balance_points=b.balance, debt_points=b.debt,
+        earned_points=b.earned, spent_points=b.spent, expired_points=b.expired)
+    set_time(out, "as_of_time", now)
+    return out

@@ -1,0 +1,186 @@
+"""Checkout end to end: a real server on a loopback port, called as a POS would."""
+
+import threading
+
+import grpc
+import pytest
+from google.protobuf.duration_pb2 import Duration
+
+from kopilka.v1 import checkout_pb2 as pb
+from kopilka.v1 import checkout_pb2_grpc, common_pb2
+
+from server_harness import (DAY, RunningServer, error_info, install_program,
+                            open_member)
+
+LANE = "stores/42/lanes/1"
+
+
+@pytest.fixture
+def srv(tmp_path):
+    server = RunningServer(tmp_path / "data")
+    install_program(server)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pos(srv):
+    return srv.stub(checkout_pb2_grpc.CheckoutStub, "pos")
+
+
+def rub(kopecks):
+    return common_pb2.Money(currency_code="RUB", minor_units=kopecks)
+
+
+def receipt(srv, *lines, receipt_id="r1"):
+    """lines: (category, quantity, unit price in kopecks[, flags])."""
+    out = pb.Receipt(receipt_id=receipt_id)
+    out.business_time.FromMicroseconds(srv.clock.now)
+    for i, (category, quantity, price, *flags) in enumerate(lines, 1):
+        out.lines.add(line_number=i, sku=f"sku{i}", category=category,
+                      quantity=quantity, unit_price=rub(price),
+                      total=rub(quantity * price), flags=flags[0] if flags else [])
+    return out
+
+
+def test_quote_hold_capture_refund(srv, pos):
+    member = open_member(srv, 1, "c1", card="7001", points=500)
+    r = receipt(srv, ("groceries", 2, 50_000), ("books", 1, 100_000))
+    q = pos.Quote(pb.QuoteRequest(lane=LANE, card_number="7001", receipt=r))
+    assert q.member == f"programs/1/members/{member}"
+    assert q.total.minor_units == 200_000
+    # version 3 lets points pay the whole receipt: the balance is the bound
+    assert q.program_version == "programs/1/versions/3"
+    assert q.max_spend_points == 500
+    assert q.spend_bound == pb.PRICING_REASON_CODE_BALANCE
+    hold = pos.Hold(pb.HoldRequest(operation_id="s42/l1/r1/hold", lane=LANE,
+                                   card_number="7001", points=150))
+    assert hold.held_points == 150 and hold.balances.available_points == 350
+    cap = pos.Capture(pb.CaptureRequest(operation_id="s42/l1/r1", lane=LANE,
+                                        card_number="7001", receipt=r,
+                                        spend_points=120,
+                                        hold_operation_id="s42/l1/r1/hold"))
+    assert cap.spent_points == 120 and cap.released_points == 30
+    assert cap.paid.minor_units == 200_000 - 12_000
+    assert sum(line.earned_points for line in cap.lines) == cap.earned_points > 0
+    assert cap.balances.available_points == 380
+    # a retry gets the first answer
+    again = pos.Capture(pb.CaptureRequest(operation_id="s42/l1/r1", lane=LANE,
+                                          card_number="7001", receipt=r,
+                                          spend_points=120,
+                                          hold_operation_id="s42/l1/r1/hold"))
+    assert again.replayed and again.spent_points == 120
+    assert again.earned_points == cap.earned_points
+    # return one of the two grocery units, then the rest of the receipt
+    part = pos.Refund(pb.RefundRequest(
+        operation_id="s42/l1/r1/ret1", lane=LANE, original_operation_id="s42/l1/r1",
+        lines=pb.RefundRequest.Lines(returns=[pb.LineReturn(line_number=1,
+                                                             quantity=1)])))
+    rest = pos.Refund(pb.RefundRequest(
+        operation_id="s42/l1/r1/ret2", lane=LANE, original_operation_id="s42/l1/r1",
+        whole_receipt=True))
+    assert part.returned_points + rest.returned_points == 120
+    assert part.clawed_back_points + rest.clawed_back_points == cap.earned_points
+    assert (part.refunded.minor_units + rest.refunded.minor_units
+            == cap.paid.minor_units)
+    assert rest.balances.available_points == 500
+    with pytest.raises(grpc.RpcError) as err:
+        pos.Refund(pb.RefundRequest(
+            operation_id="s42/l1/r1/ret3", lane=LANE,
+            original_operation_id="s42/l1/r1", whole_receipt=True))
+    assert error_info(err.value)[:2] == ("FAILED_PRECONDITION",
+                                        "REFUND_EXCEEDS_ORIGINAL")
+
+
+def test_bad_receipt_names_fields(srv, pos):
+    open_member(srv, 1, "c1", card="7001")
+    r = receipt(srv, ("groceries", 2, 50_000), ("nonsense", 1, 100))
+    r.lines[0].total.minor_units = 99
+    with pytest.raises(grpc.RpcError) as err:
+        pos.Capture(pb.CaptureRequest(operation_id="x1", lane=LANE,
+                                      card_number="7001", receipt=r))
+    code, reason, fields = error_info(err.value)
+    assert (code, reason) == ("INVALID_ARGUMENT", "REQUEST_INVALID")
+    assert "receipt.lines[0].total" in fields
+    assert "receipt.lines[1].category" in fields
+    assert srv.server.ledger.operation(b"x1/capture") is None
+
+
+def test_spend_above_limit_and_store_scope(srv, pos):
+    open_member(srv, 1, "c1", card="7001", points=1_000)
+    r = receipt(srv, ("groceries", 1, 100_000))
+    with pytest.raises(grpc.RpcError) as err:
+        pos.Capture(pb.CaptureRequest(operation_id="x2", lane=LANE,
+                                      card_number="7001", receipt=r, spend_points=1_500))
+    assert error_info(err.value)[:2] == ("FAILED_PRECONDITION", "SPEND_ABOVE_LIMIT")
+    other = srv.stub(checkout_pb2_grpc.CheckoutStub, "pos43")
+    with pytest.raises(grpc.RpcError) as err:
+        other.Quote(pb.QuoteRequest(lane=LANE, card_number="7001", receipt=r))
+    assert error_info(err.value)[:2] == ("PERMISSION_DENIED", "STORE_NOT_PERMITTED")
+    anonymous = srv.stub(checkout_pb2_grpc.CheckoutStub, None)
+    with pytest.raises(grpc.RpcError) as err:
+        anonymous.Quote(pb.QuoteRequest(lane=LANE, card_number="7001", receipt=r))
+    assert error_info(err.value)[:2] == ("UNAUTHENTICATED", "CREDENTIALS_INVALID")
+
+
+def test_operation_id_reused_and_hold_expiry(srv, pos):
+    open_member(srv, 1, "c1", card="7001", points=100)
+    pos.Hold(pb.HoldRequest(operation_id="h1", lane=LANE, card_number="7001",
+                            points=60, hold_duration=Duration(seconds=60)))
+    with pytest.raises(grpc.RpcError) as err:
+        pos.Hold(pb.HoldRequest(operation_id="h1", lane=LANE, card_number="7001",
+                                points=61))
+    assert error_info(err.value)[:2] == ("ALREADY_EXISTS", "OPERATION_ID_REUSED")
+    srv.clock.advance(61 * 1_000_000)
+    r = receipt(srv, ("groceries", 1, 100_000))
+    with pytest.raises(grpc.RpcError) as err:
+        pos.Capture(pb.CaptureRequest(operation_id="c1", lane=LANE, card_number="7001",
+                                      receipt=r, spend_points=10,
+                                      hold_operation_id="h1"))
+    assert error_info(err.value)[:2] == ("FAILED_PRECONDITION", "HOLD_EXPIRED")
+
+
+def test_concurrent_double_spend(srv, pos):
+    """100 concurrent captures against a balance that affords 10."""
+    open_member(srv, 1, "c1", card="7001", points=100)
+    r = receipt(srv, ("groceries", 1, 1_000_000))
+    outcomes = []
+
+    def capture(i):
+        try:
+            pos.Capture(pb.CaptureRequest(operation_id=f"dbl/{i}", lane=LANE,
+                                          card_number="7001", receipt=r,
+                                          spend_points=10))
+            outcomes.append("ok")
+        except grpc.RpcError as e:
+            outcomes.append(error_info(e)[1])
+    threads = [threading.Thread(target=capture, args=(i,)) for i in range(100)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count("ok") == 10
+    assert set(outcomes) - {"ok"} <= {"INSUFFICIENT_POINTS", "SPEND_ABOVE_LIMIT"}
+    assert srv.server.ledger.audit() == []
+
+
+def test_post_applies_each_operation_on_its_own(srv):
+    admin = srv.stub(checkout_pb2_grpc.CheckoutStub, "admin")
+    open_member(srv, 1, "c1", card="7001", points=100)
+    r = receipt(srv, ("groceries", 1, 100_000))
+    ops = [pb.PostOperation(hold=pb.HoldRequest(operation_id="p/h1", lane=LANE,
+                                                card_number="7001", points=50)),
+           pb.PostOperation(hold=pb.HoldRequest(operation_id="p/h2", lane=LANE,
+                                                card_number="7001", points=500)),
+           pb.PostOperation(capture=pb.CaptureRequest(operation_id="p/c1", lane=LANE,
+                                                      card_number="7001", receipt=r)),
+           pb.PostOperation(void=pb.VoidRequest(operation_id="p/v1", lane=LANE,
+                                                hold_operation_id="nope"))]
+    out = admin.Post(pb.PostRequest(operations=ops))
+    codes = [res.status.code for res in out.results]
+    assert codes == [0, grpc.StatusCode.FAILED_PRECONDITION.value[0], 0,
+                     grpc.StatusCode.NOT_FOUND.value[0]]
+    assert out.results[0].hold.held_points == 50
+    assert out.results[2].capture.earned_points == 100  # 10 per 100 rubles
+    again = admin.Post(pb.PostRequest(operations=ops[:1]))
+    assert again.results[0].hold.replayed
