@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 from .audit import audit
 from .codec import Account, JournalEntry, Operation
-from .records import (CARD, DATABASES, HEAD, I64, META_HEAD, PROGRAM, SYSTEM_KEY,
+from .records import (CARD, DATABASES, HEAD, I64, META_HEAD, META_NEXT_ACCOUNT,
+                      PROGRAM, SYSTEM_KEY,
                       U32, U64, CardStatus, external_key)
 
 
@@ -130,5 +131,17 @@ class LedgerReads:
 
     def audit(self):
         """Every invariant checked; a list of what is wrong (empty: clean)."""
+        return self.audit_at_head()[0]
+
+    def audit_at_head(self):
+        """(problems, (seq, hash) of the head audited), from one snapshot."""
         with self._snapshot() as snap:
-            return audit(snap)
+            problems = audit(snap)
+            raw = snap.get("meta", META_HEAD)
+        return problems, HEAD.unpack(raw) if raw is not None else (0, bytes(32))
+
+    def accounts_opened(self):
+        """Accounts ever opened: ids are given out in order from 1."""
+        with self._snapshot() as snap:
+            raw = snap.get("meta", META_NEXT_ACCOUNT)
+        return U64.unpack(raw)[0] - 1 if raw is not None else 0

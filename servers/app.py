@@ -105,7 +105,7 @@ class Server:
         self.registry = Registry.load(self.ledger)
         self.writer = GroupCommitWriter(self.ledger, clock=self.clock,
                                         max_operations=c.max_batch,
-                                        on_commit=self.metrics.on_commit,
+                                        on_commit=self._on_commit,
                                         monotonic=c.monotonic)
         self.backend = Backend(self.ledger, self.writer, self.registry, self.clock,
                                c.monotonic, hold_seconds=c.hold_seconds)
@@ -144,6 +144,14 @@ class Server:
             "programs": self.registry.ids()}})
         return self.port
 
+    def _on_commit(self, stats):
+        """The writer's hook, on the writer thread: metrics, then wake the
+        feed's subscribers."""
+        self.metrics.on_commit(stats)
+        feed = getattr(self, "services", {}).get("Feed")
+        if feed is not None and stats.operations:
+            feed.notifier.notify()
+
     def _bind(self, c):
         if c.insecure:
             return self._server.add_insecure_port(c.listen)
@@ -166,6 +174,9 @@ class Server:
         log.info("stopping", extra={"fields": {"grace_seconds": grace}})
         await self.health.enter_graceful_shutdown()
         self.scheduler.stop()
+        for servicer in self.services.values():  # end open streams: UNAVAILABLE
+            if hasattr(servicer, "shutdown"):
+                servicer.shutdown()
         await self._server.stop(grace)
         await asyncio.get_running_loop().run_in_executor(None, self.writer.close)
         self.ledger.close()

@@ -14,6 +14,7 @@ _SIZES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000)
 class Metrics:
     def __init__(self):
         r = self.registry = CollectorRegistry()
+        self.last_commit_operations = 0
         self.rpcs = Counter("kopilka_rpcs", "RPCs by method and status code",
                             ["method", "code"], registry=r)
         self.rpc_seconds = Histogram("kopilka_rpc_seconds", "RPC latency", ["method"],
@@ -44,6 +45,7 @@ class Metrics:
     def on_commit(self, stats):
         """The writer's hook (runs on the writer thread)."""
         if stats.operations:
+            self.last_commit_operations = stats.operations
             self.batch_operations.observe(stats.operations)
             self.commit_seconds.observe(stats.seconds)
         if stats.expired:

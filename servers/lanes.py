@@ -1,0 +1,121 @@
+"""In-memory state of the Store service: read ids seen, and lane watchers.
+
+Both are per process, by design. Read ids are remembered for a week (the
+API's promise) within a bound; a core restart forgets them, which is
+harmless in practice: an hwd resends only what was not acknowledged, and a
+read resent long after is dropped as stale anyway. With several core
+processes behind a balancer a store's hwd stream and its POS watchers must
+reach the same process (route by store).
+
+Watchers are never allowed to hold up the reads: each has a small bounded
+queue; a POS that does not keep up loses its oldest events (a card shown
+seconds ago is of no use to it any more), and the reader stream goes on.
+"""
+
+import asyncio
+from collections import OrderedDict, deque
+
+WEEK = 7 * 86_400_000_000
+MAX_REMEMBERED = 1_000_000
+WATCH_QUEUE = 32
+
+
+class SeenReads:
+    """Read ids taken in the last `ttl` microseconds (by `clock`), at most
+    `limit` of them: the oldest are forgotten first."""
+
+    def __init__(self, clock, ttl=WEEK, limit=MAX_REMEMBERED):
+        self._clock = clock
+        self._ttl = ttl
+        self._limit = limit
+        self._seen = OrderedDict()    # key -> when taken, oldest first
+
+    def __len__(self):
+        return len(self._seen)
+
+    def seen(self, key):
+        self._expire()
+        return key in self._seen
+
+    def remember(self, key):
+        self._seen[key] = self._clock()
+        self._seen.move_to_end(key)
+        while len(self._seen) > self._limit:
+            self._seen.popitem(last=False)
+
+    def _expire(self):
+        horizon = self._clock() - self._ttl
+        while self._seen:
+            key, taken = next(iter(self._seen.items()))
+            if taken > horizon:
+                return
+            del self._seen[key]
+
+
+class Watcher:
+    """One WatchLane stream's queue of events."""
+
+    def __init__(self, lane, limit=WATCH_QUEUE):
+        self.lane = lane
+        self.dropped = 0
+        self._queue = deque(maxlen=limit)
+        self._ready = asyncio.Event()
+        self.closed = False
+
+    def put(self, event):
+        if len(self._queue) == self._queue.maxlen:
+            self.dropped += 1       # deque drops the oldest
+        self._queue.append(event)
+        self._ready.set()
+
+    def close(self):
+        self.closed = True
+        self._ready.set()
+
+    async def next(self):
+        """The next event, or None once closed."""
+        while not self._queue:
+            if self.closed:
+                return None
+            self._ready.clear()
+            await self._ready.wait()
+        return self._queue.popleft()
+
+
+class LaneHub:
+    """Watchers by lane; publishing never waits."""
+
+    def __init__(self):
+        self._lanes = {}              # (store, lane) -> set of Watchers
+        self.closed = False
+
+    def __len__(self):
+        return sum(len(w) for w in self._lanes.values())
+
+    def watching(self, lane):
+        return bool(self._lanes.get(lane))
+
+    def watch(self, lane):
+        watcher = Watcher(lane)
+        if self.closed:
+            watcher.close()
+        self._lanes.setdefault(lane, set()).add(watcher)
+        return watcher
+
+    def unwatch(self, watcher):
+        watchers = self._lanes.get(watcher.lane)
+        if watchers is not None:
+            watchers.discard(watcher)
+            if not watchers:
+                del self._lanes[watcher.lane]
+
+    def publish(self, lane, event):
+        for watcher in self._lanes.get(lane, ()):
+            watcher.put(event)
+
+    def close(self):
+        """Ends every watch (the server is stopping)."""
+        self.closed = True
+        for watchers in self._lanes.values():
+            for watcher in watchers:
+                watcher.close()
