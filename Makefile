@@ -1,5 +1,6 @@
-# Kopilka: `make test`, `make bench`. Each sets up what it needs on a fresh
-# Debian machine: system packages, .venv, the Cython kernel.
+# Kopilka: `make test`, `make serve`, `make demo`, `make bench`. Each sets up
+# what it needs on a fresh Debian machine: system packages, .venv, the Cython
+# kernel.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,8 +9,11 @@ KERNEL := kernel/_ledger.pyx kernel/_lmdb.pxi
 PROTOS := $(wildcard proto/kopilka/v1/*.proto)
 APT_PACKAGES := liblmdb-dev libsodium-dev gcc python3-dev python3-venv
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+KOPILKA := $(BIN)/kopilka
+DATA ?= ./data
+LISTEN ?= 127.0.0.1:50051
 
-.PHONY: test bench system-deps build proto clean
+.PHONY: test bench serve demo system-deps build proto clean
 
 test: build
 	$(BIN)/python -m pytest tests
@@ -17,6 +21,28 @@ test: build
 bench: build
 	$(BIN)/python -m pytest benchmarks --benchmark-enable --benchmark-only \
 		-p no:cacheprovider -s $(BENCH_ARGS)
+
+# First run: `kopilka init` creates $(DATA) with the example program and an
+# admin token (and changes nothing when they exist), then the server runs on
+# loopback without TLS until Ctrl-C or SIGTERM.
+serve: build
+	@$(KOPILKA) init --data $(DATA)
+	@echo
+	@echo "Kopilka on $(LISTEN), no TLS (--insecure: loopback, local development only)"
+	@echo "  admin token  $(DATA)/admin.token"
+	@echo "  try it       make demo    (in another terminal; or $(KOPILKA) demo)"
+	@echo "  the CLI      $(KOPILKA) --help    (member get, card block, adjust, audit, ...)"
+	@echo "  grpcurl      grpcurl -plaintext $(LISTEN) list    (server reflection)"
+	@echo "               grpcurl -plaintext -H \"authorization: Bearer \$$(cat $(DATA)/admin.token)\" \\"
+	@echo "                 -d '{\"name\": \"programs/1\"}' $(LISTEN) kopilka.v1.Programs/GetProgram"
+	@echo "  stop         Ctrl-C: what is queued is committed first"
+	@echo
+	@exec $(KOPILKA) serve --insecure --data $(DATA) --listen $(LISTEN)
+
+# A scripted checkout against the server `make serve` runs. It does not
+# rebuild the kernel, which the running server has loaded.
+demo: $(INSTALLED) proto
+	@$(KOPILKA) demo --server $(LISTEN) --data $(DATA)
 
 # System packages the build needs, installed only when missing.
 system-deps:

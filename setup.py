@@ -5,7 +5,7 @@ import importlib.util
 from pathlib import Path
 
 from Cython.Build import cythonize
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 
 HERE = Path(__file__).resolve().parent
 PACKAGES = ["core", "kernel", "servers", "hwd"]
@@ -36,7 +36,9 @@ kernel = Extension(
 )
 
 setup(
-    packages=["kopilka"] + [f"kopilka.{name}" for name in PACKAGES] + list(GENERATED),
+    packages=["kopilka"] + [f"kopilka.{name}{sub}" for name in PACKAGES
+                            for sub in ["", *(f".{p}" for p in find_packages(name))]]
+             + list(GENERATED),
     package_dir={"kopilka": "kopilka", **{f"kopilka.{n}": n for n in PACKAGES},
                  **GENERATED},
     package_data={"kopilka.v1": ["*.pyi"]},
