@@ -38,6 +38,23 @@ class _VarintReader:
         return (value >> 1) ^ -(value & 1)
 
 
+def _varints(data):
+    """Every unsigned varint of `data`, decoded in one pass."""
+    out, result, shift = [], 0, 0
+    for byte in data:
+        result |= (byte & 0x7F) << shift
+        if byte & 0x80:
+            shift += 7
+        else:
+            if result >> 64:
+                raise ValueError("varint too long")
+            out.append(result)
+            result = shift = 0
+    if shift:
+        raise IndexError("truncated varint")
+    return out
+
+
 @dataclass
 class Lot:
     lot_no: int
@@ -77,20 +94,25 @@ class Account:
     @classmethod
     def decode(cls, data):
         """See records.py for the layout."""
-        r = _VarintReader(data)
-        program, status, n_lots, n_holds, next_lot, next_hold = (
-            r.uv(), r.uv(), r.uv(), r.uv(), r.uv(), r.uv())
+        v = _varints(data)
+        program, status, n_lots, n_holds, next_lot, next_hold = v[:6]
         balance, debt, held, earned, spent, expired, opened_at = (
-            r.zz(), r.zz(), r.zz(), r.zz(), r.zz(), r.zz(), r.zz())
-        tier = r.uv()
-        lots, previous = [], 0
+            (x >> 1) ^ -(x & 1) for x in v[6:13])
+        tier = v[13]
+        lots, previous, i = [], 0, 14
         for _ in range(n_lots):
-            lot_no, partner, remaining = r.uv(), r.uv(), r.zz()
-            expires_at = previous + r.uv()
-            lots.append(Lot(lot_no, partner, remaining, expires_at - r.uv(),
-                            expires_at))
+            lot_no, partner, remaining, delta, window = v[i:i + 5]
+            i += 5
+            expires_at = previous + delta
+            lots.append(Lot(lot_no, partner, (remaining >> 1) ^ -(remaining & 1),
+                            expires_at - window, expires_at))
             previous = expires_at
-        holds = [Hold(r.uv(), r.zz(), r.zz()) for _ in range(n_holds)]
+        holds = []
+        for _ in range(n_holds):
+            hold_no, amount, expires_at = v[i:i + 3]
+            i += 3
+            holds.append(Hold(hold_no, (amount >> 1) ^ -(amount & 1),
+                              (expires_at >> 1) ^ -(expires_at & 1)))
         return cls(program, status, next_lot, next_hold, balance, debt, held,
                    earned, spent, expired, opened_at, tier, lots, holds)
 

@@ -75,16 +75,39 @@ class Checkout(checkout_pb2_grpc.CheckoutServicer):
         await self.backend.apply(batch, context)
 
     async def Post(self, request, context):
-        """Every operation prepared, then one commit for all, results in order."""
+        """Every operation prepared, then one commit for all, results in order.
+
+        An operation that depends on one still pending (a capture or void of
+        a hold, a refund of a receipt, or any operation of a member, placed
+        earlier in this request) is prepared only after what is pending is
+        committed, so the request applies as if one by one."""
         if not 1 <= len(request.operations) <= MAX_POST:
             raise invalid([("operations", f"must hold 1 to {MAX_POST} operations")])
         b = self.backend
         results = [None] * len(request.operations)
         pending, batch, follow = [], Batch(), Batch()
+        touched = set()  # what the pending operations change
         seen = set()
+
+        async def flush():
+            outcome = await b.apply(batch, context)
+            for (i, which, prepared), result in zip(pending, outcome):
+                if result.code != Code.OK:
+                    err = b.refusal(result.code, prepared.field_of)
+                    results[i] = checkout_pb2.PostResult(status=err.to_proto())
+                    continue
+                results[i] = _result(which, prepared.finish(result))
+                follow.extend(prepared.follow_up)
+            pending.clear()
+            touched.clear()
+            return Batch()
+
         for i, op in enumerate(request.operations):
             which = op.WhichOneof("operation")
             prefix = f"operations[{i}].{which}."
+            keys = _keys(b, which, getattr(op, which)) if which else set()
+            if pending and not keys.isdisjoint(touched):
+                batch = await flush()
             try:
                 if which is None:
                     raise invalid([(f"operations[{i}]", "set one operation")])
@@ -105,18 +128,41 @@ class Checkout(checkout_pb2_grpc.CheckoutServicer):
             else:
                 pending.append((i, which, prepared))
                 batch.extend(prepared.batch)
+                touched.update(keys)
+                touched.add(("op", message.operation_id))
         if pending:
-            outcome = await b.apply(batch, context)
-            for (i, which, prepared), result in zip(pending, outcome):
-                if result.code != Code.OK:
-                    err = b.refusal(result.code, prepared.field_of)
-                    results[i] = checkout_pb2.PostResult(status=err.to_proto())
-                    continue
-                results[i] = _result(which, prepared.finish(result))
-                follow.extend(prepared.follow_up)
+            await flush()
         if len(follow):
             await self._follow_up(follow, context)
         return checkout_pb2.PostResponse(results=results)
+
+
+def _keys(backend, which, message):
+    """What an operation of a Post reads that an earlier one may change: its
+    member's account, and the hold or receipt it names. Best effort: what
+    cannot be resolved here fails in the operation's prepare_* anyway."""
+    keys = set()
+    if which in ("hold", "capture"):
+        customer = message.WhichOneof("customer")
+        if customer == "card_number" and message.card_number:
+            found = backend.ledger.card(message.card_number.encode())
+            if found is not None:
+                keys.add(("member", found[0]))
+        elif customer == "member":
+            try:
+                keys.add(("member", convert.parse_member(message.member, "member")[1]))
+            except ApiError:
+                pass
+    named = (message.hold_operation_id if which in ("capture", "void")
+             else message.original_operation_id if which == "refund" else "")
+    if named:
+        keys.add(("op", named))
+        if which != "capture":  # the account a void or refund changes
+            stored = named.encode() if which == "void" else capture_id(named.encode())
+            record = backend.ledger.operation(stored) if len(stored) <= 128 else None
+            if record is not None:
+                keys.add(("member", record.account))
+    return keys
 
 
 _PREPARE = {"hold": prepare_hold, "capture": prepare_capture, "void": prepare_void,

@@ -184,3 +184,32 @@ def test_post_applies_each_operation_on_its_own(srv):
     assert out.results[2].capture.earned_points == 100  # 10 per 100 rubles
     again = admin.Post(pb.PostRequest(operations=ops[:1]))
     assert again.results[0].hold.replayed
+
+
+def test_post_applies_in_order_as_if_one_by_one(srv):
+    """A capture may name a hold placed earlier in the same Post, a refund a
+    receipt captured earlier in it, and a member's later receipts are priced
+    against what the earlier ones left."""
+    admin = srv.stub(checkout_pb2_grpc.CheckoutStub, "admin")
+    open_member(srv, 1, "c1", card="7001", points=100)
+    r = receipt(srv, ("groceries", 1, 100_000))
+    ops = [pb.PostOperation(hold=pb.HoldRequest(operation_id="q/h1", lane=LANE,
+                                                card_number="7001", points=60)),
+           pb.PostOperation(capture=pb.CaptureRequest(
+               operation_id="q/c1", lane=LANE, card_number="7001", receipt=r,
+               spend_points=50, hold_operation_id="q/h1")),
+           pb.PostOperation(capture=pb.CaptureRequest(
+               operation_id="q/c2", lane=LANE, card_number="7001", receipt=r,
+               spend_points=50)),
+           pb.PostOperation(refund=pb.RefundRequest(
+               operation_id="q/r1", lane=LANE, original_operation_id="q/c1",
+               whole_receipt=True))]
+    out = admin.Post(pb.PostRequest(operations=ops))
+    codes = [res.status.code for res in out.results]
+    assert codes == [0, 0, 0, 0], [res.status.message for res in out.results]
+    assert out.results[1].capture.spent_points == 50
+    assert out.results[1].capture.released_points == 10
+    assert out.results[2].capture.balances.available_points == 0
+    assert out.results[3].refund.returned_points == 50
+    assert out.results[3].refund.balances.available_points == 50
+    assert srv.server.ledger.audit() == []

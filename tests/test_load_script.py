@@ -1,0 +1,24 @@
+"""benchmarks/load.py end to end, briefly: it seeds a ledger, starts the
+echo server and the real server, drives every phase, and prints the figures."""
+
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_load_script_runs_every_phase():
+    run = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "load.py"), "--mode", "all",
+         "--duration", "1", "--clients", "4", "--members", "200",
+         "--batch", "200"],  # Posts of 1,000 take seconds on a busy machine
+        check=False, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = run.stdout
+    for figure in ("echo: bare gRPC", "unary checkout:", "batch: Post of 200",
+                   "checkouts/s", "durable ops/s", "% of echo", "p99.9 ms"):
+        assert figure in out, out
+    for rpc in ("quote", "hold", "capture", "echo"):
+        assert f"\n  {rpc} " in out, out
+    assert "errors: none" in out and "FAILED" not in out, out
