@@ -20,5 +20,15 @@ The runtime around them:
   parser, dedup, a sink for accepted reads; reconnects with capped, jittered
   backoff; a health snapshot;
 - `spool`: the durable, bounded queue of reads awaiting the core's
-  acknowledgement (SQLite, WAL, synchronous=FULL).
+  acknowledgement (SQLite, WAL, synchronous=FULL);
+- `uplink`: the spool streamed to the core over `Store.StreamCardReads`
+  (grpc.aio), a read removed only once acknowledged, reconnecting with
+  capped jittered backoff (`backoff`), stale reads dropped;
+- `daemon`: readers -> double-swipe filter -> spool -> uplink, with the
+  health snapshot that `status` writes to a file and `metrics` serves to
+  Prometheus.
+
+Around them: `config` (the store's TOML file, checked strictly), `cli`
+(`kopilka hwd run | check | simulate | status`) and `simulate` (virtual
+readers on pseudo-terminals and a swipe generator, against a real core).
 """

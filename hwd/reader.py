@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 
 import serial
 
+from .backoff import full_jitter
 from .events import CardRead, LaneRead, Reject
 from .parser import Parser
 
@@ -137,9 +138,7 @@ class SerialSettings:
 
     def backoff(self, attempt, rng):
         """The delay before connection attempt `attempt` + 1 (full jitter)."""
-        ceiling = self.backoff_cap if attempt >= 64 else \
-            min(self.backoff_cap, self.backoff_base * 2 ** attempt)
-        return rng.random() * ceiling
+        return full_jitter(attempt, self.backoff_base, self.backoff_cap, rng)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,10 @@ Every accepted read goes into the spool before it is sent; it leaves only
 when the core acknowledged it (`ack`), or when it grew too old to be worth
 sending (`drop_stale`). While the core is unreachable the spool fills; on
 reconnect `pending` gives the reads back oldest first, and resending one
-the core already took is harmless (it de-duplicates by read id).
+the core already took is harmless (it de-duplicates by read id). The
+uplink reads it through a cursor (`pending_after`: the reads after those
+already in flight on its stream) and removes each acknowledgement
+message's reads in one transaction (`ack_many`: one fsync, not one per read).
 
 Storage: SQLite in WAL mode with ``synchronous = FULL``, one table ordered
 by an AUTOINCREMENT sequence. Chosen over LMDB because the spool is a small
@@ -95,6 +98,40 @@ class Spool:
             rows = self._db.execute(
                 f"SELECT {_COLUMNS} FROM reads ORDER BY seq LIMIT ?", (limit,)).fetchall()
         return [LaneRead(*row) for row in rows]
+
+    def pending_after(self, seq, limit=500):
+        """[(seq, read)] of the oldest `limit` reads spooled after `seq`, oldest first.
+
+        The uplink's cursor: reads already sent on the open stream (up to
+        `seq`) stay spooled until acknowledged, and are not sent twice on it."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT seq, {_COLUMNS} FROM reads WHERE seq > ? ORDER BY seq LIMIT ?",
+                (seq, limit)).fetchall()
+        return [(row[0], LaneRead(*row[1:])) for row in rows]
+
+    def ack_many(self, read_ids):
+        """Remove acknowledged reads in one transaction (one fsync); how many went."""
+        read_ids = list(read_ids)
+        if not read_ids:
+            return 0
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = self._db.executemany("DELETE FROM reads WHERE read_id = ?",
+                                           [(r,) for r in read_ids])
+                removed = cur.rowcount
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._depth -= removed
+            return removed
+
+    def oldest_read_us(self):
+        """The read time of the oldest spooled read, or None when empty."""
+        with self._lock:
+            return self._db.execute("SELECT MIN(read_time_us) FROM reads").fetchone()[0]
 
     def ack(self, read_id):
         """Remove an acknowledged read; False when it was not spooled (any more)."""
