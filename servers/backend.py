@@ -16,11 +16,12 @@ import hashlib
 import json
 
 from kopilka.core.batch import Batch
+from kopilka.core.reads import balances_of
 from kopilka.core.receipt import Member
 from kopilka.core.records import Code, CardStatus, MapFullError
 
 from . import convert
-from .status import ApiError, from_kernel, server
+from .status import ApiError, from_kernel, invalid, server
 from .writer import DeadlineExceeded, WriterClosed
 
 
@@ -118,7 +119,8 @@ class Backend:
         return account
 
     def customer(self, request, field_prefix=""):
-        """(program, account id, card bytes) of a request's `customer` oneof.
+        """(program, account id, card bytes, Account) of a request's
+        `customer` oneof, read once for the whole request.
 
         A card is resolved here for pricing; the kernel checks it again in
         the operation's own transaction (a card blocked meanwhile fails)."""
@@ -126,8 +128,7 @@ class Backend:
         if which == "member":
             field = field_prefix + "member"
             program, account_id = convert.parse_member(request.member, field)
-            self.account(program, account_id, field)
-            return program, account_id, b""
+            return program, account_id, b"", self.account(program, account_id, field)
         if which == "card_number":
             field = field_prefix + "card_number"
             card = convert.identifier(request.card_number, field)
@@ -139,18 +140,17 @@ class Backend:
             if status != CardStatus.ACTIVE:
                 raise from_kernel(Code.CARD_BLOCKED)
             account = self.ledger.account(account_id)
-            return account.program, account_id, card
-        raise convert.invalid([(field_prefix + "customer",
-                                "set member or card_number")])
+            return account.program, account_id, card, account
+        raise invalid([(field_prefix + "customer", "set member or card_number")])
 
     def balances(self, account_id, now=None):
         now = self.clock() if now is None else now
         b = self.ledger.balances(account_id, now)
         return convert.balances(b, now) if b is not None else None
 
-    def member_context(self, account_id, card=b"", held=0, now=None):
-        """The pricing engine's view of a member, read now."""
+    def member_context(self, account_id, account, card=b"", held=0, now=None):
+        """The pricing engine's view of a member (its Account as read)."""
         now = self.clock() if now is None else now
-        b = self.ledger.balances(account_id, now)
+        b = balances_of(account_id, account, now)
         return Member(available=b.available, held=held, account=account_id,
                       card=card)

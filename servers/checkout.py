@@ -30,11 +30,11 @@ class Checkout(checkout_pb2_grpc.CheckoutServicer):
         b = self.backend
         store, lane = convert.parse_lane(request.lane)
         auth.require_store(store)
-        program_id, account, card = b.customer(request)
+        program_id, account, card, record = b.customer(request)
         program = b.program(program_id, "member").program
         receipt = receipts.receipt(request.receipt, store, lane, program.currency)
         now = b.clock()
-        member = b.member_context(account, card, 0, now)
+        member = b.member_context(account, record, card, 0, now)
         q = receipts.check(lambda: quote(program, receipt, member, now), "receipt")
         spend = request.spend_points if request.HasField("spend_points") else None
         if spend is not None and not 0 <= spend <= q.max_spend:
@@ -44,26 +44,30 @@ class Checkout(checkout_pb2_grpc.CheckoutServicer):
                                        spend)
 
     async def Hold(self, request, context):
-        return await self._one(prepare_hold(self.backend, request), context)
+        return await self._one(prepare_hold, request, context)
 
     async def Capture(self, request, context):
-        return await self._one(prepare_capture(self.backend, request), context)
+        return await self._one(prepare_capture, request, context)
 
     async def Void(self, request, context):
-        return await self._one(prepare_void(self.backend, request), context)
+        return await self._one(prepare_void, request, context)
 
     async def Refund(self, request, context):
         key = request.original_operation_id
         lock = self._receipt_locks.setdefault(key, asyncio.Lock())
         async with lock:
-            return await self._one(prepare_refund(self.backend, request), context)
+            return await self._one(prepare_refund, request, context)
 
-    async def _one(self, prepared, context):
+    async def _one(self, prepare, request, context):
+        prepared = prepare(self.backend, request)
         if prepared.answer is None:
             result = (await self.backend.apply(prepared.batch, context))[0]
             if result.code != Code.OK:
-                raise self.backend.refusal(result.code, prepared.field_of)
-            prepared.answer = prepared.finish(result)
+                prepared = _raced(prepare, self.backend, request, "", result, prepared)
+                if prepared.answer is None:
+                    raise self.backend.refusal(result.code, prepared.field_of)
+            else:
+                prepared.answer = prepared.finish(result)
         if len(prepared.follow_up):
             await self._follow_up(prepared.follow_up, context)
         return prepared.answer
@@ -92,12 +96,23 @@ class Checkout(checkout_pb2_grpc.CheckoutServicer):
         async def flush():
             outcome = await b.apply(batch, context)
             for (i, which, prepared), result in zip(pending, outcome):
-                if result.code != Code.OK:
-                    err = b.refusal(result.code, prepared.field_of)
-                    results[i] = checkout_pb2.PostResult(status=err.to_proto())
+                if result.code == Code.OK:
+                    results[i] = _result(which, prepared.finish(result))
+                    follow.extend(prepared.follow_up)
                     continue
-                results[i] = _result(which, prepared.finish(result))
-                follow.extend(prepared.follow_up)
+                message = getattr(request.operations[i], which)
+                try:
+                    prepared = _raced(_PREPARE[which], b, message,
+                                      f"operations[{i}].{which}.", result, prepared)
+                except ApiError as err:
+                    prepared, failure = None, err
+                else:
+                    failure = b.refusal(result.code, prepared.field_of)
+                if prepared is not None and prepared.answer is not None:
+                    results[i] = _result(which, prepared.answer)
+                    follow.extend(prepared.follow_up)
+                else:
+                    results[i] = checkout_pb2.PostResult(status=failure.to_proto())
             pending.clear()
             touched.clear()
             return Batch()
@@ -135,6 +150,18 @@ class Checkout(checkout_pb2_grpc.CheckoutServicer):
         if len(follow):
             await self._follow_up(follow, context)
         return checkout_pb2.PostResponse(results=results)
+
+
+def _raced(prepare, backend, request, prefix, result, prepared):
+    """After OPERATION_ID_REUSED: a copy of this very request (a client's
+    retry racing its original) may have committed first, its operation
+    encoded a moment apart; prepared again, the request finds it and gets
+    its answer. Otherwise the refusal stands (`answer` stays None)."""
+    if result.code == Code.OP_ID_REUSED:
+        again = prepare(backend, request, prefix)
+        if again.answer is not None:
+            return again
+    return prepared
 
 
 def _keys(backend, which, message):

@@ -18,9 +18,10 @@ returned so far: that is what the next per-line refund prices against.
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
-from kopilka.core.allocation import Allocation, refund_lines, refund_referral
+from kopilka.core.allocation import (Allocation, LineShare, refund_lines,
+                                     refund_referral)
 from kopilka.core.batch import Batch
 from kopilka.core.pricing import SpendError, quote, settle_quote
 from kopilka.core.records import MAX_OP_ID, Code, HoldState
@@ -87,7 +88,7 @@ def prepare_hold(backend, request, prefix=""):
             raise invalid([(prefix + "hold_duration",
                             f"must be more than 0 and at most {MAX_HOLD_SECONDS} s")],
                           "TIME_INVALID")
-    program, account, card = backend.customer(request, prefix)
+    program, account, card, _ = backend.customer(request, prefix)
     backend.program(program, prefix + "member")
     expires_at = backend.clock() + int(seconds * 1_000_000)
     batch = Batch().hold(op_id, 0 if card else account, request.points,
@@ -128,12 +129,13 @@ def prepare_capture(backend, request, prefix=""):
     kernel_id = capture_id(op_id)
     if first is not None:
         record, answer = first
-        return Prepared(answer=_capture_answer(backend, record, answer, True),
+        return Prepared(answer=_capture_answer(backend, _Figures.of(record), answer,
+                                               True),
                         follow_up=_referral(answer))
     if request.spend_points < 0:
         raise invalid([(prefix + "spend_points", "must not be negative")],
                       "AMOUNT_INVALID")
-    program_id, account, card = backend.customer(request, prefix)
+    program_id, account, card, record = backend.customer(request, prefix)
     entry = backend.program(program_id, prefix + "member")
     program = entry.program
     receipt = receipts.receipt(request.receipt, store, lane, program.currency,
@@ -142,16 +144,16 @@ def prepare_capture(backend, request, prefix=""):
     if request.hold_operation_id:
         hold = convert.operation_id(request.hold_operation_id,
                                     prefix + "hold_operation_id")
-        held = _open_hold(backend, hold, account)
+        held = _open_hold(backend, hold, account, record)
     now = backend.clock()
-    member = backend.member_context(account, card, held, now)
+    member = backend.member_context(account, record, card, held, now)
     q = receipts.check(lambda: quote(program, receipt, member, now), prefix + "receipt")
     answer = {"rq": digest, "t": now, "cur": program.currency, "held": held,
               "disc": q.discount + q.coupon, "act": q.activates_at,
               "exp": q.expires_at}
 
     def annotate(allocation, referral):
-        answer["al"] = allocation.to_dict()
+        answer["al"] = allocation_data(allocation)
         answer["ref"] = referral
         return pack(answer)
     try:
@@ -162,17 +164,49 @@ def prepare_capture(backend, request, prefix=""):
     if not len(settlement.batch):
         raise invalid([(prefix + "receipt.lines", "the receipt has no money to record "
                                                   "and spends no points")])
+    figures = _Figures(program_id, account, q.partner, settlement.spend,
+                       settlement.earn, settlement.paid)
 
     def finish(result):
-        record = backend.ledger.operation(kernel_id)
-        return _capture_answer(backend, record, unpack(record.data),
-                               bool(result.replayed))
+        if result.replayed:  # a racing copy of this request committed first
+            record = backend.ledger.operation(kernel_id)
+            return _capture_answer(backend, _Figures.of(record), unpack(record.data),
+                                   True)
+        return _capture_answer(backend, figures, answer, False,
+                               settlement.allocation)
     return Prepared(batch=settlement.batch, finish=finish,
                     follow_up=settlement.after,
                     field_of=_fields(CAPTURE_EXCEEDS_HOLD=prefix + "spend_points"))
 
 
-def _open_hold(backend, hold, account):
+class _Figures(NamedTuple):
+    """What a capture's answer reports: known when it is prepared, or read
+    back from its stored record on a retry."""
+    program: int
+    account: int
+    partner: int
+    spent: int
+    earned: int
+    money: int
+
+    @classmethod
+    def of(cls, record):
+        return cls(record.program, record.account, record.partner, record.spent,
+                   record.earned, record.money)
+
+
+def allocation_data(allocation):
+    """An Allocation as compact JSON-able data: lines as rows, not objects."""
+    return {"v": allocation.version, "c": allocation.capture,
+            "r": allocation.referral_op, "l": [list(s) for s in allocation.lines]}
+
+
+def allocation_of(data):
+    return Allocation(data["c"], data["r"], data["v"],
+                      tuple(LineShare(*row) for row in data["l"]))
+
+
+def _open_hold(backend, hold, account_id, account):
     """Points the hold reserves; the hold's own refusal when it is not open."""
     record = backend.ledger.operation(hold)
     if record is None or record.kind != 9:  # Kind.HOLD
@@ -182,9 +216,9 @@ def _open_hold(backend, hold, account):
         raise from_kernel(Code.HOLD_CAPTURED)
     if record.hold_state == HoldState.VOIDED:
         raise from_kernel(Code.HOLD_VOIDED)
-    if record.account != account:
+    if record.account != account_id:
         raise invalid([("hold_operation_id", "the hold is another member's")])
-    held = _held(backend, record)
+    held = next((h.amount for h in account.holds if h.hold_no == record.hold_no), 0)
     if not held:
         raise from_kernel(Code.HOLD_EXPIRED)
     return held
@@ -216,23 +250,23 @@ def _referral(answer):
     return batch
 
 
-def _capture_answer(backend, record, answer, replayed):
+def _capture_answer(backend, f, answer, replayed, allocation=None):
     cur = answer["cur"]
-    allocation = Allocation.from_dict(answer["al"])
+    allocation = allocation or allocation_of(answer["al"])
     out = checkout_pb2.CaptureResponse(
-        member=convert.member_name(record.program, record.account),
-        program_version=convert.version_name(record.program, allocation.version),
-        partner=convert.partner_name(record.program, record.partner),
-        replayed=replayed, spent_points=record.spent, earned_points=record.earned,
-        released_points=max(0, answer["held"] - record.spent),
-        paid=convert.money(record.money, cur), discount=convert.money(answer["disc"], cur),
+        member=convert.member_name(f.program, f.account),
+        program_version=convert.version_name(f.program, allocation.version),
+        partner=convert.partner_name(f.program, f.partner),
+        replayed=replayed, spent_points=f.spent, earned_points=f.earned,
+        released_points=max(0, answer["held"] - f.spent),
+        paid=convert.money(f.money, cur), discount=convert.money(answer["disc"], cur),
         lines=[checkout_pb2.SettledLine(
             line_number=s.number, quantity=s.quantity,
             discount=convert.money(s.discount, cur), spent_points=s.spent,
             earned_points=s.earned, paid=convert.money(s.paid, cur))
             for s in allocation.lines],
-        balances=backend.balances(record.account))
-    if record.earned:
+        balances=backend.balances(f.account))
+    if f.earned:
         convert.set_time(out, "earn_activate_time", answer["act"])
         convert.set_time(out, "earn_expire_time", answer["exp"])
     convert.set_time(out, "operation_time", answer["t"])
@@ -291,7 +325,7 @@ def prepare_refund(backend, request, prefix=""):
         return Prepared(answer=_refund_answer(backend, record, answer, True),
                         follow_up=_clawback(answer))
     kernel_id, original, capture, already = original_of(backend, request, prefix)
-    allocation = Allocation.from_dict(capture["al"])
+    allocation = allocation_of(capture["al"])
     scope = request.WhichOneof("scope")
     if scope == "lines":
         returns = []

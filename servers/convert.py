@@ -19,6 +19,7 @@ INT64_MAX = (1 << 63) - 1
 _PROGRAM = re.compile(r"programs/([1-9][0-9]{0,9})")
 _MEMBER = re.compile(r"programs/([1-9][0-9]{0,9})/members/([1-9][0-9]{0,18})")
 _LANE = re.compile(r"stores/([1-9][0-9]{0,9})/lanes/([1-9][0-9]{0,9})")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _PARTNER = re.compile(r"programs/([1-9][0-9]{0,9})/partners/([1-9][0-9]{0,9})")
 
 
@@ -73,7 +74,7 @@ def lane_name(store, lane):
 def operation_id(value, field="operation_id"):
     """The idempotency key's bytes: 1 to 128 bytes of UTF-8, no controls."""
     raw = value.encode()
-    if not 1 <= len(raw) <= 128 or any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if not 1 <= len(raw) <= 128 or _CONTROL.search(value):
         raise invalid([(field, "must be 1 to 128 bytes of UTF-8 text without "
                                "control characters")], reason="OPERATION_ID_INVALID")
     return raw
@@ -82,7 +83,7 @@ def operation_id(value, field="operation_id"):
 def identifier(value, field, limit=128):
     """A card number or external id: 1 to `limit` bytes, no controls."""
     raw = value.encode()
-    if not 1 <= len(raw) <= limit or any(ord(c) < 32 or ord(c) == 127 for c in value):
+    if not 1 <= len(raw) <= limit or _CONTROL.search(value):
         raise invalid([(field, f"must be 1 to {limit} bytes of text")],
                       reason="IDENTIFIER_INVALID")
     return raw

@@ -213,3 +213,29 @@ def test_post_applies_in_order_as_if_one_by_one(srv):
     assert out.results[3].refund.returned_points == 50
     assert out.results[3].refund.balances.available_points == 50
     assert srv.server.ledger.audit() == []
+
+
+def test_a_retry_racing_its_original_gets_the_first_answer(srv, pos):
+    """A copy of the request commits between this one's encoding and its
+    commit, with other bytes (the hold's expiry comes from the clock): this
+    one is refused by the ledger as a reused id, and answers with the
+    copy's result instead of OPERATION_ID_REUSED."""
+    from kopilka.core.batch import Batch
+    from kopilka.servers.backend import pack, request_digest
+    open_member(srv, 1, "c1", card="7001", points=100)
+    request = pb.HoldRequest(operation_id="race/h1", lane=LANE, card_number="7001",
+                             points=30)
+    backend = srv.server.backend
+    apply = backend.apply
+    copy = Batch().hold("race/h1", 0, 30, expires_at=srv.clock.now + 1, card=b"7001",
+                        store=42, lane=1, data=pack({"rq": request_digest(request),
+                                                     "e": srv.clock.now + 1, "p": 30}))
+
+    async def racing(batch, context):
+        backend.apply = apply
+        assert (await apply(copy, None))[0].code == 0
+        return await apply(batch, context)
+    backend.apply = racing
+    answer = pos.Hold(request)
+    assert answer.replayed and answer.held_points == 30
+    assert answer.balances.available_points == 70
