@@ -13,6 +13,7 @@ lookup. Watchers' queues are bounded, so a slow POS never holds up the hwd.
 """
 
 import asyncio
+import os
 
 from kopilka.core.reads import balances_of
 from kopilka.core.records import CardStatus, Status
@@ -106,6 +107,11 @@ def _ack(read_id, outcome, error=None):
     return ack
 
 
+def _seen_path(backend):
+    server = getattr(backend, "server", None)
+    return os.path.join(server.config.data, "seen-reads.json") if server else None
+
+
 class Store(store_pb2_grpc.StoreServicer):
     """`max_age` (microseconds) makes a read STALE; tests may set it."""
 
@@ -113,8 +119,8 @@ class Store(store_pb2_grpc.StoreServicer):
 
     def __init__(self, backend):
         self.backend = backend
-        self.seen = SeenReads(backend.clock)
-        self.hub = LaneHub()
+        self.seen = SeenReads(backend.clock, path=_seen_path(backend))
+        self.hub = LaneHub(backend.clock)
         self.streams = 0          # hwd streams open now
         self._stopping = None     # asyncio.Event, made on the loop
 
@@ -127,6 +133,7 @@ class Store(store_pb2_grpc.StoreServicer):
         stops: hwds and POSes reconnect, instead of holding the stop open."""
         self.hub.close()
         self._stopping_event().set()
+        self.seen.save()
 
     def _stopping_event(self):
         if self._stopping is None:
@@ -165,6 +172,9 @@ class Store(store_pb2_grpc.StoreServicer):
             stopped.cancel()
             if not reading.done():
                 reading.cancel()
+            # collected, so a read that ends as the call is cancelled is no
+            # "exception never retrieved"
+            reading.add_done_callback(lambda t: t.cancelled() or t.exception())
         if not reading.done() or reading.cancelled():
             raise server("SHUTTING_DOWN", "the server is shutting down")
         try:
@@ -187,8 +197,9 @@ class Store(store_pb2_grpc.StoreServicer):
         if now - read.read_time.ToMicroseconds() > self.max_age:
             return self._count(_ack(read.read_id, store_pb2.CARD_READ_OUTCOME_STALE))
         self.seen.remember(key)
-        if self.hub.watching((store, lane)):
-            self.hub.publish((store, lane), lane_event(self.backend, read))
+        # kept for a minute even when nobody watches: a POS reconnecting
+        # after a restart still gets the card its customer swiped meanwhile
+        self.hub.publish((store, lane), lane_event(self.backend, read))
         return self._count(_ack(read.read_id, store_pb2.CARD_READ_OUTCOME_ACCEPTED))
 
     def _count(self, ack):

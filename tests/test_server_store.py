@@ -206,12 +206,25 @@ def test_a_slow_watcher_never_holds_up_the_reads(srv, hwd):
 
 
 def test_a_lane_queue_keeps_the_newest_events():
-    hub = LaneHub()
+    hub = LaneHub(lambda: 0)
     watcher = hub.watch((42, 1))
     for i in range(100):
         hub.publish((42, 1), i)
     assert watcher.dropped == 100 - 32
     assert list(watcher._queue) == list(range(68, 100))
+
+
+def test_a_new_watcher_gets_the_lanes_last_minute():
+    """After a restart the hwd may resend its spool before the POS is back."""
+    now = [0]
+    hub = LaneHub(lambda: now[0])
+    hub.publish((42, 1), "old")
+    now[0] += 50_000_000
+    hub.publish((42, 1), "recent")
+    hub.publish((42, 2), "other lane")
+    now[0] += 20_000_000
+    watcher = hub.watch((42, 1))
+    assert list(watcher._queue) == ["recent"]
 
 
 @pytest.mark.parametrize("role, lane, expected", [
@@ -250,6 +263,7 @@ def test_open_streams_are_counted_and_stopping_ends_them(srv, hwd):
     hwd.send(read(srv, "r1"))
     lane = watch(srv)
     next(lane)
+    assert next(lane).WhichOneof("event") == "unknown_card"  # r1, replayed
     stats = srv.stub(admin_pb2_grpc.AdminStub).GetStats(admin_pb2.GetStatsRequest())
     assert (stats.lane_watchers, stats.card_read_streams) == (1, 1)
 
@@ -260,3 +274,17 @@ def test_open_streams_are_counted_and_stopping_ends_them(srv, hwd):
         with pytest.raises(grpc.RpcError) as caught:
             call()
         assert error_info(caught.value) == ("UNAVAILABLE", "SHUTTING_DOWN", [])
+
+
+def test_read_ids_survive_a_clean_restart(tmp_path):
+    from kopilka.servers.lanes import SeenReads
+    path = str(tmp_path / "seen.json")
+    now = [1_000]
+    seen = SeenReads(lambda: now[0], ttl=100, path=path)
+    seen.remember((42, "a"))
+    now[0] += 60
+    seen.remember((42, "b"))
+    seen.save()
+    now[0] += 50   # "a" is now older than the ttl
+    again = SeenReads(lambda: now[0], ttl=100, path=path)
+    assert again.seen((42, "b")) and not again.seen((42, "a"))
