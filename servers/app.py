@@ -110,7 +110,9 @@ class Server:
         self.backend = Backend(self.ledger, self.writer, self.registry, self.clock,
                                c.monotonic, hold_seconds=c.hold_seconds)
         self.backend.server = self
-        self.tokens = TokenFile(c.tokens_path)
+        self.metrics.watch_writer(self.writer)
+        self.metrics.on_ledger(self.ledger.info())
+        self.tokens = TokenFile(c.tokens_path, monotonic=c.monotonic)
         authenticator = Authenticator(self.tokens,
                                       client_certificates=bool(c.client_ca))
         self._server = grpc.aio.server(
@@ -136,10 +138,13 @@ class Server:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.scheduler = Scheduler(self.backend, c.sweep_seconds)
         self.scheduler.start()
+        self.metrics_port = None
         if c.metrics_port is not None:
             self.metrics_http = self.metrics.serve(c.metrics_port)
+            self.metrics_port = self.metrics_http.server_port
         log.info("serving", extra={"fields": {
             "listen": c.listen, "port": self.port, "data": c.data,
+            "metrics_port": self.metrics_port,
             "tls": not c.insecure, "mutual_tls": bool(c.client_ca),
             "programs": self.registry.ids()}})
         return self.port
@@ -148,6 +153,8 @@ class Server:
         """The writer's hook, on the writer thread: metrics, then wake the
         feed's subscribers."""
         self.metrics.on_commit(stats)
+        if stats.operations:
+            self.metrics.on_ledger(self.ledger.info())
         feed = getattr(self, "services", {}).get("Feed")
         if feed is not None and stats.operations:
             feed.notifier.notify()
@@ -182,6 +189,7 @@ class Server:
         self.ledger.close()
         if getattr(self, "metrics_http", None) is not None:
             self.metrics_http.shutdown()
+            self.metrics_http.server_close()   # the port, too
         log.info("stopped")
         self._done.set()
 

@@ -18,13 +18,16 @@ import contextvars
 import hashlib
 import hmac
 import json
+import logging
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass, field
 
 from .status import server
 
+log = logging.getLogger("kopilka.auth")
 ROLES = ("admin", "pos", "hwd", "integration")
 PUBLIC = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -61,7 +64,7 @@ def allowed(method):
 @dataclass(frozen=True)
 class Principal:
     role: str
-    stores: frozenset = field(default_factory=frozenset)  # empty: every store
+    stores: frozenset = field(default_factory=frozenset)  # pos, hwd: theirs only
     name: str = ""   # the token id or certificate subject, for logs
 
     def may_use_store(self, store):
@@ -148,7 +151,28 @@ class TokenFile:
             stamp = None
         if stamp != self._stamp:
             self._stamp = stamp
-            self._tokens = {r["id"]: r for r in self._read()}
+            self._tokens = self._load()
+
+    def _load(self):
+        """The usable records by id. An unreadable file accepts no token (fail
+        closed: a revocation by hand-editing must never be silently ignored);
+        a malformed record is skipped. Both are logged."""
+        try:
+            records = self._read()
+            if not isinstance(records, list):
+                raise ValueError("tokens must be a list")
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.error("tokens file unreadable: no token is accepted until it is "
+                      "fixed", extra={"fields": {"path": self.path, "error": str(e)}})
+            return {}
+        tokens = {}
+        for number, r in enumerate(records):
+            if _usable(r):
+                tokens[r["id"]] = r
+            else:
+                log.error("tokens file: record skipped (malformed)", extra={
+                    "fields": {"path": self.path, "record": number}})
+        return tokens
 
     def verify(self, text):
         """The Principal of a token text, or None."""
@@ -162,26 +186,92 @@ class TokenFile:
         return Principal(record["role"], frozenset(record["stores"]), record["id"])
 
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+_STORE_OU = re.compile(r"store-([1-9][0-9]{0,9})")
+
+
+def _usable(record):
+    """Whether a tokens-file record has what `verify` relies on."""
+    return (isinstance(record, dict) and isinstance(record.get("id"), str)
+            and record.get("role") in ROLES
+            and isinstance(record.get("sha256"), str)
+            and _SHA256.fullmatch(record["sha256"]) is not None
+            and isinstance(record.get("stores"), list)
+            and all(isinstance(s, int) and not isinstance(s, bool)
+                    for s in record["stores"]))
+
+
+def subject_attributes(subject):
+    """(type, value) pairs of an RFC 2253 distinguished name (what gRPC gives
+    as `x509_subject`), escapes honoured: `CN=till\\, OU=admin` is one
+    common name, never an OU. Raises ValueError when it cannot be parsed."""
+    if isinstance(subject, str):
+        subject = subject.encode()
+    pairs, key, value, i = [], None, bytearray(), 0
+    while i < len(subject):
+        c = subject[i:i + 1]
+        if c == b"\\":
+            pair = subject[i + 1:i + 3]
+            if len(pair) == 2 and set(pair) <= _HEX:
+                value.append(int(pair, 16))
+                i += 3
+            elif pair:
+                value += pair[:1]
+                i += 2
+            else:
+                raise ValueError("a subject ends in a lone backslash")
+            continue
+        if key is None:
+            if c == b"=":
+                key, value = value.decode().strip(), bytearray()
+            elif c in (b",", b"+", b";"):
+                raise ValueError("an attribute without a type")
+            else:
+                value += c
+        elif c in (b",", b"+", b";"):
+            pairs.append((key, value.decode()))
+            key, value = None, bytearray()
+        else:
+            value += c
+        i += 1
+    if key is None:
+        if value.strip():
+            raise ValueError("an attribute without a type")
+    else:
+        pairs.append((key, value.decode()))
+    return pairs
+
+
 def from_certificate(auth_context):
     """The Principal of a verified client certificate (mutual TLS), or None.
 
     The subject's OU entries carry the role and `store-<n>` scopes, e.g. a
-    till server's certificate `CN=pos-42, OU=pos, OU=store-42`."""
+    till server's certificate `CN=pos-42, OU=pos, OU=store-42`. A subject
+    naming no role or several, or a pos or hwd certificate without a store,
+    gives no principal."""
     subjects = auth_context.get("x509_subject") or []
-    if not subjects:
+    if len(subjects) != 1:
         return None
-    role, stores = None, set()
-    for part in subjects[0].decode().split(","):
-        key, _, value = part.strip().partition("=")
-        if key != "OU":
+    try:
+        attributes = subject_attributes(subjects[0])
+    except ValueError:
+        return None
+    roles, stores = set(), set()
+    for key, value in attributes:
+        if key.upper() not in ("OU", "2.5.4.11"):
             continue
         if value in ROLES:
-            role = value
-        elif value.startswith("store-") and value[6:].isdigit():
-            stores.add(int(value[6:]))
-    if role is None:
+            roles.add(value)
+        elif m := _STORE_OU.fullmatch(value):
+            stores.add(int(m[1]))
+    if len(roles) != 1:
         return None
-    return Principal(role, frozenset(stores), subjects[0].decode())
+    role = roles.pop()
+    if role in ("pos", "hwd") and not stores:
+        return None
+    return Principal(role, frozenset(stores),
+                     subjects[0].decode(errors="replace"))
 
 
 class Authenticator:

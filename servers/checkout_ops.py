@@ -212,6 +212,7 @@ def _open_hold(backend, hold, account_id, account):
     if record is None or record.kind != 9:  # Kind.HOLD
         raise from_kernel(Code.HOLD_NOT_FOUND, message="hold_operation_id: no hold "
                           "was placed under this id")
+    auth.require_store(record.store, "hold_operation_id")
     if record.hold_state == HoldState.CAPTURED:
         raise from_kernel(Code.HOLD_CAPTURED)
     if record.hold_state == HoldState.VOIDED:
@@ -280,6 +281,9 @@ def prepare_void(backend, request, prefix=""):
     if first is not None:
         return Prepared(answer=_void_answer(backend, *first, replayed=True))
     hold = convert.operation_id(request.hold_operation_id, prefix + "hold_operation_id")
+    placed = backend.ledger.operation(hold)
+    if placed is not None:   # a hold is voided by a till of the store that placed it
+        auth.require_store(placed.store, prefix + "hold_operation_id")
     batch = Batch().void(op_id, hold, store=store, lane=lane,
                          data=pack({"rq": digest}))
 

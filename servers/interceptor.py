@@ -4,7 +4,8 @@ Authentication needs the call's TLS context (for client certificates), which
 only the handler's context offers, so the interceptor wraps each handler
 rather than deciding from the method name alone. A handler raises
 `ApiError` for a refusal; anything else escaping a handler is a server bug,
-logged with its traceback and answered INTERNAL.
+logged with its traceback (masked, see logs.py) and answered INTERNAL with
+a message that says nothing of it.
 """
 
 import logging
@@ -14,7 +15,7 @@ import grpc
 from grpc_status import rpc_status
 
 from . import auth
-from .status import ApiError
+from .status import ApiError, server
 
 log = logging.getLogger("kopilka.rpc")
 
@@ -44,7 +45,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 self._stream(method, handler.stream_stream),
                 request_deserializer=handler.request_deserializer,
                 response_serializer=handler.response_serializer)
-        return handler  # client streaming: no such RPC in the API
+        # client streaming: none in the API yet, but never let one through
+        # unauthenticated (a handler returned as it is would skip _Call)
+        return grpc.stream_unary_rpc_method_handler(
+            self._unary(method, handler.stream_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer)
 
     def _enter(self, method, context):
         principal = self._auth.check(method, context.invocation_metadata() or (),
@@ -100,17 +106,26 @@ class _Call:
                 await self.interceptor._abort(self.context, self.method, exc)
             elif exc is not None:
                 code = _code_of(exc, self.context)
+                if code is None:   # a server bug
+                    code = "INTERNAL"
+                    log.error("unexpected error in a handler", exc_info=exc,
+                              extra={"fields": {"method": self.method}})
+                    # INTERNAL, not gRPC's UNKNOWN, and nothing of the error
+                    # (it may quote the request: a card number) to the client
+                    await self.context.abort_with_status(rpc_status.to_status(
+                        server("INTERNAL_ERROR",
+                               "internal error; the server logged it").to_proto()))
         finally:
             self.interceptor._count(self.method, code, self.started)
         return False
 
 
 def _code_of(exc, context):
-    """The status an exception ends the call with (an abort, a cancel, a bug)."""
+    """The status an exception ends the call with (an abort, a cancel), or
+    None for a bug."""
     code = context.code() if hasattr(context, "code") else None
     if code is not None and code != grpc.StatusCode.OK:
         return code.name
     if type(exc).__name__ in ("AbortError", "CancelledError"):
         return "CANCELLED"
-    log.exception("unexpected error in a handler")
-    return "INTERNAL"
+    return None

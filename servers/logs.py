@@ -2,8 +2,11 @@
 
 Loggers pass their fields as `extra={"fields": {...}}`; the formatter writes
 them beside the time, level, logger and message. Anything that looks like a
-card number (a run of 8 or more digits) is masked wherever it appears, as a
-second line of defence behind code that never logs one on purpose.
+card number (a run of 8 or more digits) is masked to its last four digits
+wherever it appears, as a second line of defence behind code that never logs
+one on purpose. (Loyalty card numbers are often 11 to 13 digits, EAN-13
+barcodes among them: the first-six-last-four of payment cards would leave
+only a digit or three, one of them a check digit, hidden.)
 """
 
 import json
@@ -16,10 +19,9 @@ _DIGITS = re.compile(r"\d{8,}")
 
 
 def mask(text):
-    """`4000001234567899` -> `400000******7899`: enough to tell cards apart."""
-    return _DIGITS.sub(lambda m: m[0][:6] + "*" * (len(m[0]) - 10) + m[0][-4:]
-                       if len(m[0]) > 10 else "*" * (len(m[0]) - 4) + m[0][-4:],
-                       text)
+    """`4000001234567899` -> `************7899`: enough to tell cards apart
+    in a log, as the hwd masks them too."""
+    return _DIGITS.sub(lambda m: "*" * (len(m[0]) - 4) + m[0][-4:], text)
 
 
 class JsonFormatter(logging.Formatter):
@@ -35,10 +37,17 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure(level="INFO", stream=None):
+    """Kopilka's loggers, and gRPC's (which logs a servicer's exception with
+    its traceback), write masked JSON lines to `stream` (stderr)."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger("kopilka")
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
+    grpc_logger = logging.getLogger("grpc")
+    grpc_logger.handlers[:] = [handler]
+    number = logging.getLevelName(level) if isinstance(level, str) else level
+    grpc_logger.setLevel(max(number, logging.WARNING))   # its INFO is chatter
+    grpc_logger.propagate = False
     return handler

@@ -4,10 +4,13 @@ One registry per server (not the process-global one), so tests can run
 several servers in one process and read each one's figures.
 """
 
+import os
+
 from prometheus_client import (CollectorRegistry, Counter, Gauge, Histogram,
                                generate_latest, start_http_server)
 
 _LATENCY = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5)
+_PAGE = os.sysconf("SC_PAGE_SIZE")   # LMDB's page size is the OS page size
 _SIZES = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 50000)
 
 
@@ -51,10 +54,22 @@ class Metrics:
         if stats.expired:
             self.deadline_expired.inc(stats.expired)
 
+    def watch_writer(self, writer):
+        """The queue depth is read from the writer at each scrape."""
+        self.queue_depth.set_function(writer.depth)
+
+    def on_ledger(self, info):
+        """The LMDB map figures, from `ledger.info()`: set at start and after
+        each commit (on the writer thread, the only one that grows the map),
+        so a scrape never touches the ledger (it may be closing)."""
+        self.map_size.set(info["map_size"])
+        self.map_used.set((info["last_page"] + 1) * _PAGE)
+
     def text(self):
         return generate_latest(self.registry)
 
     def serve(self, port, addr="127.0.0.1"):
-        """Exposes /metrics over HTTP; returns the server (tests stop it)."""
+        """Exposes /metrics over HTTP; returns the server (tests stop it;
+        port 0 picks a free port: `server.server_port`)."""
         server, _thread = start_http_server(port, addr=addr, registry=self.registry)
         return server

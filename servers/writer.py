@@ -13,6 +13,7 @@ with `DeadlineExceeded` and change nothing.
 """
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -20,6 +21,8 @@ from dataclasses import dataclass, field
 
 from kopilka.core.batch import Results
 from kopilka.core.records import RESULT
+
+log = logging.getLogger("kopilka.writer")
 
 
 class WriterClosed(Exception):
@@ -69,6 +72,7 @@ class GroupCommitWriter:
         self._monotonic = monotonic
         self._queue = queue.SimpleQueue()
         self._closed = False
+        self._lock = threading.Lock()   # nothing is queued behind the stop
         self._thread = threading.Thread(target=self._run, name="kopilka-writer",
                                          daemon=True)
         self._thread.start()
@@ -82,19 +86,24 @@ class GroupCommitWriter:
 
         Raises DeadlineExceeded, WriterClosed, or the ledger's error for the
         whole batch (e.g. MapFullError: nothing of the batch was applied)."""
-        if self._closed:
-            raise WriterClosed("the writer is closed")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self._queue.put(_Request(bytes(ops), count, deadline, future, loop))
+        request = _Request(bytes(ops), count, deadline, future, loop)
+        with self._lock:   # `close` runs on another thread
+            if self._closed:
+                raise WriterClosed("the writer is closed")
+            self._queue.put(request)
         return await future
 
     def close(self, timeout=None):
         """Stop taking requests, apply what is queued, stop the thread."""
-        if not self._closed:
-            self._closed = True
-            stop = _Stop()
-            self._queue.put(stop)
+        stop = None
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                stop = _Stop()
+                self._queue.put(stop)
+        if stop is not None:
             stop.done.wait(timeout)
         self._thread.join(timeout)
 
@@ -153,8 +162,11 @@ class GroupCommitWriter:
                     _answer(request, result=Results(raw[offset:end]))
                     offset = end
         if self._on_commit is not None:
-            self._on_commit(CommitStats(len(live), operations, expired,
-                                        time.perf_counter() - started))
+            try:    # a failing hook must not stop the writer (callers would hang)
+                self._on_commit(CommitStats(len(live), operations, expired,
+                                            time.perf_counter() - started))
+            except Exception:
+                log.exception("the commit hook failed")
 
 
 def _answer(request, *, result=None, exception=None):

@@ -239,3 +239,15 @@ def test_a_retry_racing_its_original_gets_the_first_answer(srv, pos):
     answer = pos.Hold(request)
     assert answer.replayed and answer.held_points == 30
     assert answer.balances.available_points == 70
+
+
+def test_a_hold_is_voided_only_by_its_own_store(srv, pos):
+    open_member(srv, 1, "c1", card="7001", points=100)
+    pos.Hold(pb.HoldRequest(operation_id="h42", lane=LANE, card_number="7001",
+                            points=10))
+    other = srv.stub(checkout_pb2_grpc.CheckoutStub, "pos43")
+    with pytest.raises(grpc.RpcError) as err:
+        other.Void(pb.VoidRequest(operation_id="v43", lane="stores/43/lanes/1",
+                                  hold_operation_id="h42"))
+    assert error_info(err.value)[:2] == ("PERMISSION_DENIED", "STORE_NOT_PERMITTED")
+    assert srv.server.ledger.balances(1, srv.clock.now).held == 10
