@@ -2,12 +2,15 @@
 
 `audit(snapshot)` returns one line per problem, naming where it is: an empty
 list means the ledger is sound. It trusts nothing stored: balances and tiers
-are replayed from the journal and compared with what the records say.
+are replayed from the journal and compared with what the records say, and
+so are the report aggregates (rebuilt by `aggregates.Rebuild`).
 """
 
 import hashlib
+import struct
 from collections import defaultdict
 
+from . import aggregates
 from .codec import Account, JournalEntry
 from .records import (EXPIRY_KEY, HASH_SIZE, HEAD, I64, MAX_HOLDS, MAX_LOTS,
                       META_HEAD, NEVER, SYSTEM, SYSTEM_KEY, U64, Entry)
@@ -24,6 +27,7 @@ def audit(snap):
     replayed = defaultdict(int)   # member account id or system key -> balance
     programs_of = {}              # member account id -> program
     tiers = {}                    # member account id -> tier, from TIER_SET
+    rebuilt = aggregates.Rebuild()
 
     seq, digest = 0, bytes(HASH_SIZE)
     for key, value in snap.scan("journal"):
@@ -42,6 +46,10 @@ def audit(snap):
                 problems.append(f"journal seq {entry.seq}: tier was "
                                 f"{tiers.get(entry.credit, 0)}, not {entry.amount2}")
             tiers[entry.credit] = entry.amount
+        try:
+            rebuilt.add(entry)
+        except struct.error:  # a tier or day no key can hold: tampering
+            problems.append(f"journal seq {entry.seq}: not foldable into the aggregates")
         if entry.type < FIRST_POSTING:
             continue  # an event: moves no points
         if entry.amount <= 0 or not entry.debit or not entry.credit:
@@ -93,6 +101,9 @@ def audit(snap):
         if a.tier != tiers.get(account_id, 0):
             problems.append(f"{where}: tier {a.tier}, journal says "
                             f"{tiers.get(account_id, 0)}")
+        if a.last_day != rebuilt.last_days.get(account_id, 0):
+            problems.append(f"{where}: last day {a.last_day}, journal says "
+                            f"{rebuilt.last_days.get(account_id, 0)}")
         if a.lots and a.lots[0].expires_at != NEVER and not (
                 indexed.get(account_id, NEVER) <= a.lots[0].expires_at):
             problems.append(f"{where}: earliest expiry not in the expiry index")
@@ -108,6 +119,8 @@ def audit(snap):
         if total != 0:
             problems.append(f"program {program}: balances sum to {total}, not 0")
 
+    problems += _aggregate_problems(snap, rebuilt.rows)
+
     for name in ("cards", "externals"):
         for key, value in snap.scan(name):
             if name == "externals":
@@ -120,4 +133,30 @@ def audit(snap):
         account_id = U64.unpack(key)[0] if len(key) == U64.size else None
         if account_id is None or snap.get("accounts", key) is None:
             problems.append(f"profiles {key!r}: names missing account {account_id}")
+    return problems
+
+
+def _aggregate_problems(snap, expected):
+    """One problem per aggregate row stored unlike the journal's rebuild."""
+    problems = []
+    stored = dict(snap.scan("aggregates"))
+    for key in sorted(stored.keys() | expected.keys()):
+        where = f"aggregates {aggregates.describe(key)}"
+        if key not in stored:
+            says = f", journal says {expected[key]}" if expected[key] else ""
+            problems.append(f"{where}: missing{says}")
+            continue
+        try:
+            values = aggregates.decode_value(key, stored[key])
+        except (ValueError, IndexError):
+            problems.append(f"{where}: malformed value {stored[key]!r}")
+            continue
+        if key not in expected:
+            shown = f" {list(values)}" if values else ""
+            problems.append(f"{where}: stored{shown}, journal says none")
+            continue
+        names = aggregates.COUNTERS if len(values) > 1 else ("points",)
+        for name, value, wanted in zip(names, values, expected[key]):
+            if value != wanted:
+                problems.append(f"{where}: {name} {value}, journal says {wanted}")
     return problems

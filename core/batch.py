@@ -106,10 +106,15 @@ class Batch:
         self.count += other.count
         return self
 
-    def put_program(self, op_id, program, *, flags=0, data=b""):
-        """`data` is kept with the program's record (its definition)."""
+    def put_program(self, op_id, program, *, flags=0, data=b"",
+                    utc_offset_minutes=0):
+        """`data` is kept with the program's record (its definition);
+        `utc_offset_minutes`, the program's standard UTC offset (less than a
+        day either way), sets its local days in the aggregates."""
+        if not -(1 << 31) <= utc_offset_minutes < 1 << 31:
+            raise ValueError("utc_offset_minutes is no int32")
         return self.add(Kind.PUT_PROGRAM, op_id, program=program, flags=flags,
-                        data=data)
+                        data=data, reason=utc_offset_minutes & 0xFFFFFFFF)
 
     def open_account(self, op_id, program, external_id, *, data=b""):
         """`data`, when given, is the new member's profile (see set_profile)."""

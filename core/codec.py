@@ -88,6 +88,7 @@ class Account:
     expired: int = 0
     opened_at: int = 0
     tier: int = 0      # 0: none
+    last_day: int = 0  # 1 + the local day of the last receipt; 0: none yet
     lots: list = field(default_factory=list)    # sorted by (expires_at, lot_no)
     holds: list = field(default_factory=list)   # sorted by hold_no
 
@@ -98,8 +99,8 @@ class Account:
         program, status, n_lots, n_holds, next_lot, next_hold = v[:6]
         balance, debt, held, earned, spent, expired, opened_at = (
             (x >> 1) ^ -(x & 1) for x in v[6:13])
-        tier = v[13]
-        lots, previous, i = [], 0, 14
+        tier, last_day = v[13], v[14]
+        lots, previous, i = [], 0, 15
         for _ in range(n_lots):
             lot_no, partner, remaining, delta, window = v[i:i + 5]
             i += 5
@@ -114,7 +115,8 @@ class Account:
             holds.append(Hold(hold_no, (amount >> 1) ^ -(amount & 1),
                               (expires_at >> 1) ^ -(expires_at & 1)))
         return cls(program, status, next_lot, next_hold, balance, debt, held,
-                   earned, spent, expired, opened_at, tier, lots, holds)
+                   earned, spent, expired, opened_at, tier, last_day, lots,
+                   holds)
 
     def encode(self):
         out = bytearray()
@@ -125,6 +127,7 @@ class Account:
                       self.spent, self.expired, self.opened_at):
             _put_zz(out, value)
         _put_uv(out, self.tier)
+        _put_uv(out, self.last_day)
         previous = 0
         for lot in self.lots:
             _put_uv(out, lot.lot_no)

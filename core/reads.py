@@ -6,11 +6,14 @@ and `scan` a database from a key; each ledger provides `_snapshot()`.
 
 from dataclasses import dataclass
 
+from .aggregates import Counters
 from .audit import audit
 from .codec import Account, JournalEntry, Operation
-from .records import (CARD, DATABASES, HEAD, I64, META_HEAD, META_NEXT_ACCOUNT,
-                      PROGRAM, SYSTEM_KEY,
-                      U32, U64, CardStatus, external_key)
+from .records import (ACTIVITY_KEY, ACTIVITY_VALUE, AGG_ACTIVITY,
+                      AGG_MEMBER_DAY, AGG_SETTLEMENT, CARD, DATABASES, HEAD,
+                      I64, MEMBER_DAY_KEY, META_HEAD, META_NEXT_ACCOUNT,
+                      PROGRAM, SETTLEMENT_KEY, SYSTEM_KEY, U32, U64,
+                      CardStatus, external_key)
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class ProgramRecord:
     created_at: int
     updated_at: int
     data: bytes      # of the last PUT_PROGRAM: the definition
+    utc_offset: int = 0  # minutes; last, so positional users keep working
 
 
 class LedgerReads:
@@ -61,9 +65,13 @@ class LedgerReads:
     def programs(self):
         """Every program's record, by id."""
         with self._snapshot() as snap:
-            return [ProgramRecord(U32.unpack(key)[0], *PROGRAM.unpack_from(value),
-                                  bytes(value[PROGRAM.size:]))
-                    for key, value in snap.scan("programs")]
+            records = []
+            for key, value in snap.scan("programs"):
+                flags, created_at, updated_at, utc_offset = PROGRAM.unpack_from(value)
+                records.append(ProgramRecord(
+                    U32.unpack(key)[0], flags, created_at, updated_at,
+                    bytes(value[PROGRAM.size:]), utc_offset))
+            return records
 
     def account(self, account_id):
         with self._snapshot() as snap:
@@ -122,6 +130,39 @@ class LedgerReads:
                     break
                 entries.append(JournalEntry.decode(value))
         return entries
+
+    # Report aggregates (layout in records.py). Each is a generator over one
+    # snapshot, held until it is exhausted or closed: consume it promptly.
+
+    def activity(self, program, hour_from, hour_to):
+        """(hour, store, partner, tier, Counters) of the program's activity
+        rows with hour_from <= hour < hour_to, in key order."""
+        for key, value in self._aggregates(AGG_ACTIVITY, program, hour_from, hour_to):
+            _, _, hour, store, partner, tier = ACTIVITY_KEY.unpack(key)
+            yield hour, store, partner, tier, Counters(*ACTIVITY_VALUE.unpack(value))
+
+    def settlement(self, program, hour_from, hour_to):
+        """(hour, issuing partner, redeeming partner, points), same range."""
+        for key, value in self._aggregates(AGG_SETTLEMENT, program, hour_from, hour_to):
+            _, _, hour, issuing, redeeming = SETTLEMENT_KEY.unpack(key)
+            yield hour, issuing, redeeming, I64.unpack(value)[0]
+
+    def member_days(self, program, day_from, day_to):
+        """(local day, account) of members with a receipt that day, for
+        day_from <= day < day_to, by day then account."""
+        for key, _ in self._aggregates(AGG_MEMBER_DAY, program, day_from, day_to):
+            _, _, day, account = MEMBER_DAY_KEY.unpack(key)
+            yield day, account
+
+    def _aggregates(self, kind, program, first, stop):
+        """Rows of one kind and program whose u32 after the program (hour
+        or day) is in [first, stop)."""
+        head = bytes([kind]) + U32.pack(program)
+        with self._snapshot() as snap:
+            for key, value in snap.scan("aggregates", head + U32.pack(first)):
+                if key[:5] != head or U32.unpack_from(key, 5)[0] >= stop:
+                    return
+                yield key, value
 
     def dump(self):
         """Every database's (key, value) pairs: for comparing two ledgers."""

@@ -106,7 +106,7 @@ class Sys(IntEnum):
 
 class Entry(IntEnum):
     """Journal entry types. Postings move points; the others record events."""
-    PROGRAM_PUT = 1
+    PROGRAM_PUT = 1  # amount = flags, amount2 = UTC offset in minutes
     ACCOUNT_OPENED = 2
     ACCOUNT_STATUS = 3
     CARD_LINKED = 4
@@ -114,7 +114,10 @@ class Entry(IntEnum):
     CARD_REPLACED = 6
     HOLD_PLACED = 7
     HOLD_RELEASED = 8
-    RECEIPT = 9      # a receipt with money: amount = money, amount2 = points spent
+    RECEIPT = 9      # a receipt with money: amount = money, amount2 = points
+                     # spent, ref = its lot; a refund with money journals one
+                     # too: amount = -money, amount2 = -points given back,
+                     # ref 0 (so money and spend sum to the net)
     PROFILE_SET = 10  # amount = flags, no data: the journal never holds a profile
     TIER_SET = 11    # amount = new tier, amount2 = previous tier
     EARN = 16
@@ -155,15 +158,20 @@ RESULT = struct.Struct("<HH4xqq")
 RESULT_REPLAYED = 1  # the first result of an operation id seen before
 
 # --- stored values --------------------------------------------------------
-# program: flags, created_at, updated_at; then the data of the last
-# PUT_PROGRAM (the definition the server prices by)
-PROGRAM = struct.Struct("<Iqq")
+# program: flags, created_at, updated_at, utc_offset (the program's standard
+# UTC offset in minutes, from PUT_PROGRAM's `reason` read as an int32: local
+# days of reports); then the data of the last PUT_PROGRAM (the definition
+# the server prices by)
+PROGRAM = struct.Struct("<Iqqi")
+MAX_UTC_OFFSET = 1439  # minutes either way: less than a day
 # account: one value per account, varint-coded because account pages are
 # what a durable commit mostly writes (a smaller value is fewer pages per
 # batch). Unsigned LEB128 (u) and zigzag (z) varints, in this order:
 #   program u, status u, n_lots u, n_holds u, next_lot u, next_hold u,
 #   balance z, debt z, held z, earned z, spent z, expired z, opened_at z,
 #   tier u (0: none),
+#   last_day u: 1 + the local day (aggregates) of the member's last receipt,
+#     0 before the first (plus one so that day 0 counts too),
 #   lots (sorted by expires_at, lot_no): lot_no u, partner u, remaining z,
 #     expires_at u as the delta from the previous lot's (the first from 0),
 #     expires_at - activates_at u,
@@ -192,7 +200,7 @@ HEAD = struct.Struct("<Q32s")
 # record), so that erasing it erases it for good.
 DATABASES = (b"meta", b"programs", b"accounts", b"externals", b"cards",
              b"ops", b"journal", b"system", b"lot_expiry", b"hold_expiry",
-             b"profiles")
+             b"profiles", b"aggregates")
 META_HEAD = b"head"
 META_NEXT_ACCOUNT = b"next_account"
 
@@ -201,6 +209,40 @@ U64 = struct.Struct(">Q")
 EXPIRY_KEY = struct.Struct(">QQ")  # expires_at, account
 SYSTEM_KEY = struct.Struct(">IBI")  # program, kind, partner
 I64 = struct.Struct("<q")
+
+
+# aggregates: what reports need, kept by every commit as a pure fold of the
+# journal entries it appends (plus each member's tier at the time, from
+# TIER_SET entries), so that no report scans the journal; `audit` rebuilds
+# it (core/aggregates.py). Keys big-endian, first byte the row kind; hour =
+# entry time // HOUR (UTC); day = (entry time + program UTC offset) // DAY,
+# the program's local day; times before 1970 count in hour and day 0.
+#   0x01 activity: program u32, hour u32, store u32 (0: expiry and hold
+#     timeouts), partner u32 (the entry's), tier u16 (the member's) ->
+#     ACTIVITY_VALUE, int64s: issued (EARN), spent (SPEND), expired (EXPIRE),
+#     adjusted (ADJUST: + credit, - debit), returned (RETURN), clawed
+#     (CLAWBACK), receipts (RECEIPT with amount > 0: +1), receipt_money
+#     (RECEIPT amount: refunds subtract), new_members (ACCOUNT_OPENED),
+#     member_days (a receipt on a local day that had none of the member's
+#     before). TRANSFER moves nothing between program and members: not
+#     counted, nor are the other events.
+#   0x02 settlement: program u32, hour u32, issuing partner u32 (SPEND's and
+#     RETURN's partner2: the lot's), redeeming partner u32 (their partner:
+#     the receipt's) -> int64 points, SPEND adds and RETURN subtracts; every
+#     pair, equal ones too (reports filter).
+#   0x03 member day: program u32, day u32, account u64 -> empty: the member
+#     had a receipt with amount > 0 that day (the account's last_day says
+#     whether this one is the day's first).
+# A row exists once an entry counted in it, whatever its values since.
+# Counter overflow rejects the operation (OVERFLOW), as anywhere else.
+AGG_ACTIVITY, AGG_SETTLEMENT, AGG_MEMBER_DAY = 1, 2, 3
+ACTIVITY_KEY = struct.Struct(">BIIIIH")
+ACTIVITY_VALUE = struct.Struct("<10q")
+SETTLEMENT_KEY = struct.Struct(">BIIII")
+MEMBER_DAY_KEY = struct.Struct(">BIIQ")
+HOUR = 3_600_000_000      # microseconds
+DAY = 86_400_000_000
+MINUTE = 60_000_000
 
 
 def external_key(program, external_id):

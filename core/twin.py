@@ -15,12 +15,14 @@ from contextlib import contextmanager
 
 import lmdb
 
+from . import aggregates
 from .batch import Results
 from .codec import Account, Consumed, Hold, JournalEntry, Lot, Operation, iter_ops
 from .reads import LedgerReads
 from .records import (CARD, DATABASES, DIGEST_SIZE, EXPIRY_KEY, HASH_SIZE,
                       HEAD, I64, INT64_MAX, INT64_MIN, MAX_HOLDS, MAX_KEY,
-                      MAX_DATA, MAX_LOTS, MAX_OP_ID, MAX_TIER, META_HEAD,
+                      MAX_DATA, MAX_LOTS, MAX_OP_ID, MAX_TIER,
+                      MAX_UTC_OFFSET, META_HEAD,
                       META_NEXT_ACCOUNT, NEVER, PROFILE_ERASE, PROGRAM,
                       PROGRAM_ALLOW_DEBT, REFUND_PROPORTIONAL,
                       RELEASE_CAPTURED, RELEASE_EXPIRED, RELEASE_VOIDED,
@@ -160,6 +162,7 @@ class _BatchState:
         work = _Work(self, op, digest)
         try:
             handler(work, op)
+            work.fold_aggregates()
         except Rejected as rejected:
             return rejected.code, 0, 0, 0
         work.commit()
@@ -180,6 +183,7 @@ class _Work:
         self.puts = []       # (db, key, value)
         self.entries = []    # JournalEntry without seq and hash
         self.system = {}     # (program, kind, partner) -> new balance
+        self.aggregates = {}  # key -> new row (list of ints; None: member day)
         self.next_account = state.next_account
 
     # --- loading -----------------------------------------------------------
@@ -224,9 +228,10 @@ class _Work:
 
     # --- journal -----------------------------------------------------------
     def event(self, type_, program, subject, *, amount=0, amount2=0, ref=0,
-              data=b"", store=None):
+              data=b"", store=None, partner=None):
         self.entries.append(JournalEntry(
-            0, type_, 0, program, self.op.partner, 0, self.op.version,
+            0, type_, 0, program,
+            self.op.partner if partner is None else partner, 0, self.op.version,
             self.op.store if store is None else store, self.now,
             self.op.business_time, 0, subject, amount, amount2, ref,
             self.op.op_id, data))
@@ -370,6 +375,34 @@ class _Work:
     def rewrite_operation(self, op_id, record):
         self.puts.append(("ops", op_id, record.encode()))
 
+    # --- aggregates ----------------------------------------------------------
+    def fold_aggregates(self):
+        """The operation's entries folded into the report rows, checked like
+        any other sum: an overflow rejects the operation."""
+        for entry in self.entries:
+            if not aggregates.counted(entry):
+                continue
+            account = self.accounts[aggregates.member_of(entry)]
+            offset = (self.utc_offset(entry.program)
+                      if entry.type == Entry.RECEIPT else 0)
+            deltas, account.last_day = aggregates.changes(
+                entry, account.tier, offset, account.last_day)
+            for key, index, delta in deltas:
+                if index is None:
+                    self.aggregates[key] = None
+                    continue
+                if key not in self.aggregates:
+                    raw = self.state.get("aggregates", key)
+                    self.aggregates[key] = (
+                        list(aggregates.decode_value(key, raw)) if raw
+                        else [0] * aggregates.width(key))
+                row = self.aggregates[key]
+                row[index] = checked(row[index] + delta)
+
+    def utc_offset(self, program):
+        raw = self.state.get("programs", U32.pack(program))
+        return PROGRAM.unpack_from(raw)[3] if raw else 0
+
     # --- commit ------------------------------------------------------------
     def commit(self):
         state, txn, db = self.state, self.state.txn, self.state.db
@@ -382,6 +415,9 @@ class _Work:
                 txn.put(key, value, db=db[name])
         for key, balance in self.system.items():
             txn.put(SYSTEM_KEY.pack(*key), I64.pack(balance), db=db["system"])
+        for key, row in self.aggregates.items():
+            txn.put(key, b"" if row is None else aggregates.encode_value(row),
+                    db=db["aggregates"])
         for entry in self.entries:
             state.seq += 1
             entry.seq = state.seq
@@ -395,15 +431,21 @@ class _Work:
 # --- operations --------------------------------------------------------------
 
 def _put_program(work, op):
+    """`reason` is the program's UTC offset in minutes, an int32."""
     if op.program == 0:
         raise Rejected(Code.KEY_INVALID)
     if op.flags & ~PROGRAM_ALLOW_DEBT:
         raise Rejected(Code.FLAGS_INVALID)
+    utc_offset = op.reason - (1 << 32) if op.reason >= 1 << 31 else op.reason
+    if not -MAX_UTC_OFFSET <= utc_offset <= MAX_UTC_OFFSET:
+        raise Rejected(Code.TIME_INVALID)
     raw = work.state.get("programs", U32.pack(op.program))
     created = PROGRAM.unpack_from(raw)[1] if raw else work.now
     work.puts.append(("programs", U32.pack(op.program),
-                      PROGRAM.pack(op.flags, created, work.now) + op.data))
-    work.event(Entry.PROGRAM_PUT, op.program, 0, amount=op.flags)
+                      PROGRAM.pack(op.flags, created, work.now, utc_offset)
+                      + op.data))
+    work.event(Entry.PROGRAM_PUT, op.program, 0, amount=op.flags,
+               amount2=utc_offset)
     work.record.program = op.program
     work.record.a = op.program
 
@@ -680,6 +722,10 @@ def _refund(work, op):
         _give_back(work, account_id, original, give)
     if claw:
         _claw_back(work, account_id, original, claw)
+    if op.money > 0:  # the money given back, so receipts sum to net spend;
+        # at the receipt's partner, like the refund's postings
+        work.event(Entry.RECEIPT, account.program, account_id,
+                   amount=-op.money, amount2=-give, partner=original.partner)
     work.touch(account_id)
     original.refunded_money = refunded_money
     original.returned += give

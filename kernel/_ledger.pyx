@@ -8,7 +8,8 @@ is worked out in scratch memory first and written only if it succeeds.
 """
 
 cimport cython
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, int64_t, INT64_MIN
+from libc.stdint cimport (uint8_t, uint16_t, uint32_t, uint64_t, int32_t,
+                          int64_t, INT64_MIN)
 from libc.string cimport memcpy, memset, memcmp, memmove
 from libc.stdlib cimport malloc, realloc, free
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
@@ -28,11 +29,13 @@ cdef extern from *:
     }
     static inline uint64_t k_be64(uint64_t v) { return __builtin_bswap64(v); }
     static inline uint32_t k_be32(uint32_t v) { return __builtin_bswap32(v); }
+    static inline uint16_t k_be16(uint16_t v) { return __builtin_bswap16(v); }
     """
     ctypedef long long int128 "k_int128"
     int k_add(int64_t a, int64_t b, int64_t *r) nogil
     uint64_t k_be64(uint64_t v) nogil
     uint32_t k_be32(uint32_t v) nogil
+    uint16_t k_be16(uint16_t v) nogil
 
 cdef extern from "sodium.h" nogil:
     ctypedef struct crypto_generichash_state:
@@ -63,8 +66,12 @@ cdef enum:
     DIGEST_SIZE = 16
     MAX_TIER = 65535
     MAX_DATA = 65535
-    NDB = 11
+    MAX_UTC_OFFSET = 1439
+    NDB = 12
 cdef int64_t NEVER = 0x7FFFFFFFFFFFFFFF
+cdef int64_t HOUR = 3600000000LL
+cdef int64_t DAY = 86400000000LL
+cdef int64_t MINUTE = 60000000LL
 cdef uint64_t SYSTEM = 1ULL << 63
 cdef const char *META_HEAD_KEY = b"head"
 cdef const char *META_NEXT_ACCOUNT_KEY = b"next_account"
@@ -82,9 +89,10 @@ cdef enum:
     DB_LOT_EXPIRY = 8
     DB_HOLD_EXPIRY = 9
     DB_PROFILES = 10
+    DB_AGGREGATES = 11
 DB_NAMES = (b"meta", b"programs", b"accounts", b"externals", b"cards",
             b"ops", b"journal", b"system", b"lot_expiry", b"hold_expiry",
-            b"profiles")
+            b"profiles", b"aggregates")
 
 # kinds
 cdef enum:
@@ -181,6 +189,22 @@ cdef enum:
     RELEASE_VOIDED = 2
     RELEASE_EXPIRED = 3
     RESULT_REPLAYED = 1
+    # aggregates: row kinds, the int64s of an activity row (records.py)
+    AGG_ACTIVITY = 1
+    AGG_SETTLEMENT = 2
+    AGG_MEMBER_DAY = 3
+    AGG_KEY_MAX = 19
+    N_COUNTERS = 10
+    C_ISSUED = 0
+    C_SPENT = 1
+    C_EXPIRED = 2
+    C_ADJUSTED = 3
+    C_RETURNED = 4
+    C_CLAWED = 5
+    C_RECEIPTS = 6
+    C_RECEIPT_MONEY = 7
+    C_NEW_MEMBERS = 8
+    C_MEMBER_DAYS = 9
 
 # --- stored layouts (little-endian, packed: records.py's struct formats) ---
 cdef packed struct OpHead:          # records.OP
@@ -203,7 +227,7 @@ cdef packed struct AccountHead:     # an account's scalars, in memory only
     uint8_t pad2[2]
     uint32_t next_lot, next_hold
     int64_t balance, debt, held, earned, spent, expired, opened_at
-    uint64_t tier
+    uint64_t tier, last_day
 
 cdef packed struct LotRec:          # records.LOT and records.CONSUMED
     uint32_t lot_no, partner
@@ -220,6 +244,7 @@ cdef packed struct CardRec:         # records.CARD
 cdef packed struct ProgramRec:      # records.PROGRAM, then the definition
     uint32_t flags
     int64_t created_at, updated_at
+    int32_t utc_offset
 
 cdef packed struct OperationRec:    # records.OPERATION
     uint8_t digest[16]
@@ -256,6 +281,20 @@ cdef packed struct SystemKey:       # records.SYSTEM_KEY (big-endian)
     uint8_t kind
     uint32_t partner
 
+cdef packed struct ActivityKey:     # records.ACTIVITY_KEY (big-endian)
+    uint8_t kind
+    uint32_t program, hour, store, partner
+    uint16_t tier
+
+cdef packed struct SettlementKey:   # records.SETTLEMENT_KEY (big-endian)
+    uint8_t kind
+    uint32_t program, hour, issuing, redeeming
+
+cdef packed struct MemberDayKey:    # records.MEMBER_DAY_KEY (big-endian)
+    uint8_t kind
+    uint32_t program, day
+    uint64_t account
+
 # --- scratch of one operation ---------------------------------------------
 cdef struct LotBuf:
     LotRec *items
@@ -286,6 +325,19 @@ cdef struct SysRec:
     uint8_t kind
     uint8_t changed      # batch table: an operation that succeeded posted here
     int64_t balance
+
+cdef struct AggRow:                 # an aggregate row, as of the batch's last success
+    uint8_t key[AGG_KEY_MAX]
+    uint8_t key_len, width, changed
+    int64_t v[N_COUNTERS]
+
+cdef struct AggStaged:              # a row as the operation in flight leaves it
+    uint32_t row
+    int64_t v[N_COUNTERS]
+
+cdef struct ProgramOffset:
+    uint32_t program
+    int32_t utc_offset
 
 cdef struct Work:
     MDB_txn *txn
@@ -324,6 +376,14 @@ cdef struct Work:
     size_t buf_cap
     ExpiryKey *due
     uint32_t n_due, cap_due
+    AggRow *agg_rows     # rows read or written in this batch, written at its end
+    uint32_t n_agg_rows, cap_agg_rows
+    uint32_t *agg_index  # open addressing over agg_rows: row + 1, 0 empty
+    uint32_t agg_index_cap
+    AggStaged *agg_staged
+    uint32_t n_agg_staged, cap_agg_staged
+    ProgramOffset *offsets  # programs' UTC offsets read in this batch
+    uint32_t n_offsets, cap_offsets
 
 
 cdef int grow(void **items, uint32_t *cap, uint32_t need, size_t size) noexcept nogil:
@@ -571,6 +631,7 @@ cdef int decode_account(Work *w, Acct *a, const void *data, size_t size) noexcep
     a.h.expired = get_zz(&r)
     a.h.opened_at = get_zz(&r)
     a.h.tier = get_uv(&r)
+    a.h.last_day = get_uv(&r)
     if grow(<void **>&a.lots.items, &a.lots.cap, a.h.n_lots + 1, sizeof(LotRec)):
         return fail(w, 12)
     if grow(<void **>&a.holds, &a.cap_holds, a.h.n_holds + 1, sizeof(HoldRec)):
@@ -597,7 +658,7 @@ cdef int decode_account(Work *w, Acct *a, const void *data, size_t size) noexcep
 
 
 cdef size_t encode_account(Acct *a, uint8_t *p) noexcept nogil:
-    """Needs 14 * 10 + 50 per lot + 30 per hold bytes at most."""
+    """Needs 15 * 10 + 50 per lot + 30 per hold bytes at most."""
     cdef size_t n = 0
     cdef uint32_t i
     cdef uint64_t previous = 0
@@ -616,6 +677,7 @@ cdef size_t encode_account(Acct *a, uint8_t *p) noexcept nogil:
     n += put_zz(p + n, a.h.expired)
     n += put_zz(p + n, a.h.opened_at)
     n += put_uv(p + n, a.h.tier)
+    n += put_uv(p + n, a.h.last_day)
     for i in range(a.lots.n):
         lot = &a.lots.items[i]
         n += put_uv(p + n, lot.lot_no)
@@ -1103,6 +1165,238 @@ cdef int release_hold(Work *w, Acct *a, uint32_t hold_no, int reason,
     return HOLD_EXPIRED  # touch released it at its timeout
 
 
+# --- report aggregates (layout in records.py) ---------------------------------
+# The rows an operation's entries change are staged (`agg_staged`), so an
+# overflow rejects it like any other sum; on success they go into the batch's
+# rows (`agg_rows`, read once per batch like system balances), written once
+# at the batch's end. Member-day rows are plain puts of the operation.
+
+cdef uint32_t agg_hash(const uint8_t *key, size_t n) noexcept nogil:
+    cdef uint32_t h = 2166136261u  # FNV-1a
+    cdef size_t i
+    for i in range(n):
+        h = (h ^ key[i]) * 16777619u
+    return h
+
+
+cdef int agg_reindex(Work *w, uint32_t cap) noexcept nogil:
+    cdef uint32_t *index = <uint32_t *>malloc(cap * sizeof(uint32_t))
+    cdef uint32_t i, h
+    if index == NULL:
+        return fail(w, 12)
+    memset(index, 0, cap * sizeof(uint32_t))
+    for i in range(w.n_agg_rows):
+        h = agg_hash(w.agg_rows[i].key, w.agg_rows[i].key_len) & (cap - 1)
+        while index[h]:
+            h = (h + 1) & (cap - 1)
+        index[h] = i + 1
+    free(w.agg_index)
+    w.agg_index = index
+    w.agg_index_cap = cap
+    return OK
+
+
+cdef int agg_row(Work *w, const void *key, uint8_t key_len, uint8_t width,
+                 uint32_t *out) noexcept nogil:
+    """The batch's row of `key`, read from the database on first use."""
+    cdef uint32_t h
+    cdef AggRow *r
+    cdef MDB_val v
+    cdef int rc
+    if (w.n_agg_rows + 1) * 2 > w.agg_index_cap:
+        rc = agg_reindex(w, w.agg_index_cap * 2 if w.agg_index_cap else 64)
+        if rc:
+            return rc
+    h = agg_hash(<const uint8_t *>key, key_len) & (w.agg_index_cap - 1)
+    while w.agg_index[h]:
+        r = &w.agg_rows[w.agg_index[h] - 1]
+        if r.key_len == key_len and memcmp(r.key, key, key_len) == 0:
+            out[0] = w.agg_index[h] - 1
+            return OK
+        h = (h + 1) & (w.agg_index_cap - 1)
+    if grow(<void **>&w.agg_rows, &w.cap_agg_rows, w.n_agg_rows + 1, sizeof(AggRow)):
+        return fail(w, 12)
+    r = &w.agg_rows[w.n_agg_rows]
+    memset(r, 0, sizeof(AggRow))
+    memcpy(r.key, key, key_len)
+    r.key_len = key_len
+    r.width = width
+    rc = db_get(w, DB_AGGREGATES, key, key_len, &v)
+    if rc == 0:
+        if v.mv_size != width * sizeof(int64_t):
+            return fail(w, MDB_CORRUPTED)
+        memcpy(r.v, v.mv_data, v.mv_size)
+    elif rc != 1:
+        return rc
+    w.agg_index[h] = w.n_agg_rows + 1
+    out[0] = w.n_agg_rows
+    w.n_agg_rows += 1
+    return OK
+
+
+cdef int agg_add(Work *w, const void *key, uint8_t key_len, uint8_t width,
+                 int index, int64_t delta) noexcept nogil:
+    """Add `delta` to one int64 of a row, for the operation in flight."""
+    cdef uint32_t row = 0, i
+    cdef AggStaged *s = NULL
+    cdef int rc = agg_row(w, key, key_len, width, &row)
+    if rc:
+        return rc
+    for i in range(w.n_agg_staged):  # an operation changes a few rows
+        if w.agg_staged[i].row == row:
+            s = &w.agg_staged[i]
+            break
+    if s == NULL:
+        if grow(<void **>&w.agg_staged, &w.cap_agg_staged, w.n_agg_staged + 1,
+                sizeof(AggStaged)):
+            return fail(w, 12)
+        s = &w.agg_staged[w.n_agg_staged]
+        w.n_agg_staged += 1
+        s.row = row
+        memcpy(s.v, w.agg_rows[row].v, sizeof(s.v))
+    if k_add(s.v[index], delta, &s.v[index]):
+        return OVERFLOW
+    return OK
+
+
+cdef int utc_offset_of(Work *w, uint32_t program, int32_t *out) noexcept nogil:
+    """A program's UTC offset, read once per batch (forgotten when a
+    PUT_PROGRAM commits)."""
+    cdef uint32_t i, key = be32(program)
+    cdef MDB_val v
+    cdef int rc
+    for i in range(w.n_offsets):
+        if w.offsets[i].program == program:
+            out[0] = w.offsets[i].utc_offset
+            return OK
+    rc = db_get(w, DB_PROGRAMS, &key, 4, &v)
+    if rc == 0 and v.mv_size < sizeof(ProgramRec):
+        return fail(w, MDB_CORRUPTED)
+    if rc == 0:
+        out[0] = (<ProgramRec *>v.mv_data).utc_offset
+    elif rc == 1:
+        out[0] = 0
+    else:
+        return rc
+    if grow(<void **>&w.offsets, &w.cap_offsets, w.n_offsets + 1, sizeof(ProgramOffset)):
+        return fail(w, 12)
+    w.offsets[w.n_offsets].program = program
+    w.offsets[w.n_offsets].utc_offset = out[0]
+    w.n_offsets += 1
+    return OK
+
+
+cdef inline int counter_of(int type_) noexcept nogil:
+    """The activity counter an entry type adds to; -1: not counted."""
+    if type_ == E_EARN:
+        return C_ISSUED
+    if type_ == E_SPEND:
+        return C_SPENT
+    if type_ == E_EXPIRE:
+        return C_EXPIRED
+    if type_ == E_ADJUST:
+        return C_ADJUSTED
+    if type_ == E_RETURN:
+        return C_RETURNED
+    if type_ == E_CLAWBACK:
+        return C_CLAWED
+    if type_ == E_RECEIPT:
+        return C_RECEIPT_MONEY
+    if type_ == E_ACCOUNT_OPENED:
+        return C_NEW_MEMBERS
+    return -1
+
+
+cdef int fold_aggregates(Work *w) noexcept nogil:
+    """The operation's entries folded into the report rows, in entry order
+    (the twin's `aggregates.changes`); its members' tiers and last days are
+    in its account slots."""
+    cdef uint32_t i, j
+    cdef EntryHead *e
+    cdef Acct *a = NULL
+    cdef uint64_t member, day
+    cdef int64_t amount
+    cdef int128 local
+    cdef int32_t utc_offset = 0
+    cdef int index, rc
+    cdef ActivityKey act
+    cdef SettlementKey st
+    cdef MemberDayKey md
+    for i in range(w.n_entries):
+        e = &w.entries[i].h
+        index = counter_of(e.type)
+        if index < 0:
+            continue
+        member = e.credit
+        if e.type >= E_EARN and e.credit & SYSTEM:
+            member = e.debit
+        if a == NULL or a.id != member:  # an operation's entries run by account
+            a = NULL
+            for j in range(w.n_accts):
+                if w.accts[j].id == member:
+                    a = &w.accts[j]
+                    break
+            if a == NULL:  # never: every counted entry's member is loaded
+                return fail(w, MDB_CORRUPTED)
+        amount = e.amount
+        if e.type == E_ADJUST and e.debit == member:
+            amount = -amount
+        elif e.type == E_ACCOUNT_OPENED:
+            amount = 1
+        act.kind = AGG_ACTIVITY
+        act.program = be32(e.program)
+        act.hour = be32(<uint32_t>(e.time // HOUR if e.time > 0 else 0))
+        act.store = be32(e.store)
+        act.partner = be32(e.partner)
+        act.tier = k_be16(<uint16_t>a.h.tier)
+        rc = agg_add(w, &act, sizeof(ActivityKey), N_COUNTERS, index, amount)
+        if rc:
+            return rc
+        if e.type == E_SPEND or e.type == E_RETURN:
+            st.kind = AGG_SETTLEMENT
+            st.program = act.program
+            st.hour = act.hour
+            st.issuing = be32(e.partner2)
+            st.redeeming = act.partner
+            rc = agg_add(w, &st, sizeof(SettlementKey), 1, 0,
+                         amount if e.type == E_SPEND else -amount)
+            if rc:
+                return rc
+        if e.type == E_RECEIPT and amount > 0:
+            rc = agg_add(w, &act, sizeof(ActivityKey), N_COUNTERS, C_RECEIPTS, 1)
+            if rc:
+                return rc
+            rc = utc_offset_of(w, e.program, &utc_offset)
+            if rc:
+                return rc
+            local = <int128>e.time + <int128>utc_offset * MINUTE
+            day = <uint64_t>(local // DAY) if local > 0 else 0
+            if day + 1 > a.h.last_day:  # the member's first receipt of the day
+                md.kind = AGG_MEMBER_DAY
+                md.program = act.program
+                md.day = be32(<uint32_t>day)
+                md.account = be64(member)
+                rc = queue_put(w, DB_AGGREGATES, &md, sizeof(MemberDayKey), NULL, 0, 0)
+                if rc:
+                    return rc
+                rc = agg_add(w, &act, sizeof(ActivityKey), N_COUNTERS, C_MEMBER_DAYS, 1)
+                if rc:
+                    return rc
+                a.h.last_day = day + 1
+    return OK
+
+
+cdef int write_batch_aggregates(Work *w) noexcept nogil:
+    cdef uint32_t i
+    cdef AggRow *r
+    for i in range(w.n_agg_rows):
+        r = &w.agg_rows[i]
+        if r.changed and db_put(w, w.dbi[DB_AGGREGATES], r.key, r.key_len, r.v,
+                                r.width * sizeof(int64_t), 0):
+            return FATAL
+    return OK
+
+
 # --- commit of one operation -------------------------------------------------
 cdef int commit_work(Work *w) noexcept nogil:
     cdef uint32_t i
@@ -1118,7 +1412,7 @@ cdef int commit_work(Work *w) noexcept nogil:
     cdef crypto_generichash_state hs
     for i in range(w.n_accts):
         a = &w.accts[i]
-        buf = need_buf(w, 14 * 10 + a.lots.n * 50 + a.n_holds * 30)
+        buf = need_buf(w, 15 * 10 + a.lots.n * 50 + a.n_holds * 30)
         if buf == NULL:
             return fail(w, 12)
         size = encode_account(a, <uint8_t *>buf)
@@ -1144,6 +1438,12 @@ cdef int commit_work(Work *w) noexcept nogil:
                      w.sys[i].partner)
         b.balance = w.sys[i].balance
         b.changed = 1
+    for i in range(w.n_agg_staged):
+        memcpy(w.agg_rows[w.agg_staged[i].row].v, w.agg_staged[i].v,
+               sizeof(w.agg_staged[i].v))
+        w.agg_rows[w.agg_staged[i].row].changed = 1
+    if w.op.kind == K_PUT_PROGRAM:
+        w.n_offsets = 0  # its UTC offset may have changed
     for i in range(w.n_entries):
         e = &w.entries[i]
         w.seq += 1
@@ -1212,9 +1512,11 @@ cdef int claim_op_id(Work *w, OperationRec *first) noexcept nogil:
 # --- operations ------------------------------------------------------------------
 cdef int op_put_program(Work *w) noexcept nogil:
     """Creates or updates a program; its data (the definition the server
-    prices by) is kept with the program's record, replacing the last one."""
+    prices by) is kept with the program's record, replacing the last one.
+    `reason` is its UTC offset in minutes, an int32."""
     cdef const OpHead *op = w.op
     cdef uint32_t key = be32(op.program)
+    cdef int32_t utc_offset = <int32_t>op.reason
     cdef ProgramRec rec
     cdef MDB_val v
     cdef char *buf
@@ -1223,6 +1525,8 @@ cdef int op_put_program(Work *w) noexcept nogil:
         return KEY_INVALID
     if op.flags & ~PROGRAM_ALLOW_DEBT:
         return FLAGS_INVALID
+    if utc_offset < -MAX_UTC_OFFSET or utc_offset > MAX_UTC_OFFSET:
+        return TIME_INVALID
     rc = db_get(w, DB_PROGRAMS, &key, 4, &v)
     if rc == 0 and v.mv_size < sizeof(ProgramRec):
         return fail(w, MDB_CORRUPTED)
@@ -1234,6 +1538,7 @@ cdef int op_put_program(Work *w) noexcept nogil:
         return rc
     rec.flags = op.flags
     rec.updated_at = w.now
+    rec.utc_offset = utc_offset
     buf = need_buf(w, sizeof(ProgramRec) + op.n_data)
     if buf == NULL:
         return fail(w, 12)
@@ -1243,7 +1548,7 @@ cdef int op_put_program(Work *w) noexcept nogil:
     rc = queue_put(w, DB_PROGRAMS, &key, 4, buf, sizeof(ProgramRec) + op.n_data, 0)
     if rc:
         return rc
-    rc = event(w, E_PROGRAM_PUT, op.program, 0, op.flags, 0, 0, NULL, 0)
+    rc = event(w, E_PROGRAM_PUT, op.program, 0, op.flags, utc_offset, 0, NULL, 0)
     w.rec.program = op.program
     w.rec.a = op.program
     return rc
@@ -1795,6 +2100,11 @@ cdef int op_refund(Work *w) noexcept nogil:
         rc = claw_back(w, a, &orig, claw)
         if rc:
             return rc
+    if op.money > 0:  # the money given back, so receipts sum to net spend;
+        # at the receipt's partner, like the refund's postings
+        if new_entry(w, E_RECEIPT, 0, a.h.program, orig.partner, 0, 0,
+                     orig.account, -op.money, -give, 0) == NULL:
+            return FATAL
     rc = touch(w, a)
     if rc:
         return rc
@@ -2051,6 +2361,7 @@ cdef void reset_op(Work *w) noexcept nogil:
     w.n_puts = 0
     w.arena_len = 0
     w.n_sys = 0
+    w.n_agg_staged = 0
     w.consumed.n = 0
     w.scratch_lots.n = 0
     w.loaded_data.n = 0
@@ -2082,6 +2393,8 @@ cdef int apply_op(Work *w, const OpHead *op, ResultRec *out) noexcept nogil:
     # wins either way (its first result, or OP_ID_REUSED), as in the twin.
     w.rec.kind = op.kind
     rc = dispatch(w)
+    if rc == OK:
+        rc = fold_aggregates(w)
     if rc == FATAL or w.fatal:
         return FATAL
     if rc != OK:
@@ -2126,6 +2439,10 @@ cdef void free_work(Work *w) noexcept nogil:
     free(w.batch_sys)
     free(w.buf)
     free(w.due)
+    free(w.agg_rows)
+    free(w.agg_index)
+    free(w.agg_staged)
+    free(w.offsets)
     free(w.consumed.items)
     free(w.scratch_lots.items)
     free(w.loaded_data.p)
@@ -2178,6 +2495,8 @@ cdef int run_batch(MDB_env *env, MDB_dbi *dbi, const char *batch, size_t size,
         i += 1
     if w.fatal == 0:
         write_batch_sys(&w)
+    if w.fatal == 0:
+        write_batch_aggregates(&w)
     if w.fatal == 0:
         head.seq = w.seq
         memcpy(head.hash, w.hash, HASH_SIZE)

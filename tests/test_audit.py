@@ -5,9 +5,13 @@ import pytest
 
 from kopilka import kernel
 from kopilka.core import twin
+from kopilka.core.aggregates import Counters
 from kopilka.core.batch import Batch
 from kopilka.core.codec import Account, JournalEntry
-from kopilka.core.records import EXPIRY_KEY, U64, Entry
+from kopilka.core.records import (ACTIVITY_KEY, ACTIVITY_VALUE, AGG_ACTIVITY,
+                                  AGG_MEMBER_DAY, AGG_SETTLEMENT, EXPIRY_KEY,
+                                  HOUR, I64, MEMBER_DAY_KEY, SETTLEMENT_KEY,
+                                  U64, Entry)
 
 DAY = 86_400_000_000
 IMPLEMENTATIONS = {"twin": twin.Ledger, "kernel": kernel.Ledger}
@@ -127,3 +131,48 @@ def test_a_tier_entry_that_does_not_follow_the_previous_one(path):
     tamper(where, b"journal", change)
     assert audit(where, Ledger) == ["journal seq 7: hash chain broken",
                                     "journal seq 7: tier was 0, not 1"]
+
+
+ROW = ACTIVITY_KEY.pack(AGG_ACTIVITY, 1, DAY // HOUR, 0, 0, 0)  # the fixture's
+WHERE = "aggregates activity program 1 hour 24 store 0 partner 0 tier 0"
+
+
+def test_an_edited_aggregate_counter_is_found(path):
+    where, Ledger = path
+
+    def change(txn):
+        counters = Counters(*ACTIVITY_VALUE.unpack(txn.get(ROW)))
+        assert (counters.issued, counters.spent, counters.new_members) == (140, 30, 2)
+        txn.put(ROW, ACTIVITY_VALUE.pack(*counters._replace(issued=141, receipts=1)))
+    tamper(where, b"aggregates", change)
+    assert audit(where, Ledger) == [f"{WHERE}: issued 141, journal says 140",
+                                    f"{WHERE}: receipts 1, journal says 0"]
+
+
+def test_lost_and_stray_aggregate_rows_are_found(path):
+    where, Ledger = path
+    settlement = SETTLEMENT_KEY.pack(AGG_SETTLEMENT, 1, 24, 0, 0)
+
+    def change(txn):
+        assert txn.get(settlement) == I64.pack(30)
+        txn.delete(settlement)
+        txn.put(MEMBER_DAY_KEY.pack(AGG_MEMBER_DAY, 1, 1, 2), b"")
+        txn.put(b"\x09junk", b"")
+        txn.put(ROW, b"short")
+    tamper(where, b"aggregates", change)
+    assert audit(where, Ledger) == [
+        f"{WHERE}: malformed value b'short'",
+        "aggregates settlement program 1 hour 24 partner 0 to 0: missing, journal says [30]",
+        "aggregates member day program 1 day 1 account 2: stored, journal says none",
+        "aggregates key b'\\tjunk': stored, journal says none"]
+
+
+def test_an_edited_last_day_is_found(path):
+    where, Ledger = path
+
+    def change(txn):
+        account = Account.decode(txn.get(U64.pack(1)))
+        account.last_day = 5
+        txn.put(U64.pack(1), account.encode())
+    tamper(where, b"accounts", change)
+    assert audit(where, Ledger) == ["account 1: last day 5, journal says 0"]

@@ -11,6 +11,7 @@ import hashlib
 
 import pytest
 
+from kopilka.core.aggregates import rebuild
 from kopilka.core.batch import Batch, Result
 from kopilka.core.codec import Account, Consumed, Lot, iter_ops
 from kopilka.core.records import (HASH_SIZE, I64, INT64_MAX, INT64_MIN,
@@ -123,19 +124,20 @@ def member(members):
 
 def test_put_program_creates_and_updates_keeping_creation_time(ledger):
     assert ok(ledger, 5, "put_program", "p1", 7).a == 7
-    assert ledger.dump()["programs"] == [(U32.pack(7), PROGRAM.pack(0, 5, 5))]
+    assert ledger.dump()["programs"] == [(U32.pack(7), PROGRAM.pack(0, 5, 5, 0))]
     [entry] = ledger.journal()
-    assert (entry.seq, entry.type, entry.program, entry.amount) == (
-        1, Entry.PROGRAM_PUT, 7, 0)
+    assert (entry.seq, entry.type, entry.program, entry.amount, entry.amount2) == (
+        1, Entry.PROGRAM_PUT, 7, 0, 0)
 
     assert ok(ledger, 9, "put_program", "p2", 7, flags=PROGRAM_ALLOW_DEBT,
-              data=b"definition v2").a == 7
+              data=b"definition v2", utc_offset_minutes=-210).a == 7
     assert ledger.dump()["programs"] == [
-        (U32.pack(7), PROGRAM.pack(PROGRAM_ALLOW_DEBT, 5, 9) + b"definition v2")]
-    assert ledger.journal()[-1].amount == PROGRAM_ALLOW_DEBT
+        (U32.pack(7), PROGRAM.pack(PROGRAM_ALLOW_DEBT, 5, 9, -210) + b"definition v2")]
+    assert (ledger.journal()[-1].amount, ledger.journal()[-1].amount2) == (
+        PROGRAM_ALLOW_DEBT, -210)
     [record] = ledger.programs()
-    assert (record.program, record.created_at, record.updated_at, record.data) == (
-        7, 5, 9, b"definition v2")
+    assert (record.program, record.created_at, record.updated_at, record.data,
+            record.utc_offset) == (7, 5, 9, b"definition v2", -210)
 
 
 def test_refund_appends_its_data_to_the_receipts(ledger, member):
@@ -164,7 +166,16 @@ def test_put_program_rejections(ledger):
     rejected(ledger, T, Code.FLAGS_INVALID, "put_program", "p2", 1, flags=2)
     rejected(ledger, T, Code.FLAGS_INVALID, "put_program", "p3", 1,
              flags=PROGRAM_ALLOW_DEBT | 4)
-    assert ledger.head() == (0, bytes(HASH_SIZE))
+    # a UTC offset is less than a day either way
+    for i, minutes in enumerate((1440, -1440, 2**31 - 1, -2**31)):
+        rejected(ledger, T, Code.TIME_INVALID, "put_program", f"p4-{i}", 1,
+                 utc_offset_minutes=minutes)
+    for i, minutes in enumerate((1439, -1439)):
+        ok(ledger, T, "put_program", f"p5-{i}", 1, utc_offset_minutes=minutes)
+    assert ledger.programs()[0].utc_offset == -1439
+    with pytest.raises(ValueError):
+        Batch().put_program("p6", 1, utc_offset_minutes=2**31)
+    assert ledger.head()[0] == 2
 
 
 # --- OPEN_ACCOUNT --------------------------------------------------------------
@@ -424,7 +435,8 @@ def test_earn_overflow_on_the_account(ledger, member):
 def test_earn_overflow_on_the_issued_system_account(ledger, members):
     a, b = members
     ok(ledger, T, "earn", "e1", a, INT64_MAX)
-    ok(ledger, T, "earn", "e2", b, 1)  # issued reaches exactly int64 min
+    # at another store: the report row of e1 cannot count one more
+    ok(ledger, T, "earn", "e2", b, 1, store=2)  # issued reaches exactly int64 min
     assert sys_balance(ledger, Sys.ISSUED) == INT64_MIN
     rejected(ledger, T, Code.OVERFLOW, "earn", "e3", b, 1)
 
@@ -734,9 +746,11 @@ def test_refund_gives_spent_points_back_to_their_lots(ledger, member):
     assert ledger.lots(member) == [Lot(1, 0, 50, 0, T + 10 * DAY),
                                    Lot(2, 0, 50, 0, T + 20 * DAY)]
     expect(ledger, member, T + DAY, available=100, balance=100, earned=100)
+    # each refund with money also journals the money given back
     returns = entries_after(ledger, seq)
-    assert [(e.type, e.debit, e.credit, e.amount) for e in returns] == [
-        (Entry.RETURN, REDEEMED0, member, 20), (Entry.RETURN, REDEEMED0, member, 60)]
+    assert [(e.type, e.debit, e.credit, e.amount, e.amount2) for e in returns] == [
+        (Entry.RETURN, REDEEMED0, member, 20, 0), (Entry.RECEIPT, 0, member, -200, -20),
+        (Entry.RETURN, REDEEMED0, member, 60, 0), (Entry.RECEIPT, 0, member, -600, -60)]
     assert sys_balance(ledger, Sys.REDEEMED) == 0
     original = ledger.operation(b"s1")
     assert (original.refunded_money, original.returned, original.clawed) == (800, 80, 0)
@@ -751,7 +765,7 @@ def test_refund_into_an_expired_lot_burns_it_again(ledger, member):
     r = ok(ledger, T + 2 * DAY, "refund", "r1", "s1", money=300, give_back=30)
     assert (r.a, r.b) == (30, 0)
     assert [(e.type, e.amount) for e in entries_after(ledger, seq)] == [
-        (Entry.EXPIRE, 20), (Entry.RETURN, 30), (Entry.EXPIRE, 30)]
+        (Entry.EXPIRE, 20), (Entry.RETURN, 30), (Entry.RECEIPT, -300), (Entry.EXPIRE, 30)]
     expect(ledger, member, T + 2 * DAY, available=10, balance=10, earned=60, expired=50)
     assert sys_balance(ledger, Sys.EXPIRED) == 50
 
@@ -765,9 +779,11 @@ def test_refund_claws_back_from_the_receipts_own_lot_first(ledger, member):
     assert (r.a, r.b) == (0, 30)
     assert ledger.lots(member) == [Lot(1, 0, 100, 0, T + 10 * DAY),
                                    Lot(2, 0, 20, 0, T + 20 * DAY)]
-    [entry] = entries_after(ledger, seq)
+    entry, receipt = entries_after(ledger, seq)
     assert (entry.type, entry.debit, entry.credit, entry.amount, entry.ref) == (
         Entry.CLAWBACK, member, ISSUED0, 30, 2)
+    assert (receipt.type, receipt.credit, receipt.amount, receipt.amount2,
+            receipt.ref) == (Entry.RECEIPT, member, -600, 0, 0)
     expect(ledger, member, T, available=120, balance=120, earned=120)
     assert sys_balance(ledger, Sys.ISSUED) == -120
 
@@ -1027,7 +1043,7 @@ def test_transfer_rejections(ledger, open_program):
 def test_transfer_overflow_on_the_target(ledger, members):
     a, b = members
     ok(ledger, T, "earn", "e1", a, INT64_MAX)
-    ok(ledger, T, "earn", "e2", b, 1)
+    ok(ledger, T, "earn", "e2", b, 1, store=2)  # another report row
     rejected(ledger, T, Code.OVERFLOW, "transfer", "t1", b, a, 1)
     rejected(ledger, T, Code.OVERFLOW, "transfer", "t2", b, a, everything=True)
     assert ok(ledger, T, "transfer", "t3", a, b, 5).a == 5
@@ -1567,3 +1583,143 @@ def test_set_tier_rejections(ledger, members):
     ok(ledger, T, "set_account_status", "close", other, Status.CLOSED)
     rejected(ledger, T, Code.ACCOUNT_CLOSED, "set_tier", "t5", other, 1)
     rejected(ledger, T, Code.ACCOUNT_CLOSED, "set_tier", "t6", other, 0)
+
+
+# --- report aggregates -----------------------------------------------------------
+
+HOUR = 3_600_000_000
+ALL = (0, 2**32)  # every hour or day
+
+
+def activity(ledger, program=1, hours=ALL):
+    """{(hour, store, partner, tier): {counter: value}}, nonzero counters only."""
+    return {(h, s, p, t): {k: v for k, v in c._asdict().items() if v}
+            for h, s, p, t, c in ledger.activity(program, *hours)}
+
+
+def test_activity_counts_what_each_operation_did(ledger, members):
+    a, b = members  # opened at time 0: hour 0
+    H = T // HOUR
+    ok(ledger, T, "earn", "e1", a, 100, money=1_000, store=3, expires_at=T + DAY)
+    ok(ledger, T, "spend", "s1", a, 30, money=500, store=3)
+    ok(ledger, T, "hold", "h1", a, 20, expires_at=T + 60, store=4)
+    ok(ledger, T, "capture", "c1", a, hold="h1", spend=20, earn=5, money=2_000, store=4)
+    ok(ledger, T, "refund", "r1", "c1", money=500, give_back=10, store=4)
+    ok(ledger, T, "adjust", "j1", b, 7, reason=1)
+    ok(ledger, T, "adjust", "j2", b, -2, reason=1)
+    ok(ledger, T, "set_tier", "t1", b, 2)
+    ok(ledger, T, "earn", "e2", b, 10, money=300, store=3)
+    ok(ledger, T, "refund", "r2", "e2", money=100, claw_back=4, store=3)
+    ok(ledger, T, "transfer", "x1", a, b, 1)  # between members: not counted
+    ok(ledger, T + DAY, "sweep", "sw1")  # lot 1's 60 expire: no store did it
+    assert activity(ledger) == {
+        (0, 0, 0, 0): {"new_members": 2},
+        (H, 3, 0, 0): {"issued": 100, "spent": 30, "receipts": 2,
+                       "receipt_money": 1_500, "member_days": 1},
+        (H, 4, 0, 0): {"issued": 5, "spent": 20, "returned": 10, "receipts": 1,
+                       "receipt_money": 1_500},
+        (H, 0, 0, 0): {"adjusted": 5},
+        (H, 3, 0, 2): {"issued": 10, "clawed": 4, "receipts": 1,
+                       "receipt_money": 200, "member_days": 1},
+        (H + 24, 0, 0, 0): {"expired": 59},
+        (H + 24, 0, 0, 2): {"expired": 1},  # the point b had from a
+    }
+    assert activity(ledger, hours=(H, H + 1)).keys() == {
+        (H, 3, 0, 0), (H, 4, 0, 0), (H, 0, 0, 0), (H, 3, 0, 2)}
+    assert list(ledger.activity(1, H + 1, H + 24)) == []
+    assert list(ledger.activity(2, *ALL)) == []
+    assert list(ledger.settlement(1, *ALL)) == [(H, 0, 0, 40)]
+    assert list(ledger.member_days(1, *ALL)) == [(T // DAY, a), (T // DAY, b)]
+    assert ledger.account(a).last_day == T // DAY + 1
+
+
+def test_aggregates_are_the_journal_rebuilt(ledger, open_program):
+    a, b = open_program(1, 2)
+    ok(ledger, T, "put_program", "tz", 1, utc_offset_minutes=300)
+    ok(ledger, T, "earn", "e1", a, 100, money=1_000, partner=1, store=1)
+    ok(ledger, T + HOUR, "spend", "s1", a, 60, money=600, partner=2, store=2)
+    ok(ledger, T + HOUR, "refund", "r1", "s1", money=600, proportional=True, store=2)
+    ok(ledger, T + 2 * HOUR, "set_tier", "t1", b, 1)
+    ok(ledger, T + 2 * HOUR, "capture", "v1", b, money=50)
+    stored = dict(ledger.dump()["aggregates"])
+    assert rebuild(ledger.journal(limit=10**6)) == stored
+    assert len(stored) == 1 + 3 + 1 + 2  # new members, activity, settlement, member days
+
+
+def test_member_days_are_local_days_of_the_programs_offset(ledger, open_program):
+    [a] = open_program(2, 1)
+    [b] = open_program(3, 1)
+    ok(ledger, 0, "put_program", "msk", 2, utc_offset_minutes=180)
+    ok(ledger, 0, "put_program", "nyc", 3, utc_offset_minutes=-300)
+    day = T // DAY  # T is midnight UTC
+    for op_id, when in (("a1", T - 4 * HOUR),    # 23:00 local: day - 1
+                        ("a2", T - 2 * HOUR),    # 01:00 local: day
+                        ("a3", T + 20 * HOUR)):  # 23:00 local: still day
+        ok(ledger, when, "earn", op_id, a, 1, money=100)
+    for op_id, when in (("b1", T + 2 * HOUR),    # 21:00 local: day - 1
+                        ("b2", T + 5 * HOUR)):   # midnight local: day
+        ok(ledger, when, "earn", op_id, b, 1, money=100)
+    assert list(ledger.member_days(2, *ALL)) == [(day - 1, a), (day, a)]
+    assert list(ledger.member_days(3, *ALL)) == [(day - 1, b), (day, b)]
+    assert list(ledger.member_days(2, day, day + 1)) == [(day, a)]
+    # counted in the hour of the day's first receipt
+    days = {key[0]: c["member_days"] for key, c in activity(ledger, 2).items()
+            if "member_days" in c}
+    assert days == {T // HOUR - 4: 1, T // HOUR - 2: 1}
+    assert ledger.account(a).last_day == day + 1
+    # a refund's money is no visit; an earlier day once a later one counted
+    # is not looked back on (operation time is the server's clock)
+    ok(ledger, T + 30 * HOUR, "refund", "r1", "a1", money=100)
+    ok(ledger, T - DAY, "earn", "a4", a, 1, money=100)
+    assert list(ledger.member_days(2, *ALL)) == [(day - 1, a), (day, a)]
+    # a new offset moves the days of what follows
+    ok(ledger, T, "put_program", "msk2", 2, utc_offset_minutes=-180)
+    ok(ledger, T + 46 * HOUR, "earn", "a5", a, 1, money=100)  # 19:00 on day + 1
+    assert list(ledger.member_days(2, day + 1, 2**32)) == [(day + 1, a)]  # not + 2
+
+
+def test_settlement_between_partners(ledger, member):
+    H = T // HOUR
+    ok(ledger, T, "earn", "e1", member, 100, partner=1, expires_at=T + DAY)
+    ok(ledger, T, "earn", "e2", member, 50, partner=2, expires_at=T + 2 * DAY)
+    # spent at partner 2: partner 1's lot first (earliest expiry), then its own
+    ok(ledger, T + HOUR, "spend", "s1", member, 120, partner=2, money=1_200, store=7)
+    assert list(ledger.settlement(1, *ALL)) == [(H + 1, 1, 2, 100), (H + 1, 2, 2, 20)]
+    # a refund gives the last consumed back first: 20 to partner 2's lot
+    ok(ledger, T + 2 * HOUR, "refund", "r1", "s1", money=300, give_back=30, store=7)
+    assert list(ledger.settlement(1, *ALL)) == [
+        (H + 1, 1, 2, 100), (H + 1, 2, 2, 20), (H + 2, 1, 2, -10), (H + 2, 2, 2, -20)]
+    assert list(ledger.settlement(1, H + 2, H + 3)) == [(H + 2, 1, 2, -10),
+                                                        (H + 2, 2, 2, -20)]
+    # the refund's money and points count at the receipt's partner
+    assert activity(ledger, hours=(H + 2, H + 3)) == {
+        (H + 2, 7, 2, 0): {"returned": 30, "receipt_money": -300}}
+    assert activity(ledger, hours=(H, H + 1)) == {
+        (H, 0, 1, 0): {"issued": 100}, (H, 0, 2, 0): {"issued": 50}}
+
+
+def test_a_refund_with_money_journals_the_money_given_back(ledger, member):
+    ok(ledger, T, "capture", "c1", member, earn=50, money=5_000, partner=3,
+       store=1, expires_at=NEVER)
+    ok(ledger, T, "spend", "s1", member, 20, money=2_000, partner=3, store=1)
+    seq = last_seq(ledger)
+    ok(ledger, T, "refund", "r1", "s1", money=1_000, proportional=True,
+       store=9, lane=4, version=5, business_time=T - 60)
+    ok(ledger, T, "refund", "r2", "c1", claw_back=5, store=9)  # no money: no receipt
+    ok(ledger, T, "refund", "r3", "c1", money=1, store=9)      # money alone
+    receipts = [e for e in entries_after(ledger, seq) if e.type == Entry.RECEIPT]
+    assert [(e.credit, e.amount, e.amount2, e.ref, e.store, e.partner, e.version,
+             e.business_time, e.op_id) for e in receipts] == [
+        (member, -1_000, -10, 0, 9, 3, 5, T - 60, b"r1"),
+        (member, -1, 0, 0, 9, 3, 0, 0, b"r3")]
+
+
+def test_a_report_counter_that_would_overflow_refuses_the_operation(ledger, members):
+    a, b = members
+    ok(ledger, T, "earn", "e1", a, INT64_MAX, money=1)
+    ok(ledger, T, "refund", "r1", "e1", claw_back=INT64_MAX)
+    # the balances allow it; the hour's issued points would not fit an int64
+    rejected(ledger, T, Code.OVERFLOW, "earn", "e2", b, 1)
+    ok(ledger, T + HOUR, "earn", "e3", b, 1)
+    ok(ledger, T, "earn", "e4", b, 1, store=1)
+    rejected(ledger, T, Code.OVERFLOW, "capture", "v1", b, money=INT64_MAX)

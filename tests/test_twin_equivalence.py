@@ -5,7 +5,8 @@ Sequences draw ids from small pools so that replays, id reuse, blocked cards,
 hold timeouts, expiry, debt and refunds of every kind happen often; time
 jumps cross activation, expiry and hold timeouts. Operations carry data now
 and then (kept with their records, or as a profile), and profiles are set,
-deleted and erased with their external ids; tiers change and stay.
+deleted and erased with their external ids; tiers change and stay; programs
+change their UTC offset (local days of the aggregates) now and then.
 """
 
 import collections
@@ -18,10 +19,12 @@ from hypothesis import strategies as st
 
 from kopilka.core import twin
 from kopilka import kernel
+from kopilka.core.aggregates import Counters
 from kopilka.core.batch import Batch
-from kopilka.core.records import (INT64_MAX, INT64_MIN, MAX_TIER, NEVER,
-                                  PROFILE_ERASE, PROGRAM_ALLOW_DEBT, Kind,
-                                  Status)
+from kopilka.core.records import (ACTIVITY_VALUE, AGG_ACTIVITY, AGG_MEMBER_DAY,
+                                  AGG_SETTLEMENT, INT64_MAX, INT64_MIN,
+                                  MAX_TIER, NEVER, PROFILE_ERASE,
+                                  PROGRAM_ALLOW_DEBT, Kind, Status)
 
 DAY = 86_400_000_000
 RECEIPTS = [f"r{i}" for i in range(24)]   # earn, spend, capture: refundable
@@ -32,6 +35,8 @@ EXTERNALS = ["m1", "m2", "m3"]             # the setup's members' external ids
 DATA = [b"", b"", b"", b"", b"d", b"\x00profile", b"p" * 700]
 TIERS = [0, 1, 1, 2, 3, MAX_TIER, MAX_TIER + 1, -1, INT64_MAX]
 EDGE = [INT64_MAX, INT64_MIN, INT64_MAX - 1, -1, 0]
+# PUT_PROGRAM's reason: UTC offsets in minutes as u32, some out of range
+OFFSETS = [m & 0xFFFFFFFF for m in (0, 0, 180, -300, 1439, -1439, 1440, -2**31)]
 RECEIPT_KINDS = (Kind.EARN, Kind.SPEND, Kind.CAPTURE)
 
 small = st.integers(1, 60)
@@ -88,6 +93,7 @@ def operations(draw):
             [Status.ACTIVE] * 4 + [Status.BLOCKED] * 2 + [Status.CLOSED, 0, 7]))
     if kind == Kind.PUT_PROGRAM:
         fields["flags"] = draw(st.sampled_from([0, PROGRAM_ALLOW_DEBT]))
+        fields["reason"] = draw(st.sampled_from(OFFSETS))
     if kind == Kind.SWEEP:
         fields["amount"] = draw(st.sampled_from([1, 2, 100, 0]))
     if kind == Kind.SET_PROFILE:
@@ -102,7 +108,8 @@ batches = st.lists(st.tuples(st.integers(0, 3 * DAY),
                              st.lists(operations(), min_size=1, max_size=8)),
                    min_size=1, max_size=12)
 
-SETUP = (Batch().put_program("setup-p1", 1).put_program("setup-p2", 2, flags=PROGRAM_ALLOW_DEBT)
+SETUP = (Batch().put_program("setup-p1", 1, utc_offset_minutes=-600)
+         .put_program("setup-p2", 2, flags=PROGRAM_ALLOW_DEBT, utc_offset_minutes=330)
          .open_account("setup-a1", 1, "m1").open_account("setup-a2", 1, "m2")
          .open_account("setup-a3", 2, "m3", data=b"profile-3")
          .link_card("setup-c1", 1, "card0")
@@ -176,7 +183,7 @@ def random_operation(rng, history):
     lot_times = dict(activates_at=rng.choice([0, 0, rng.randint(0, 4 * DAY)]),
                      expires_at=rng.choice([NEVER, rng.randint(1, 20 * DAY)]))
     if kind == Kind.PUT_PROGRAM:
-        f["flags"] = rng.choice([0, PROGRAM_ALLOW_DEBT])
+        f.update(flags=rng.choice([0, PROGRAM_ALLOW_DEBT]), reason=rng.choice(OFFSETS))
     elif kind == Kind.SET_ACCOUNT_STATUS:
         f["amount"] = rng.choice([1, 1, 1, 2, 2, 3, 9])
     elif kind == Kind.EARN:
@@ -271,6 +278,7 @@ def run_sequence(seed, path, codes):
             history += [f for f, r in zip(ops, expected) if r.ok]
         assert left.dump() == right.dump(), f"seed {seed}"
         assert left.audit() == [] and right.audit() == [], f"seed {seed}"
+        return right.dump()["aggregates"]
     finally:
         left.close()
         right.close()
@@ -278,9 +286,15 @@ def run_sequence(seed, path, codes):
 
 def test_kernel_matches_twin_long_sequences(tmp_path):
     codes = collections.Counter()
+    rows = []
     for seed in SEEDS:
         (tmp_path / str(seed)).mkdir()
-        run_sequence(seed, tmp_path / str(seed), codes)
+        rows += run_sequence(seed, tmp_path / str(seed), codes)
+    # every kind of aggregate row, settlement between partners, refunds' money
+    assert {key[0] for key, _ in rows} == {AGG_ACTIVITY, AGG_SETTLEMENT, AGG_MEMBER_DAY}
+    assert any(key[0] == AGG_SETTLEMENT and key[9:13] != key[13:17] for key, _ in rows)
+    assert any(key[0] == AGG_ACTIVITY and Counters(*ACTIVITY_VALUE.unpack(value)).receipt_money < 0
+               for key, value in rows)
     # the mix exercised the paths that matter, not only rejections
     for kind in [k.name for k in Kind] + ["SET_PROFILE/erase", "SET_TIER/unchanged"]:
         assert codes[(kind, "OK")] > 0, (kind, codes)

@@ -1,0 +1,152 @@
+"""Report aggregates as a fold of the journal (layout in records.py).
+
+The ledger keeps the `aggregates` database as it commits; this is the same
+fold in plain Python, from journal entries alone: the twin uses `changes`
+per entry, and `rebuild` replays a whole journal for the audit, which
+demands that the stored rows equal it.
+"""
+
+from collections import namedtuple
+
+from .records import (ACTIVITY_KEY, ACTIVITY_VALUE, AGG_ACTIVITY,
+                      AGG_MEMBER_DAY, AGG_SETTLEMENT, DAY, HOUR, I64,
+                      MEMBER_DAY_KEY, MINUTE, SETTLEMENT_KEY, SYSTEM, Entry)
+
+COUNTERS = ("issued", "spent", "expired", "adjusted", "returned", "clawed",
+            "receipts", "receipt_money", "new_members", "member_days")
+Counters = namedtuple("Counters", COUNTERS)
+(ISSUED, SPENT, EXPIRED, ADJUSTED, RETURNED, CLAWED, RECEIPTS, RECEIPT_MONEY,
+ NEW_MEMBERS, MEMBER_DAYS) = range(len(COUNTERS))
+
+# Entry types counted in activity rows, with their counter.
+_COUNTER = {Entry.EARN: ISSUED, Entry.SPEND: SPENT, Entry.EXPIRE: EXPIRED,
+            Entry.ADJUST: ADJUSTED, Entry.RETURN: RETURNED,
+            Entry.CLAWBACK: CLAWED, Entry.RECEIPT: RECEIPT_MONEY,
+            Entry.ACCOUNT_OPENED: NEW_MEMBERS}
+
+
+def hour_of(time):
+    return max(time, 0) // HOUR
+
+
+def day_of(time, utc_offset):
+    """The program's local day of a time (utc_offset in minutes)."""
+    return max(time + utc_offset * MINUTE, 0) // DAY
+
+
+def member_of(entry):
+    """The member an entry concerns: a posting's member side, an event's
+    subject (0 when none)."""
+    if entry.type >= Entry.EARN:
+        return entry.debit if entry.credit & SYSTEM else entry.credit
+    return entry.credit
+
+
+def counted(entry):
+    """Whether an entry changes any aggregate row."""
+    return entry.type in _COUNTER
+
+
+def changes(entry, tier, utc_offset, last_day):
+    """What one counted entry adds, given its member's tier and last_day
+    (records.py) and its program's UTC offset: ([(key, index, delta)],
+    last_day after it). `index` is the int64 of the row's value to add to;
+    None for a member-day row (an empty value)."""
+    program, hour = entry.program, hour_of(entry.time)
+    activity = ACTIVITY_KEY.pack(AGG_ACTIVITY, program, hour, entry.store,
+                                 entry.partner, tier)
+    index = _COUNTER[entry.type]
+    amount = entry.amount
+    if entry.type == Entry.ADJUST and entry.debit == member_of(entry):
+        amount = -amount
+    elif entry.type == Entry.ACCOUNT_OPENED:
+        amount = 1
+    out = [(activity, index, amount)]
+    if entry.type in (Entry.SPEND, Entry.RETURN):
+        out.append((SETTLEMENT_KEY.pack(AGG_SETTLEMENT, program, hour,
+                                        entry.partner2, entry.partner), 0,
+                    amount if entry.type == Entry.SPEND else -amount))
+    if entry.type == Entry.RECEIPT and amount > 0:
+        out.append((activity, RECEIPTS, 1))
+        day = day_of(entry.time, utc_offset)
+        if day + 1 > last_day:  # the member's first receipt of the day
+            out.append((MEMBER_DAY_KEY.pack(AGG_MEMBER_DAY, program, day,
+                                            member_of(entry)), None, 0))
+            out.append((activity, MEMBER_DAYS, 1))
+            last_day = day + 1
+    return out, last_day
+
+
+def width(key):
+    """How many int64s a row's value holds."""
+    return len(COUNTERS) if key[0] == AGG_ACTIVITY else (
+        1 if key[0] == AGG_SETTLEMENT else 0)
+
+
+def decode_value(key, value):
+    """A row's value as a tuple of ints; ValueError when malformed."""
+    n = width(key)
+    if len(value) != 8 * n:
+        raise ValueError("aggregate value of the wrong size")
+    return ACTIVITY_VALUE.unpack(value) if n == len(COUNTERS) else (
+        I64.unpack(value) if n else ())
+
+
+def encode_value(values):
+    return b"".join(I64.pack(v) for v in values)
+
+
+def describe(key):
+    """A row's key in words, for the audit's problems."""
+    try:
+        if key[0] == AGG_ACTIVITY:
+            _, program, hour, store, partner, tier = ACTIVITY_KEY.unpack(key)
+            return (f"activity program {program} hour {hour} store {store} "
+                    f"partner {partner} tier {tier}")
+        if key[0] == AGG_SETTLEMENT:
+            _, program, hour, issuing, redeeming = SETTLEMENT_KEY.unpack(key)
+            return (f"settlement program {program} hour {hour} partner "
+                    f"{issuing} to {redeeming}")
+        if key[0] == AGG_MEMBER_DAY:
+            _, program, day, account = MEMBER_DAY_KEY.unpack(key)
+            return f"member day program {program} day {day} account {account}"
+    except Exception:  # a malformed key: shown as it is
+        pass
+    return f"key {key!r}"
+
+
+class Rebuild:
+    """The fold over a whole journal, entry by entry, in order."""
+
+    def __init__(self):
+        self.rows = {}        # key -> list of ints
+        self.tiers = {}       # member -> tier, from TIER_SET
+        self.last_days = {}   # member -> last_day
+        self.offsets = {}     # program -> UTC offset, from PROGRAM_PUT
+
+    def add(self, entry):
+        if entry.type == Entry.PROGRAM_PUT:
+            self.offsets[entry.program] = entry.amount2
+        elif entry.type == Entry.TIER_SET:
+            self.tiers[entry.credit] = entry.amount
+        if not counted(entry):
+            return
+        member = member_of(entry)
+        deltas, self.last_days[member] = changes(
+            entry, self.tiers.get(member, 0), self.offsets.get(entry.program, 0),
+            self.last_days.get(member, 0))
+        for key, index, delta in deltas:
+            row = self.rows.setdefault(key, [0] * width(key))
+            if index is not None:
+                row[index] += delta
+
+    def encoded(self):
+        return {key: encode_value(row) for key, row in sorted(self.rows.items())}
+
+
+def rebuild(entries):
+    """{key: value} of every aggregate row, as the ledger stores them."""
+    fold = Rebuild()
+    for entry in entries:
+        fold.add(entry)
+    return fold.encoded()
