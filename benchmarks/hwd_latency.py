@@ -126,6 +126,7 @@ def seed(data, cards):
     try:
         put = Batch().put_program(f"bench/program/{program.id}", program.id,
                                   flags=program.kernel_flags,
+                                  utc_offset_minutes=program.utc_offset_minutes,
                                   data=registry.encode("toml", text))
         assert ledger.apply(put, now)[0].code == Code.OK
         numbers = [card for pool in cards for card in pool]

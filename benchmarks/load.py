@@ -110,6 +110,7 @@ def seed(data, members, chunk=50_000):
     try:
         put = Batch().put_program(f"load/program/{program.id}", program.id,
                                   flags=program.kernel_flags,
+                                  utc_offset_minutes=program.utc_offset_minutes,
                                   data=registry.encode("toml", text))
         result = ledger.apply(put, now)[0]
         if result.code != Code.OK:

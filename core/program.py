@@ -375,6 +375,14 @@ class Program:
     def zone(self):
         return ZoneInfo(self.time_zone)
 
+    @property
+    def utc_offset_minutes(self):
+        """The zone's standard offset (the smaller of winter's and summer's:
+        daylight saving adds), which the ledger counts members' days by."""
+        zone = self.zone
+        return min(int(datetime(2025, month, 1, tzinfo=zone).utcoffset().total_seconds())
+                   // 60 for month in (1, 7))
+
     def version_at(self, t):
         """The version in force at `t` (microseconds): the latest one whose
         effective_from is not after it. Receipts are priced by their business

@@ -167,6 +167,7 @@ class Programs(programs_pb2_grpc.ProgramsServicer):
 
 def _put(op_id, program, source, text):
     return Batch().put_program(op_id, program.id, flags=program.kernel_flags,
+                               utc_offset_minutes=program.utc_offset_minutes,
                                data=registry.encode(source, text))
 
 

@@ -163,6 +163,7 @@ def install_program(srv, path=EXAMPLE):
     program = registry.parse("toml", text)
     batch = Batch().put_program(f"test/program/{program.id}", program.id,
                                 flags=program.kernel_flags,
+                                utc_offset_minutes=program.utc_offset_minutes,
                                 data=registry.encode("toml", text))
     result = srv.call(srv.server.backend.apply(batch, None))[0]
     assert result.code == 0, result

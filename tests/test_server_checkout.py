@@ -45,6 +45,7 @@ def receipt(srv, *lines, receipt_id="r1"):
 
 def test_quote_hold_capture_refund(srv, pos):
     member = open_member(srv, 1, "c1", card="7001", points=500)
+    assert srv.server.ledger.programs()[0].utc_offset == 180  # Europe/Moscow
     r = receipt(srv, ("groceries", 2, 50_000), ("books", 1, 100_000))
     q = pos.Quote(pb.QuoteRequest(lane=LANE, card_number="7001", receipt=r))
     assert q.member == f"programs/1/members/{member}"

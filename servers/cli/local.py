@@ -143,6 +143,7 @@ def _init_program(config, path):
             return line, False
         batch = Batch().put_program(f"kopilka-init/program/{program.id}", program.id,
                                     flags=program.kernel_flags,
+                                    utc_offset_minutes=program.utc_offset_minutes,
                                     data=registry.encode(source, text))
         result = ledger.apply(batch, time.time_ns() // 1000)[0]
         if result.code != 0:
