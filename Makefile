@@ -77,4 +77,4 @@ build: system-deps $(INSTALLED) proto
 		|| { cat $(VENV)/build.log; exit 1; }
 
 clean:
-	rm -rf build *.egg-info kernel/_ledger.c kernel/*.so gen
+	rm -rf build *.egg-info kernel/_ledger.c kernel/*.so core/_pricing.c core/*.so gen

@@ -35,6 +35,14 @@ kernel = Extension(
     extra_compile_args=["-O2", "-Wno-address-of-packed-member"],
 )
 
+# The pricing engine's per-line loops (core/_pricing.pyx), the compiled twin
+# of pure-Python code in core/pricing.py, which is used when this is not built.
+pricing = Extension(
+    "kopilka.core._pricing",
+    sources=["core/_pricing.pyx"],
+    extra_compile_args=["-O2"],
+)
+
 setup(
     packages=["kopilka"] + [f"kopilka.{name}{sub}" for name in PACKAGES
                             for sub in ["", *(f".{p}" for p in find_packages(name))]]
@@ -42,7 +50,7 @@ setup(
     package_dir={"kopilka": "kopilka", **{f"kopilka.{n}": n for n in PACKAGES},
                  **GENERATED},
     package_data={"kopilka.v1": ["*.pyi"]},
-    ext_modules=cythonize([kernel], language_level=3,
+    ext_modules=cythonize([kernel, pricing], language_level=3,
                           compiler_directives={"boundscheck": False,
                                                "wraparound": False}),
 )

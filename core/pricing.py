@@ -47,23 +47,33 @@ end-of-day expiry) are not earned at all, as the kernel would refuse them.
 Per-line figures are NamedTuples rather than dataclasses: a checkout prices
 thousands of receipts a second, and tuples are several times cheaper to
 build. The per-version precomputation (`_Plan`) is kept by version object.
+
+The engine is compiled (core/_pricing.pyx, built as `kopilka.core._pricing`
+by setup.py): `quote` and `settle_quote` ask it first, and it prices every
+receipt its quick checks find good, with the per-line loops over C arrays;
+anything in doubt it leaves to the Python code here (`_quote`,
+`_settle_quote`, `_Lines`), which is its twin and the reference: the same
+rules, step by step, and the same results, which tests/test_pricing_twin.py
+checks figure for figure. Without the build, the Python code does it all;
+`use("python")` makes it do so in a process that has the build.
 """
 
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
-from functools import cached_property
 from typing import NamedTuple
 
 from .allocation import (Allocation, LineShare, Refund, refund_lines,
                          refund_referral, split)
 from .batch import Batch
 from .lifetimes import add_months, lot_times, period_bounds
-from .program import BASIS, Problem, Version, per_version
-from .receipt import (DAY, Line, Member, MemberCoupon, MemberError,
-                      PricingError, Receipt, ReceiptError, SpendError,
-                      check_member, check_receipt)
-from .records import MAX_OP_ID
+from .program import BASIS, EPOCH, Problem, Version, per_version
+from . import receipt as _receipt
+from .receipt import (CLOCK_SKEW, DAY, INT64_MAX, Line, Member, MemberCoupon, MemberError,
+                      PricingError, Receipt, ReceiptError, SpendError, _pricing,
+                      _quick_header, check_member, check_receipt, member_fine,
+                      quick_lines)
+from .records import MAX_OP_ID, NEVER
 
 __all__ = [
     # what a checkout hands in (receipt.py)
@@ -174,7 +184,7 @@ def _first(flags, among):
 class _Plan:
     """A version's rules, precomputed once: every earning rate as an integer
     numerator over one common denominator `scale`, the exclusion sets, and
-    memos of what a kind of line is (by category, flags and tier) and of
+    memos of what a kind of line is (by tier, category and flags) and of
     when points earned in a calendar period expire."""
 
     def __init__(self, v):
@@ -188,6 +198,7 @@ class _Plan:
             num, den = rate.fraction(pv)
             return num * (self.scale // den)
 
+        self.point_value = pv
         self.base = (k(v.earn.rate), Reason(Why.BASE_RATE))
         self.category = {c.category: (k(c.rate), Reason(Why.CATEGORY_RATE, c.category))
                          for c in v.earn.categories}
@@ -198,21 +209,55 @@ class _Plan:
         self.discount_excluded = frozenset(v.discounts.exclude_flags)
         self.spend_flags = frozenset(v.spend.exclude_flags)
         self.spend_categories = frozenset(v.spend.exclude_categories)
+        self.categories = frozenset(v.items.categories)
+        self.flags = frozenset(v.items.flags)
         self.round = ROUND[v.earn.rounding]
         self.per_line = v.earn.rounding_scope == "line"
+        # what the compiled Lines reads of the plan, at once
+        self.figures = (self.scale, pv, ("down", "up", "half_up").index(v.earn.rounding),
+                        self.per_line)
         self.lifetimes = {kind: v.lifetime.for_kind(kind) for kind in ("purchase", "referral")}
-        self._classes = {}
+        # The compiled per-line loops hold rates, the scale and money times
+        # the point value in 128-bit integers: true of any real program.
+        numerators = ([self.base[0]] + [x[0] for x in self.category.values()]
+                      + [x[0] for x in self.tier_rate.values()])
+        self.small = self.scale < 1 << 62 and max(numerators) < 1 << 62 and pv < 1 << 40
+        self._classes = {}      # tier -> category -> flags -> line class
+        self._class_count = 0
         self._periods = {}
+        self._until = {}
+        # what the compiled quote reads of the version, gathered once
+        self.rules = _pricing.Rules(self, v) if _pricing is not None and self.small else None
 
-    def line_class(self, category, flags, tier):
-        """(rate numerator, takes discounts, payable by points, reasons) of a
-        line; the same few kinds of line recur on every receipt."""
-        key = (category, flags, tier)
-        found = self._classes.get(key)
+    def classes(self, tier):
+        """The memo of line classes for a member of `tier` (a valid tier or
+        None): {category: {flags: (rate numerator, takes discounts, payable
+        by points, reasons)}}; `new_class` adds to it. The same few kinds of
+        line recur on every receipt."""
+        found = self._classes.get(tier)
         if found is None:
-            if len(self._classes) > 4096:
-                self._classes.clear()
-            found = self._classes[key] = self._classify(category, flags, tier)
+            found = self._classes[tier] = {}
+        return found
+
+    def new_class(self, tier, category, flags, checked):
+        """The class of a line not yet in `classes(tier)`, remembered there;
+        or None when `checked` is false and the category or flags are not
+        the version's vocabulary (or the flags repeat), which the full
+        receipt check then names. Only valid lines are ever remembered, so a
+        line found in the memo has a known category and known flags."""
+        if not checked:
+            try:
+                if not (category in self.categories and self.flags.issuperset(flags)
+                        and len(set(flags)) == len(flags)):
+                    return None
+            except TypeError:   # an unhashable flag
+                return None
+        if self._class_count >= 4096:
+            self._classes.clear()
+            self._class_count = 0
+        found = self._classify(category, flags, tier)
+        self.classes(tier).setdefault(category, {})[flags] = found
+        self._class_count += 1
         return found
 
     def _classify(self, category, flags, tier):
@@ -247,6 +292,18 @@ class _Plan:
             expires = lot_times(lifetime, t, program.zone)[1]
             self._periods[kind] = (low, high, expires, zone)
         return t + lifetime.activation_days * DAY, expires
+
+    def coupon_until(self, t, months, program):
+        """`add_months(t, months, zone)`: when a coupon earned at `t` expires.
+        Remembered by business time, as a checkout prices its receipt twice
+        (the quote the POS shows, then the settlement)."""
+        key = (t, months, program.time_zone)
+        found = self._until.get(key)
+        if found is None:
+            if len(self._until) >= 256:
+                self._until.clear()
+            found = self._until[key] = add_months(t, months, program.zone)
+        return found
 
 
 _plan = per_version(_Plan)
@@ -289,22 +346,160 @@ class CouponTerms(NamedTuple):
     expires_at: int
 
 
-class _Calc(NamedTuple):
-    """Per-line working figures a quote keeps for pricing a spend."""
-    plan: _Plan
-    point_value: int
-    numbers: list
-    totals: list
-    discounts: list
-    coupons: list
-    dues: list
-    payable: list        # may points pay for the line
-    pay_weights: list    # the line's due if points may pay for it, else 0
-    rates: list          # earning numerators over plan.scale (0: earns nothing)
-    why: list            # each line's reasons
-    earns: bool          # False when the points would expire on arrival
-    referral_bp: int
-    referral_times: tuple | None
+class _Lines:
+    """A quote's per-line figures and the loops over them: reading and
+    classifying the lines (with the receipt check's quick pass), spreading
+    the discounts and the coupon, pricing a spend, and the per-line tuples.
+
+    This is the pure-Python twin of the compiled `_pricing.Lines` (the same
+    steps, the same results, which the property tests hold them to), used
+    by `_quote`: when that is not built, for input the compiled quote's quick
+    checks doubt, and for a program whose rates or point value it cannot hold
+    in its 128-bit integers (`_Plan.small`)."""
+
+    __slots__ = ("plan", "point_value", "earns", "referral_bp", "referral_times",
+                 "numbers", "quantities", "totals", "takes", "discounts", "coupons",
+                 "dues", "payable", "pay_weights", "rates", "why")
+
+    def __init__(self, plan):
+        self.plan = plan
+        self.point_value = plan.point_value
+        self.earns = True            # False when the points would expire on arrival
+        self.referral_bp = 0         # the referrer's share, when one earns
+        self.referral_times = None   # (activates_at, expires_at) of the referrer's points
+
+    def scan(self, lines, tier, checked):
+        """Reads and classifies the lines for a member of `tier`: (the
+        receipt's total, the part of it that takes discounts). Unless
+        `checked` (the receipt passed `check_receipt`), it is also the
+        receipt check's quick pass over the lines, returning None when in
+        doubt (the full check decides)."""
+        plan = self.plan
+        classes = plan.classes(tier)
+        numbers, quantities, totals, found = [], [], [], []
+        seen = set()
+        gross = base = 0
+        for line in lines:
+            if checked:
+                number, q, amount, category, f = (line.number, line.quantity, line.total,
+                                                  line.category, line.flags)
+                if type(f) is not tuple:
+                    f = tuple(f)
+            else:
+                if type(line) is not Line:
+                    return None
+                number, q, p, amount, sku, category, f = (
+                    line.number, line.quantity, line.unit_price, line.total, line.sku,
+                    line.category, line.flags)
+                if not (type(number) is int and number >= 1 and number not in seen
+                        and type(q) is int and type(p) is int and type(amount) is int
+                        and 0 < q <= INT64_MAX and 0 <= p <= INT64_MAX
+                        and amount == q * p and amount <= INT64_MAX
+                        and type(sku) is str and sku and not sku.isspace()
+                        and type(category) is str and type(f) is tuple):
+                    return None
+                seen.add(number)
+            try:
+                kind = classes[category][f]
+            except (KeyError, TypeError):   # new, or not valid (TypeError: unhashable)
+                kind = plan.new_class(tier, category, f, checked)
+                if kind is None:
+                    return None
+            numbers.append(number)
+            quantities.append(q)
+            totals.append(amount)
+            found.append(kind)
+            gross += amount
+            if kind[1]:
+                base += amount
+        if not checked and gross > INT64_MAX:
+            return None
+        self.numbers, self.quantities, self.totals = numbers, quantities, totals
+        self.rates = [k[0] for k in found]
+        self.takes = [k[1] for k in found]
+        self.payable = [k[2] for k in found]
+        self.why = [k[3] for k in found]
+        return gross, base
+
+    def spread(self, discount, coupon):
+        """Splits `discount` over the lines that take discounts, then
+        `coupon` over what they still cost; returns the part of what is left
+        to pay that points may pay for."""
+        totals = self.totals
+        weights = [t if ok else 0 for t, ok in zip(totals, self.takes)]
+        off = split(discount, weights)
+        if coupon:
+            coupon_off = split(coupon, [w - d for w, d in zip(weights, off)])
+        else:
+            coupon_off = [0] * len(totals)
+        dues = [t - d - c for t, d, c in zip(totals, off, coupon_off)]
+        pay_weights = [d if ok else 0 for d, ok in zip(dues, self.payable)]
+        self.discounts, self.coupons, self.dues = off, coupon_off, dues
+        self.pay_weights = pay_weights
+        return sum(pay_weights)
+
+    def price(self, spend):
+        """Priced: `spend` points split over the payable lines in proportion
+        to what each still costs, and earning on the money actually paid."""
+        plan, dues, weights = self.plan, self.dues, self.pay_weights
+        n = len(dues)
+        if spend:
+            payable = sum(weights)
+            points = split(spend, weights, payable)
+            covered = split(spend * self.point_value, weights, payable)
+            paid = [d - x for d, x in zip(dues, covered)]
+        else:
+            points, paid = [0] * n, dues
+        paid_total = sum(paid)
+        rnd, scale = plan.round, plan.scale
+        if not self.earns:
+            earned, earn = [0] * n, 0
+        elif plan.per_line:
+            earned = [rnd(p * k, scale) for p, k in zip(paid, self.rates)]
+            earn = sum(earned)
+        else:
+            exact = [p * k for p, k in zip(paid, self.rates)]
+            whole = sum(exact)
+            earn = rnd(whole, scale)
+            earned = split(earn, exact, whole)
+        if self.referral_bp and paid_total:
+            referral = rnd(paid_total * self.referral_bp, BASIS * self.point_value)
+            shares = split(referral, paid, paid_total)
+        else:
+            referral, shares = 0, [0] * n
+        return Priced(spend, paid_total, earn, referral,
+                      tuple(map(LinePrice, self.numbers, points, paid, earned, shares)))
+
+    def line_quotes(self, priced):
+        """LineQuote per line; `priced` (no points spent) gives their earn."""
+        return tuple(map(LineQuote, self.numbers, self.totals, self.discounts,
+                         self.coupons, self.dues, self.payable,
+                         [p.earn for p in priced.lines], self.why))
+
+    def shares(self, priced):
+        """LineShare per line of the receipt settled as `priced`."""
+        lines = priced.lines
+        return tuple(map(LineShare, self.numbers, self.quantities,
+                         [d + k for d, k in zip(self.discounts, self.coupons)],
+                         [p.spent for p in lines], [p.earn for p in lines],
+                         [p.paid for p in lines], [p.referral for p in lines]))
+
+
+class _once:
+    """A value worked out on first use and kept in the instance (as
+    functools.cached_property, which in Python 3.11 takes a lock each time)."""
+
+    def __init__(self, work):
+        self.work, self.__doc__ = work, work.__doc__
+
+    def __set_name__(self, owner, name):
+        self.name = name
+
+    def __get__(self, instance, owner=None):
+        if instance is None:
+            return self
+        value = instance.__dict__[self.name] = self.work(instance)
+        return value
 
 
 @dataclass(frozen=True, eq=False)
@@ -328,20 +523,18 @@ class Quote:
     expires_at: int
     coupon_earned: CouponTerms | None
     reasons: tuple         # Reasons about the whole receipt
-    _calc: _Calc = field(repr=False)
+    _calc: _Lines = field(repr=False)   # or the compiled _pricing.Lines
 
     # Worked out when first asked for: `settle` needs neither.
-    @cached_property
+    @_once
     def spent_nothing(self):
         """The receipt priced with no points spent."""
-        return _price(self._calc, 0)
+        return self._calc.price(0)
 
-    @cached_property
+    @_once
     def lines(self):
         """LineQuote per line, in receipt order (earn: with no points spent)."""
-        c = self._calc
-        return tuple(map(LineQuote, c.numbers, c.totals, c.discounts, c.coupons, c.dues,
-                         c.payable, [p.earn for p in self.spent_nothing.lines], c.why))
+        return self._calc.line_quotes(self.spent_nothing)
 
     @property
     def earn(self):
@@ -354,39 +547,7 @@ class Quote:
             raise SpendError([Problem("spend", f"must be from 0 to {self.max_spend}")])
         if spend == 0:
             return self.spent_nothing
-        return _price(self._calc, spend)
-
-
-def _price(c, spend):
-    """Split `spend` over the payable lines and earn on the money left to pay."""
-    plan, dues, weights = c.plan, c.dues, c.pay_weights
-    n = len(dues)
-    if spend:
-        payable = sum(weights)
-        points = split(spend, weights, payable)
-        covered = split(spend * c.point_value, weights, payable)
-        paid = [d - x for d, x in zip(dues, covered)]
-    else:
-        points, paid = [0] * n, dues
-    paid_total = sum(paid)
-    rnd, scale = plan.round, plan.scale
-    if not c.earns:
-        earned, earn = [0] * n, 0
-    elif plan.per_line:
-        earned = [rnd(p * k, scale) for p, k in zip(paid, c.rates)]
-        earn = sum(earned)
-    else:
-        exact = [p * k for p, k in zip(paid, c.rates)]
-        whole = sum(exact)
-        earn = rnd(whole, scale)
-        earned = split(earn, exact, whole)
-    if c.referral_bp and paid_total:
-        referral = rnd(paid_total * c.referral_bp, BASIS * c.point_value)
-        shares = split(referral, paid, paid_total)
-    else:
-        referral, shares = 0, [0] * n
-    return Priced(spend, paid_total, earn, referral,
-                  tuple(map(LinePrice, c.numbers, points, paid, earned, shares)))
+        return self._calc.price(spend)
 
 
 def _discounts(v, plan, member, tier, gross, base):
@@ -426,36 +587,52 @@ def quote(program, receipt, member, now):
     time, with no points spent; `Quote.at(spend)` prices a chosen spend.
     ReceiptError or MemberError (every problem, each naming its field) on
     bad input. Writes nothing."""
-    v = check_receipt(receipt, program, now)
-    check_member(member)
-    plan = _plan(v)
-    bt = receipt.business_time
-    reasons = []
-    tier = member.tier
-    if tier is not None and tier not in plan.tiers:
-        reasons.append(Reason(Why.TIER_UNKNOWN, tier))
-        tier = None
+    if _compiled is not None:
+        q = _compiled.quote(program, receipt, member, now)
+        if q is not None:
+            return q
+    return _quote(program, receipt, member, now)
 
-    lines = receipt.lines
-    line_class = plan.line_class
-    classes = [line_class(line.category, line.flags if type(line.flags) is tuple
-                          else tuple(line.flags), tier) for line in lines]
-    totals = [line.total for line in lines]
-    gross = sum(totals)
+
+def _quote(program, receipt, member, now):
+    """`quote` in Python: the twin of `_pricing.quote`, which answers None
+    (then this runs) for input its quick checks doubt."""
+    # The checks' quick passes first (the lines' one is part of reading
+    # them); anything they doubt goes through the full checks.
+    v = _quick_header(receipt, program, now)
+    found = None
+    if v is not None and member_fine(member):
+        plan = _plan(v)
+        tier = member.tier
+        known = tier is None or tier in plan.tiers
+        c = _Lines(plan)
+        found = c.scan(receipt.lines, tier if known else None, False)
+    if found is None:
+        v = check_receipt(receipt, program, now)
+        check_member(member)
+        plan = _plan(v)
+        tier = member.tier
+        known = tier is None or tier in plan.tiers
+        c = _Lines(plan)
+        found = c.scan(receipt.lines, tier if known else None, True)
+    gross, base = found
+    if known:
+        reasons = []
+    else:
+        reasons = [Reason(Why.TIER_UNKNOWN, tier)]
+        tier = None
+    bt = receipt.business_time
 
     # 1. discounts, on the lines that take them
-    weights = [t if c[1] else 0 for t, c in zip(totals, classes)]
-    base = sum(weights)
     applied, lost = _discounts(v, plan, member, tier, gross, base)
-    reasons += lost
+    if lost:
+        reasons += lost
     discount = sum(r.amount for r in applied)
-    off = split(discount, weights, base)
 
     # 2. the member's coupon, on what those lines still cost
     coupon, held = 0, member.coupon
     if held is not None:
-        weights = [w - d for w, d in zip(weights, off)]
-        left = sum(weights)
+        left = base - discount
         if bt < held.usable_from:
             reasons.append(Reason(Why.COUPON_NOT_YET_USABLE, held.code))
         elif bt >= held.expires_at:
@@ -465,40 +642,33 @@ def quote(program, receipt, member, now):
         else:
             coupon = min(held.value, left)
             reasons.append(Reason(Why.COUPON_REDEEMED, held.code, coupon))
-    coupon_off = split(coupon, weights, None) if coupon else [0] * len(lines)
-    dues = [t - d - c for t, d, c in zip(totals, off, coupon_off)]
+    payable = c.spread(discount, coupon)
     due = gross - discount - coupon
 
     # 3. what points may pay
-    payable_lines = [c[2] for c in classes]
-    pay_weights = [d if ok else 0 for d, ok in zip(dues, payable_lines)]
-    payable = sum(pay_weights)
     max_spend, min_spend, bound, limits = _spend_limits(v, member, due, payable)
 
     activates_at, expires_at = plan.lot_times("purchase", bt, program)
-    earns = expires_at > now
-    if not earns:
+    if expires_at <= now:
+        c.earns = False
         reasons.append(Reason(Why.EXPIRED_ON_ARRIVAL))
-    coupon_earned = _coupon_earned(v.coupon, held, coupon, due, bt, program, reasons)
-    referral_bp, referral_times = 0, None
+    coupon_earned = _coupon_earned(v.coupon, held, coupon, due, bt, program, plan,
+                                   reasons)
     r = v.referral
     if (r is not None and r.referrer_share_bp and member.referrer
             and member.enrolled_at is not None
             and member.enrolled_at <= bt < member.enrolled_at + r.window_days * DAY):
-        referral_times = plan.lot_times("referral", bt, program)
-        if referral_times[1] > now:
-            referral_bp = r.referrer_share_bp
+        c.referral_times = plan.lot_times("referral", bt, program)
+        if c.referral_times[1] > now:
+            c.referral_bp = r.referrer_share_bp
 
-    calc = _Calc(plan, v.point_value, [line.number for line in lines], totals, off,
-                 coupon_off, dues, payable_lines, pay_weights, [c[0] for c in classes],
-                 [c[3] for c in classes], earns, referral_bp, referral_times)
     return Quote(receipt, member, now, v, _partner(program, receipt.store), gross,
                  discount, coupon, due, payable, tuple(applied), max_spend, min_spend,
                  bound, limits, activates_at, expires_at, coupon_earned, tuple(reasons),
-                 calc)
+                 c)
 
 
-def _coupon_earned(terms, held, redeemed, due, bt, program, reasons):
+def _coupon_earned(terms, held, redeemed, due, bt, program, plan, reasons):
     """The coupon this purchase earns, if any (`reasons` says why not)."""
     if terms is None or due < terms.threshold:
         return None
@@ -507,7 +677,7 @@ def _coupon_earned(terms, held, redeemed, due, bt, program, reasons):
         reasons.append(Reason(Why.COUPON_ALREADY_HELD, held.code))
         return None
     until = (bt + terms.valid_days * DAY if terms.valid_days is not None
-             else add_months(bt, terms.valid_months, program.zone))
+             else plan.coupon_until(bt, terms.valid_months, program))
     reasons.append(Reason(Why.COUPON_EARNED, "", terms.value))
     return CouponTerms(terms.value, bt + terms.usable_after_days * DAY, until)
 
@@ -620,6 +790,17 @@ def settle_quote(q, spend, op_id_prefix, *, hold=None, annotate=None):
     `annotate(allocation, referral)`, when given, returns the data the
     capture carries into the ledger (a server keeps there what refunds and
     retries need); `referral` is the referrer's EARN as plain data, or None."""
+    if _compiled is not None:
+        s = _compiled.settle_quote(q, spend, op_id_prefix, hold, annotate)
+        if s is not None:
+            return s
+    return _settle_quote(q, spend, op_id_prefix, hold, annotate)
+
+
+def _settle_quote(q, spend, op_id_prefix, hold, annotate):
+    """`settle_quote` in Python: the twin of `_pricing.settle_quote`, which
+    answers None (then this runs, and names the problems) for a request its
+    quick checks doubt."""
     member, receipt, v = q.member, q.receipt, q.version
     problems = []
     if type(spend) is not int or spend < 0:
@@ -668,11 +849,7 @@ def settle_quote(q, spend, op_id_prefix, *, hold=None, annotate=None):
                    activates_at=activates_at, expires_at=expires_at,
                    partner=q.partner, version=v.number, business_time=bt,
                    store=receipt.store, lane=receipt.lane)
-    c, lines = q._calc, priced.lines
-    allocation = Allocation(capture, referral_op, v.number, tuple(map(
-        LineShare, c.numbers, [line.quantity for line in receipt.lines],
-        [d + k for d, k in zip(c.discounts, c.coupons)], [p.spent for p in lines],
-        [p.earn for p in lines], [p.paid for p in lines], [p.referral for p in lines])))
+    allocation = Allocation(capture, referral_op, v.number, q._calc.shares(priced))
     batch = Batch()
     if capture is not None:
         # with no points either way it still records the visit and its money
@@ -693,3 +870,38 @@ def settle_quote(q, spend, op_id_prefix, *, hold=None, annotate=None):
 
 def _bytes(value):
     return value.encode() if isinstance(value, str) else value
+
+
+# --- the compiled twin ----------------------------------------------------------
+
+if _pricing is not None:
+    _pricing.bind(Receipt=Receipt, Member=Member, MemberCoupon=MemberCoupon,
+                  LineQuote=LineQuote, LinePrice=LinePrice, Priced=Priced,
+                  LineShare=LineShare, Reason=Reason, CouponTerms=CouponTerms,
+                  CouponIssue=CouponIssue, CouponRedemption=CouponRedemption,
+                  Quote=Quote, Settlement=Settlement, Allocation=Allocation,
+                  Batch=Batch, plan=_plan, split=split, Why=Why, DAY=DAY,
+                  CLOCK_SKEW=CLOCK_SKEW, BASIS=BASIS, MAX_OP_ID=MAX_OP_ID,
+                  SUFFIXES=SUFFIXES, NEVER=NEVER, EPOCH=EPOCH)
+_compiled = _pricing   # the module `quote` and `settle_quote` ask first, or None
+# What `use` accepts here: "compiled" only when it is built.
+IMPLEMENTATIONS = ("compiled", "python") if _pricing is not None else ("python",)
+
+
+def use(implementation):
+    """Price with the compiled engine (`"compiled"`, the default when
+    `kopilka.core._pricing` is built) or its pure-Python twin (`"python"`)
+    in this process; returns the one in use before. For the tests and
+    benchmarks that hold the two to the same results."""
+    global _compiled
+    previous = "python" if _compiled is None else "compiled"
+    if implementation == "compiled":
+        if _pricing is None:
+            raise RuntimeError("kopilka.core._pricing is not built "
+                               "(setup.py build_ext --inplace)")
+        _compiled, _receipt._quick_lines = _pricing, _pricing.quick_lines
+    elif implementation == "python":
+        _compiled, _receipt._quick_lines = None, quick_lines
+    else:
+        raise ValueError(f"implementation is 'compiled' or 'python', not {implementation!r}")
+    return previous

@@ -53,7 +53,7 @@ class SpendError(PricingError):
     what = "request"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Line:
     number: int              # the POS's line number, unique in the receipt
     sku: str
@@ -64,7 +64,7 @@ class Line:
     flags: tuple[str, ...] = ()   # from the version's items.flags
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Receipt:
     id: str
     store: int
@@ -77,7 +77,7 @@ class Receipt:
         return sum(line.total for line in self.lines)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class MemberCoupon:
     """The member's unused coupon, as the caller found it."""
     code: str
@@ -86,7 +86,7 @@ class MemberCoupon:
     expires_at: int          # usable_from <= business time < expires_at
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Member:
     """The member as the ledger and the CRM see them at checkout.
 
@@ -131,6 +131,16 @@ def _vocabulary(version):
 def _quick(receipt, program, now):
     """The version if every check surely passes, else None (no verdict).
     Only ever stricter than `_check`."""
+    version = _quick_header(receipt, program, now)
+    if version is None:
+        return None
+    categories, flags = _vocabulary(version)
+    return version if _quick_lines(receipt.lines, categories, flags) else None
+
+
+def _quick_header(receipt, program, now):
+    """`_quick` of everything but the lines' own fields: the version, or None.
+    The lines are then a non-empty tuple."""
     if type(receipt) is not Receipt:
         return None
     rid, store, lane, t, lines = (receipt.id, receipt.store, receipt.lane,
@@ -145,15 +155,20 @@ def _quick(receipt, program, now):
         if known is None or lane not in known.lanes:
             return None
     try:
-        version = program.version_at(t)
+        return program.version_at(t)
     except LookupError:
         return None
-    categories, flags = _vocabulary(version)
+
+
+def quick_lines(lines, categories, flags):
+    """True if every line (of a non-empty tuple) surely passes `_check`:
+    the per-line part of `_quick`. `_pricing.quick_lines` is its compiled
+    twin, used when built."""
     numbers = set()
     total = 0
     for line in lines:
         if type(line) is not Line:
-            return None
+            return False
         number, q, p, amount, sku, f = (line.number, line.quantity, line.unit_price,
                                         line.total, line.sku, line.flags)
         if not (type(number) is int and number >= 1 and number not in numbers
@@ -163,12 +178,26 @@ def _quick(receipt, program, now):
                 and type(sku) is str and sku and not sku.isspace()
                 and type(line.category) is str and line.category in categories
                 and type(f) is tuple):
-            return None
-        if f and not (flags.issuperset(f) and len(set(f)) == len(f)):
-            return None
+            return False
+        if f:
+            try:
+                if not (flags.issuperset(f) and len(set(f)) == len(f)):
+                    return False
+            except TypeError:   # an unhashable flag: the full check names it
+                return False
         numbers.add(number)
         total += amount
-    return version if total <= INT64_MAX else None
+    return total <= INT64_MAX
+
+
+try:
+    from . import _pricing
+except ImportError:   # not built: the pure-Python twin does it all
+    _pricing = None
+    _quick_lines = quick_lines
+else:
+    _pricing.bind(Line=Line)
+    _quick_lines = _pricing.quick_lines
 
 
 def _check(receipt, program, now):
@@ -275,8 +304,26 @@ def _check(receipt, program, now):
     return version
 
 
+def member_fine(m):
+    """True if `check_member` surely passes (its quick pass)."""
+    if type(m) is not Member:
+        return False
+    a, h, account, referrer, c = m.available, m.held, m.account, m.referrer, m.coupon
+    if not (type(a) is int and a >= 0 and type(h) is int and h >= 0
+            and type(account) is int and account >= 0
+            and type(referrer) is int and referrer >= 0
+            and (m.tier is None or type(m.tier) is str)
+            and (m.enrolled_at is None or type(m.enrolled_at) is int)
+            and type(m.card) in (bytes, str)):
+        return False
+    return c is None or (type(c) is MemberCoupon and type(c.value) is int and c.value >= 1
+                         and type(c.usable_from) is int and type(c.expires_at) is int)
+
+
 def check_member(member):
     """MemberError unless the context is usable (amounts whole, not negative)."""
+    if member_fine(member):
+        return
     problems = []
     if not isinstance(member, Member):
         raise MemberError([Problem("", f"must be a Member, not {type(member).__name__}")])

@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from kopilka.core import pricing
 from kopilka.core.batch import Batch
 from kopilka.core.pricing import (Allocation, CouponIssue, CouponRedemption,
                                   CouponTerms, Line, Member, MemberCoupon,
@@ -41,6 +42,16 @@ def micros(text):
 V1 = micros("2024-03-05T12:00:00+03:00")
 V2 = micros("2024-09-10T12:00:00+03:00")
 V3 = micros("2025-02-10T12:00:00+03:00")
+
+
+@pytest.fixture(scope="module", autouse=True, params=pricing.IMPLEMENTATIONS)
+def implementation(request):
+    """Every test here runs on the compiled engine (kopilka.core._pricing)
+    and on its pure-Python twin; test_pricing_twin.py holds them to the same
+    results, figure for figure."""
+    previous = pricing.use(request.param)
+    yield request.param
+    pricing.use(previous)
 
 
 @pytest.fixture(scope="module")
