@@ -13,19 +13,23 @@ poll is the fallback while nothing calls it (and its safety net after).
 The cursor is the entry's journal sequence number, so resuming after a
 disconnect or a restart continues exactly after the last event processed.
 
-The report RPCs are left to the base class (UNIMPLEMENTED) until the
-kernel's aggregates exist.
+The report RPCs check the request here, read the kernel's aggregates on a
+worker thread (one LMDB read transaction per report) and turn the rows that
+`reports` computes into messages; what each figure means is in reports.py
+and in feed.proto.
 """
 
 import asyncio
 import itertools
 
+import grpc
+from google.type import date_pb2
 from kopilka.core.records import Entry
 from kopilka.v1 import feed_pb2, feed_pb2_grpc
 
-from . import convert
+from . import convert, reports
 from .feed_events import journal_event
-from .status import invalid, server
+from .status import ApiError, invalid, server
 
 DEFAULT_EVENTS = 1000
 MAX_EVENTS = 10_000
@@ -203,3 +207,170 @@ class Feed(feed_pb2_grpc.FeedServicer):
         if metrics is not None:
             metrics.subscribers.set(len(self._lags))
             metrics.feed_lag.set(max(self._lags.values(), default=0))
+
+    # --- reports (servers/reports.py computes them) ------------------------
+
+    async def GetPointsReport(self, request, context):
+        q = _query(request, self.backend, "points")
+        rows, head = await _gather(self.backend, "points", q)
+        currency = q.program.currency
+        out = feed_pb2.GetPointsReportResponse(as_of_cursor=head)
+        for r in rows:
+            row = out.rows.add(
+                key=_key(q.program_id, r.key), issued_points=r.issued,
+                spent_points=r.spent, expired_points=r.expired,
+                adjusted_points=r.adjusted, returned_points=r.returned,
+                clawed_back_points=r.clawed)
+            if r.outstanding is not None:
+                row.outstanding_points = r.outstanding
+                row.outstanding_value.CopyFrom(
+                    convert.money(r.outstanding_value, currency))
+        return out
+
+    async def GetBreakageReport(self, request, context):
+        q = _query(request, self.backend, "breakage", "issued_interval")
+        if not reports.has_cohorts(self.backend.ledger):
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                "GetBreakageReport needs the ledger's cohort "
+                                "aggregates, which this server's kernel lacks")
+        rows, head = await _gather(self.backend, "breakage", q)
+        out = feed_pb2.GetBreakageReportResponse(as_of_cursor=head)
+        for r in rows:
+            out.rows.add(key=_key(q.program_id, r.key), issued_points=r.issued,
+                         spent_points=r.spent, expired_points=r.expired,
+                         outstanding_points=r.outstanding,
+                         breakage_bp=r.breakage_bp)
+        return out
+
+    async def GetActiveMembersReport(self, request, context):
+        q = _query(request, self.backend, "active_members")
+        rows, head = await _gather(self.backend, "active_members", q)
+        out = feed_pb2.GetActiveMembersReportResponse(as_of_cursor=head)
+        for r in rows:
+            out.rows.add(key=_key(q.program_id, r.key), active_members=r.active,
+                         new_members=r.new, total_members=r.total)
+        return out
+
+    async def GetAverageReceiptReport(self, request, context):
+        q = _query(request, self.backend, "average_receipt",
+                   default_dims=(reports.Dimension.TIER,))
+        rows, head = await _gather(self.backend, "average_receipt", q)
+        currency = q.program.currency
+        out = feed_pb2.GetAverageReceiptReportResponse(as_of_cursor=head)
+        for r in rows:
+            row = out.rows.add(key=_key(q.program_id, r.key), receipts=r.receipts,
+                               total_paid=convert.money(r.paid, currency))
+            if r.average is not None:
+                row.average_paid.CopyFrom(convert.money(r.average, currency))
+        return out
+
+    async def GetVisitFrequencyReport(self, request, context):
+        q = _query(request, self.backend, "visit_frequency")
+        rows, head = await _gather(self.backend, "visit_frequency", q)
+        out = feed_pb2.GetVisitFrequencyReportResponse(as_of_cursor=head)
+        for r in rows:
+            out.rows.add(key=_key(q.program_id, r.key), active_members=r.active,
+                         visits=r.visits, histogram=[
+                             feed_pb2.VisitBucket(visits=n, members=m)
+                             for n, m in r.histogram])
+        return out
+
+    async def GetPartnerSettlementReport(self, request, context):
+        q = _query(request, self.backend, "settlement")
+        rows, head = await _gather(self.backend, "settlement", q)
+        currency = q.program.currency
+        out = feed_pb2.GetPartnerSettlementReportResponse(as_of_cursor=head)
+        for r in rows:
+            out.rows.add(issuing_partner=convert.partner_name(q.program_id, r.issuing),
+                         redeeming_partner=convert.partner_name(q.program_id,
+                                                                r.redeeming),
+                         points=r.points, value=convert.money(r.value, currency))
+        return out
+
+
+# --- reports -------------------------------------------------------------------
+
+_DIMENSIONS = frozenset(int(d) for d in reports.Dimension)
+_LAST_SECOND = 253_402_300_799   # 9999-12-31T23:59:59Z
+_UNKNOWN_DIMENSION = "must be REPORT_DIMENSION_STORE, _PARTNER, _TIER or _DAY"
+
+
+def _query(request, backend, report, interval_field="interval", default_dims=()):
+    """A checked report request as a reports.Query: every bad field named
+    at once, then the program looked up (NOT_FOUND naming `parent`)."""
+    problems = []
+    program_id = 0
+    try:
+        program_id = convert.parse_program(request.parent, "parent")
+    except ApiError as err:   # naming the field
+        problems.extend(err.fields)
+    start = end = 0
+    if not request.HasField(interval_field):
+        problems.append((interval_field, "required: start_time and end_time"))
+    else:
+        interval = getattr(request, interval_field)
+        times = []
+        for part in ("start_time", "end_time"):
+            path = f"{interval_field}.{part}"
+            if not interval.HasField(part):
+                problems.append((path, "required"))
+                times.append(None)
+                continue
+            ts = getattr(interval, part)
+            if ts.seconds > _LAST_SECOND:
+                problems.append((path, "must be before the year 10000"))
+                times.append(None)
+                continue
+            before = len(problems)
+            micros = convert.parse_time(ts, path, problems)
+            times.append(micros if len(problems) == before else None)
+        start, end = times
+        if start is not None and end is not None and end <= start:
+            why = (f"must be after {interval_field}.start_time "
+                   "(the interval is empty or reversed)")
+            problems.append((f"{interval_field}.end_time", why))
+    dims = []
+    if hasattr(request, "group_by"):
+        refused = reports.UNSUPPORTED[report]
+        seen = {}
+        for i, value in enumerate(request.group_by):
+            path = f"group_by[{i}]"
+            if value not in _DIMENSIONS:
+                problems.append((path, _UNKNOWN_DIMENSION))
+            elif value in seen:
+                why = f"repeats {_dimension(value)} (group_by[{seen[value]}])"
+                problems.append((path, why))
+            else:
+                seen[value] = i
+                if value in refused:
+                    problems.append((path, f"{_dimension(value)}: {refused[value]}"))
+                else:
+                    dims.append(reports.Dimension(value))
+    if problems:
+        raise invalid(problems)
+    entry = backend.program(program_id, "parent")
+    return reports.Query(program_id, entry.program, start, end,
+                         tuple(dims) or tuple(default_dims))
+
+
+def _dimension(value):
+    return feed_pb2.ReportDimension.Name(value)
+
+
+def _key(program_id, key):
+    out = feed_pb2.ReportKey()
+    if key.store:
+        out.store = f"stores/{key.store}"
+    if key.partner:
+        out.partner = convert.partner_name(program_id, key.partner)
+    if key.tier:
+        out.tier = key.tier
+    if key.day is not None:
+        out.day.CopyFrom(date_pb2.Date(year=key.day.year, month=key.day.month,
+                                       day=key.day.day))
+    return out
+
+
+async def _gather(backend, report, query):
+    return await asyncio.get_running_loop().run_in_executor(
+        None, reports.gather, backend.ledger, report, query)

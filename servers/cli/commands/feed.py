@@ -71,9 +71,13 @@ def cmd_report(args):
     print(f"{args.report} report, {request.parent}, {start:%Y-%m-%d %H:%M} to "
           f"{end:%Y-%m-%d %H:%M} UTC, as of cursor {r.as_of_cursor}")
     for row in r.rows:
+        values = ", ".join(f"{n}={v}" for n, v in fields_of(row, ("key",)))
+        if "key" not in row.DESCRIPTOR.fields_by_name:   # settlement: no key
+            print(f"  {values}")
+            continue
         key = fields_of(row.key) if row.HasField("key") else []
         label = " ".join(v for _, v in key if v not in ("", "-")) if key else ""
-        print(f"  {label or 'all'}: " + ", ".join(f"{n}={v}" for n, v in fields_of(row, ("key",))))
+        print(f"  {label or 'all'}: {values}")
     if not r.rows:
         print("  (no rows)")
 
