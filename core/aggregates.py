@@ -8,15 +8,34 @@ demands that the stored rows equal it.
 
 from collections import namedtuple
 
-from .records import (ACTIVITY_KEY, ACTIVITY_VALUE, AGG_ACTIVITY,
-                      AGG_MEMBER_DAY, AGG_SETTLEMENT, DAY, HOUR, I64,
-                      MEMBER_DAY_KEY, MINUTE, SETTLEMENT_KEY, SYSTEM, Entry)
+from .codec import decode_lots
+from .records import (ACTIVITY_KEY, AGG_ACTIVITY, AGG_COHORT, AGG_MEMBER_DAY,
+                      AGG_SETTLEMENT, COHORT_KEY, DAY, HOUR, I64,
+                      MEMBER_DAY_KEY, MEMBER_DAY_VALUE, MINUTE, SETTLEMENT_KEY,
+                      SYSTEM, Entry)
 
 COUNTERS = ("issued", "spent", "expired", "adjusted", "returned", "clawed",
             "receipts", "receipt_money", "new_members", "member_days")
 Counters = namedtuple("Counters", COUNTERS)
 (ISSUED, SPENT, EXPIRED, ADJUSTED, RETURNED, CLAWED, RECEIPTS, RECEIPT_MONEY,
  NEW_MEMBERS, MEMBER_DAYS) = range(len(COUNTERS))
+
+COHORT_COUNTERS = ("issued", "spent", "expired", "clawed")
+
+
+class CohortCounters(namedtuple("CohortCounters", COHORT_COUNTERS)):
+    """A breakage cohort's int64s (records.py), and what is left of it."""
+    __slots__ = ()
+
+    @property
+    def outstanding(self):
+        return self.issued - self.spent - self.expired - self.clawed
+
+
+COHORT_ISSUED, COHORT_SPENT, COHORT_EXPIRED, COHORT_CLAWED = range(4)
+# Postings that name the lots they touch: the cohort counter, and its sign.
+_COHORT = {Entry.SPEND: (COHORT_SPENT, 1), Entry.RETURN: (COHORT_SPENT, -1),
+           Entry.EXPIRE: (COHORT_EXPIRED, 1), Entry.CLAWBACK: (COHORT_CLAWED, 1)}
 
 # Entry types counted in activity rows, with their counter.
 _COUNTER = {Entry.EARN: ISSUED, Entry.SPEND: SPENT, Entry.EXPIRE: EXPIRED,
@@ -51,7 +70,9 @@ def changes(entry, tier, utc_offset, last_day):
     """What one counted entry adds, given its member's tier and last_day
     (records.py) and its program's UTC offset: ([(key, index, delta)],
     last_day after it). `index` is the int64 of the row's value to add to;
-    None for a member-day row (an empty value)."""
+    None for a member-day row, whose value is `delta` (the account). The
+    entry's seq must be the one it has (or will have) in the journal: it
+    keys the member-day row."""
     program, hour = entry.program, hour_of(entry.time)
     activity = ACTIVITY_KEY.pack(AGG_ACTIVITY, program, hour, entry.store,
                                  entry.partner, tier)
@@ -71,16 +92,45 @@ def changes(entry, tier, utc_offset, last_day):
         day = day_of(entry.time, utc_offset)
         if day + 1 > last_day:  # the member's first receipt of the day
             out.append((MEMBER_DAY_KEY.pack(AGG_MEMBER_DAY, program, day,
-                                            member_of(entry)), None, 0))
+                                            entry.seq), None, member_of(entry)))
             out.append((activity, MEMBER_DAYS, 1))
             last_day = day + 1
+    out += cohort_changes(entry)
     return out, last_day
 
 
+def cohort_changes(entry):
+    """[(key, index, delta)] of the breakage cohorts a posting changes: a
+    new lot's points are issued in the entry's hour at its partner; points
+    of the lots a posting names count in those lots' cohorts (records.py).
+    ValueError or IndexError when its lots are malformed."""
+    if entry.type == Entry.EARN or (entry.type == Entry.ADJUST
+                                    and not entry.credit & SYSTEM):
+        return [(COHORT_KEY.pack(AGG_COHORT, entry.program, hour_of(entry.time),
+                                 entry.partner), COHORT_ISSUED, entry.amount)]
+    rule = _COHORT.get(entry.type)
+    if rule is None:
+        return []
+    index, sign = rule
+    return [(COHORT_KEY.pack(AGG_COHORT, entry.program, issued_hour,
+                             entry.partner2), index, sign * points)
+            for _, points, issued_hour in decode_lots(entry.data)]
+
+
+_WIDTH = {AGG_ACTIVITY: len(COUNTERS), AGG_SETTLEMENT: 1, AGG_MEMBER_DAY: 1,
+          AGG_COHORT: len(COHORT_COUNTERS)}
+_NAMES = {AGG_ACTIVITY: COUNTERS, AGG_SETTLEMENT: ("points",),
+          AGG_MEMBER_DAY: ("account",), AGG_COHORT: COHORT_COUNTERS}
+
+
 def width(key):
-    """How many int64s a row's value holds."""
-    return len(COUNTERS) if key[0] == AGG_ACTIVITY else (
-        1 if key[0] == AGG_SETTLEMENT else 0)
+    """How many 8-byte numbers a row's value holds (0: an unknown kind)."""
+    return _WIDTH.get(key[0], 0) if key else 0
+
+
+def names(key):
+    """The names of a row's numbers, for the audit's problems."""
+    return _NAMES.get(key[0], ()) if key else ()
 
 
 def decode_value(key, value):
@@ -88,11 +138,14 @@ def decode_value(key, value):
     n = width(key)
     if len(value) != 8 * n:
         raise ValueError("aggregate value of the wrong size")
-    return ACTIVITY_VALUE.unpack(value) if n == len(COUNTERS) else (
-        I64.unpack(value) if n else ())
+    if key[0] == AGG_MEMBER_DAY:
+        return MEMBER_DAY_VALUE.unpack(value)
+    return tuple(I64.unpack_from(value, 8 * i)[0] for i in range(n))
 
 
-def encode_value(values):
+def encode_value(key, values):
+    if key[0] == AGG_MEMBER_DAY:
+        return MEMBER_DAY_VALUE.pack(*values)
     return b"".join(I64.pack(v) for v in values)
 
 
@@ -108,8 +161,11 @@ def describe(key):
             return (f"settlement program {program} hour {hour} partner "
                     f"{issuing} to {redeeming}")
         if key[0] == AGG_MEMBER_DAY:
-            _, program, day, account = MEMBER_DAY_KEY.unpack(key)
-            return f"member day program {program} day {day} account {account}"
+            _, program, day, seq = MEMBER_DAY_KEY.unpack(key)
+            return f"member day program {program} day {day} seq {seq}"
+        if key[0] == AGG_COHORT:
+            _, program, hour, partner = COHORT_KEY.unpack(key)
+            return f"cohort program {program} hour {hour} partner {partner}"
     except Exception:  # a malformed key: shown as it is
         pass
     return f"key {key!r}"
@@ -136,12 +192,15 @@ class Rebuild:
             entry, self.tiers.get(member, 0), self.offsets.get(entry.program, 0),
             self.last_days.get(member, 0))
         for key, index, delta in deltas:
+            if index is None:
+                self.rows[key] = [delta]
+                continue
             row = self.rows.setdefault(key, [0] * width(key))
-            if index is not None:
-                row[index] += delta
+            row[index] += delta
 
     def encoded(self):
-        return {key: encode_value(row) for key, row in sorted(self.rows.items())}
+        return {key: encode_value(key, row)
+                for key, row in sorted(self.rows.items())}
 
 
 def rebuild(entries):

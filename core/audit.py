@@ -3,7 +3,8 @@
 `audit(snapshot)` returns one line per problem, naming where it is: an empty
 list means the ledger is sound. It trusts nothing stored: balances and tiers
 are replayed from the journal and compared with what the records say, and
-so are the report aggregates (rebuilt by `aggregates.Rebuild`).
+so are the report aggregates (rebuilt by `aggregates.Rebuild`); what the
+lots of each breakage cohort hold must not exceed its outstanding points.
 """
 
 import hashlib
@@ -11,11 +12,16 @@ import struct
 from collections import defaultdict
 
 from . import aggregates
-from .codec import Account, JournalEntry
-from .records import (EXPIRY_KEY, HASH_SIZE, HEAD, I64, MAX_HOLDS, MAX_LOTS,
-                      META_HEAD, NEVER, SYSTEM, SYSTEM_KEY, U64, Entry)
+from .codec import Account, JournalEntry, decode_lots
+from .records import (AGG_COHORT, COHORT_KEY, EXPIRY_KEY, HASH_SIZE, HEAD, I64,
+                      MAX_HOLDS, MAX_LOTS, META_HEAD, NEVER, SYSTEM,
+                      SYSTEM_KEY, U64, Entry)
 
 FIRST_POSTING = Entry.EARN
+# Postings that name the lots they touch (records.py): all of their points,
+# or (CLAWBACK) at most all.
+NAMING_LOTS = {Entry.SPEND: True, Entry.RETURN: True, Entry.EXPIRE: True,
+               Entry.CLAWBACK: False}
 
 
 def _chain(previous, body):
@@ -48,8 +54,11 @@ def audit(snap):
             tiers[entry.credit] = entry.amount
         try:
             rebuilt.add(entry)
-        except struct.error:  # a tier or day no key can hold: tampering
+        except (struct.error, ValueError, IndexError):
+            # a tier, day or hour no key can hold, lots that do not decode
             problems.append(f"journal seq {entry.seq}: not foldable into the aggregates")
+        if entry.type in NAMING_LOTS:
+            problems += _named_lots_problems(entry, NAMING_LOTS[entry.type])
         if entry.type < FIRST_POSTING:
             continue  # an event: moves no points
         if entry.amount <= 0 or not entry.debit or not entry.credit:
@@ -67,6 +76,7 @@ def audit(snap):
     if head != (seq, digest):
         problems.append(f"meta head: says seq {head[0]}, journal ends at {seq}")
 
+    in_lots = defaultdict(int)    # cohort key -> points its lots hold
     indexed = {}                  # account -> earliest lot_expiry entry
     for key, _ in snap.scan("lot_expiry"):
         expires_at, account_id = EXPIRY_KEY.unpack(key)
@@ -84,6 +94,13 @@ def audit(snap):
         if account_id in programs_of and programs_of[account_id] != a.program:
             problems.append(f"{where}: posted under program {programs_of[account_id]}")
         lots = sum(lot.remaining for lot in a.lots)
+        for lot in a.lots:
+            try:
+                in_lots[COHORT_KEY.pack(AGG_COHORT, a.program, lot.issued_hour,
+                                        lot.partner)] += lot.remaining
+            except struct.error:
+                problems.append(f"{where}: lot {lot.lot_no} issued in hour "
+                                f"{lot.issued_hour}, which no cohort holds")
         if a.balance != lots - a.debt:
             problems.append(f"{where}: balance {a.balance} != lots {lots} - debt {a.debt}")
         if a.held != sum(h.amount for h in a.holds):
@@ -120,6 +137,12 @@ def audit(snap):
             problems.append(f"program {program}: balances sum to {total}, not 0")
 
     problems += _aggregate_problems(snap, rebuilt.rows)
+    for key, points in sorted(in_lots.items()):
+        row = rebuilt.rows.get(key, [0] * 4)
+        outstanding = row[0] - row[1] - row[2] - row[3]
+        if points > outstanding:
+            problems.append(f"aggregates {aggregates.describe(key)}: lots hold "
+                            f"{points}, outstanding by the journal {outstanding}")
 
     for name in ("cards", "externals"):
         for key, value in snap.scan(name):
@@ -155,8 +178,23 @@ def _aggregate_problems(snap, expected):
             shown = f" {list(values)}" if values else ""
             problems.append(f"{where}: stored{shown}, journal says none")
             continue
-        names = aggregates.COUNTERS if len(values) > 1 else ("points",)
-        for name, value, wanted in zip(names, values, expected[key]):
+        for name, value, wanted in zip(aggregates.names(key), values,
+                                       expected[key]):
             if value != wanted:
                 problems.append(f"{where}: {name} {value}, journal says {wanted}")
     return problems
+
+
+def _named_lots_problems(entry, whole):
+    """A posting's named lots must decode, each with points, and add up
+    to its amount (`whole`) or at most to it."""
+    try:
+        lots = decode_lots(entry.data)
+    except (ValueError, IndexError):
+        return [f"journal seq {entry.seq}: lots named malformed"]
+    named = sum(points for _, points, _ in lots)
+    if any(points <= 0 for _, points, _ in lots) or (
+            named != entry.amount if whole else named > entry.amount):
+        return [f"journal seq {entry.seq}: lots named add up to {named}, "
+                f"posting moves {entry.amount}"]
+    return []

@@ -62,6 +62,7 @@ class Lot:
     remaining: int
     activates_at: int
     expires_at: int
+    issued_hour: int   # the UTC hour its points were issued: its cohort
 
     def sort_key(self):
         return (self.expires_at, self.lot_no)
@@ -102,11 +103,11 @@ class Account:
         tier, last_day = v[13], v[14]
         lots, previous, i = [], 0, 15
         for _ in range(n_lots):
-            lot_no, partner, remaining, delta, window = v[i:i + 5]
-            i += 5
+            lot_no, partner, remaining, delta, window, issued_hour = v[i:i + 6]
+            i += 6
             expires_at = previous + delta
             lots.append(Lot(lot_no, partner, (remaining >> 1) ^ -(remaining & 1),
-                            expires_at - window, expires_at))
+                            expires_at - window, expires_at, issued_hour))
             previous = expires_at
         holds = []
         for _ in range(n_holds):
@@ -135,6 +136,7 @@ class Account:
             _put_zz(out, lot.remaining)
             _put_uv(out, lot.expires_at - previous)
             _put_uv(out, lot.expires_at - lot.activates_at)
+            _put_uv(out, lot.issued_hour)
             previous = lot.expires_at
         for hold in self.holds:
             _put_uv(out, hold.hold_no)
@@ -151,6 +153,27 @@ class Consumed:
     amount: int
     activates_at: int
     expires_at: int
+    issued_hour: int
+
+
+def encode_lots(lots):
+    """A posting's data naming the lots it touched (records.py): `lots` are
+    (lot_no, points, issued_hour)."""
+    out = bytearray()
+    for lot_no, points, issued_hour in lots:
+        _put_uv(out, lot_no)
+        _put_uv(out, points)
+        _put_uv(out, issued_hour)
+    return bytes(out)
+
+
+def decode_lots(data):
+    """[(lot_no, points, issued_hour)] of a posting's data; ValueError or
+    IndexError when malformed."""
+    v = _varints(data)
+    if len(v) % 3:
+        raise ValueError("lots of a posting: not whole triples")
+    return [tuple(v[i:i + 3]) for i in range(0, len(v), 3)]
 
 
 @dataclass
@@ -199,7 +222,8 @@ class Operation:
             len(self.data))
         return head + b"".join(
             CONSUMED.pack(c.lot_no, c.partner, c.amount, c.activates_at,
-                          c.expires_at) for c in self.consumed) + self.data
+                          c.expires_at, c.issued_hour)
+            for c in self.consumed) + self.data
 
 
 @dataclass

@@ -6,14 +6,15 @@ and `scan` a database from a key; each ledger provides `_snapshot()`.
 
 from dataclasses import dataclass
 
-from .aggregates import Counters
+from .aggregates import CohortCounters, Counters
 from .audit import audit
 from .codec import Account, JournalEntry, Operation
-from .records import (ACTIVITY_KEY, ACTIVITY_VALUE, AGG_ACTIVITY,
-                      AGG_MEMBER_DAY, AGG_SETTLEMENT, CARD, DATABASES, HEAD,
-                      I64, MEMBER_DAY_KEY, META_HEAD, META_NEXT_ACCOUNT,
-                      PROGRAM, SETTLEMENT_KEY, SYSTEM_KEY, U32, U64,
-                      CardStatus, external_key)
+from .records import (ACTIVITY_KEY, ACTIVITY_VALUE, AGG_ACTIVITY, AGG_COHORT,
+                      AGG_MEMBER_DAY, AGG_SETTLEMENT, CARD, COHORT_KEY,
+                      COHORT_VALUE, DATABASES, HEAD, I64,
+                      MEMBER_DAY_VALUE, META_HEAD, META_NEXT_ACCOUNT, PROGRAM,
+                      SETTLEMENT_KEY, SYSTEM_KEY, U32, U64, CardStatus,
+                      external_key)
 
 
 @dataclass(frozen=True)
@@ -149,10 +150,19 @@ class LedgerReads:
 
     def member_days(self, program, day_from, day_to):
         """(local day, account) of members with a receipt that day, for
-        day_from <= day < day_to, by day then account."""
-        for key, _ in self._aggregates(AGG_MEMBER_DAY, program, day_from, day_to):
-            _, _, day, account = MEMBER_DAY_KEY.unpack(key)
-            yield day, account
+        day_from <= day < day_to: by day, then in the order of the members'
+        first receipts of the day (one each)."""
+        for key, value in self._aggregates(AGG_MEMBER_DAY, program, day_from, day_to):
+            yield U32.unpack_from(key, 5)[0], MEMBER_DAY_VALUE.unpack(value)[0]
+
+    def cohorts(self, program, hour_from, hour_to):
+        """(issue hour, issuing partner, CohortCounters) of the program's
+        breakage cohorts issued in hour_from <= hour < hour_to, in key order.
+        `.outstanding` of the counters: issued minus spent, expired and
+        clawed back (records.py says what does not count)."""
+        for key, value in self._aggregates(AGG_COHORT, program, hour_from, hour_to):
+            _, _, hour, partner = COHORT_KEY.unpack(key)
+            yield hour, partner, CohortCounters(*COHORT_VALUE.unpack(value))
 
     def _aggregates(self, kind, program, first, stop):
         """Rows of one kind and program whose u32 after the program (hour

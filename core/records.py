@@ -120,13 +120,27 @@ class Entry(IntEnum):
                      # ref 0 (so money and spend sum to the net)
     PROFILE_SET = 10  # amount = flags, no data: the journal never holds a profile
     TIER_SET = 11    # amount = new tier, amount2 = previous tier
-    EARN = 16
-    SPEND = 17
-    EXPIRE = 18
-    ADJUST = 19
-    TRANSFER = 20
-    RETURN = 21      # a refund gives spent points back
-    CLAWBACK = 22    # a refund takes earned points back
+    EARN = 16        # a new lot: ref = its number (issued this hour)
+    SPEND = 17       # one per issuing partner (partner2); data = its lots
+    EXPIRE = 18      # one lot: ref = its number, partner2 its partner; data
+    ADJUST = 19      # credit: a new lot, ref = its number; debit: ref 0
+    TRANSFER = 20    # between members: lots move with their issue hours
+    RETURN = 21      # a refund gives spent points back; like SPEND
+    CLAWBACK = 22    # a refund takes earned points back: ref = the receipt's
+                     # lot, partner2 = the receipt's partner; data = what
+                     # came out of that lot (empty when nothing did)
+
+
+# Postings that take points out of existing lots or put them back (SPEND,
+# RETURN, EXPIRE, CLAWBACK) name those lots in their entry's data, so that
+# the breakage cohorts (aggregates below) are a fold of the journal alone:
+# per lot, in the order they were touched, unsigned LEB128 varints
+#   lot_no, points (> 0), issued_hour
+# SPEND, RETURN and EXPIRE name exactly their `amount`; a CLAWBACK names the
+# part its receipt's own lot gave (the rest came from the balance or became
+# debt). The lots' partner is the entry's partner2. Points taken from lots
+# without naming them: debt repaid from lots (on touch, not journaled), a
+# CLAWBACK's part from the balance, an ADJUST debit.
 
 
 # Operation flags.
@@ -175,6 +189,10 @@ MAX_UTC_OFFSET = 1439  # minutes either way: less than a day
 #   lots (sorted by expires_at, lot_no): lot_no u, partner u, remaining z,
 #     expires_at u as the delta from the previous lot's (the first from 0),
 #     expires_at - activates_at u,
+#     issued_hour u: the UTC hour (time // HOUR, 0 before 1970) of the
+#       operation that issued its points (EARN, a capture's earn, an ADJUST
+#       credit); a TRANSFER's new lots keep their source lot's, points a
+#       refund gives back go to their own lot, which keeps its hour,
 #   holds (by hold_no): hold_no u, amount z, expires_at z.
 # card: account, status
 CARD = struct.Struct("<QB")
@@ -183,8 +201,9 @@ CARD = struct.Struct("<QB")
 # clawed, partner, store, n_consumed, n_data; then consumed lots, then the
 # operation's data (empty for OPEN_ACCOUNT and SET_PROFILE: see OP)
 OPERATION = struct.Struct("<16sBBHIQqqqqqIIqqqIIHH")
-# consumed lot: lot_no, partner, amount, activates_at, expires_at
-CONSUMED = struct.Struct("<IIqqq")
+# consumed lot: lot_no, partner, amount, activates_at, expires_at,
+# issued_hour (so that a refund recreating the lot restores its cohort)
+CONSUMED = struct.Struct("<IIqqqI")
 # journal entry: seq, type, sys kind, program, partner, partner2, version,
 # store (0 for what no store did: expiry, timeouts), time, business_time,
 # debit, credit, amount, amount2, ref, len(op_id), len(data); then op_id,
@@ -230,16 +249,31 @@ I64 = struct.Struct("<q")
 #     RETURN's partner2: the lot's), redeeming partner u32 (their partner:
 #     the receipt's) -> int64 points, SPEND adds and RETURN subtracts; every
 #     pair, equal ones too (reports filter).
-#   0x03 member day: program u32, day u32, account u64 -> empty: the member
-#     had a receipt with amount > 0 that day (the account's last_day says
-#     whether this one is the day's first).
+#   0x03 member day: program u32, day u32, seq u64 (the journal seq of the
+#     RECEIPT entry that made it) -> account (u64, little-endian like every
+#     value): the member had a receipt with amount > 0 that day, and this
+#     was their first of the day (the account's last_day says so, so one row
+#     per member and day). Keyed by seq so that a day's rows are appended
+#     in the order they happen, not scattered over the day's pages.
+#   0x04 cohort: program u32, issue hour u32 (the lots' issued_hour),
+#     partner u32 (the partner that issued them) -> COHORT_VALUE, int64s:
+#     issued (EARN, ADJUST credit: new lots), spent (SPEND's named lots;
+#     RETURN's named lots subtract), expired (EXPIRE), clawed (a CLAWBACK's
+#     named lot). Outstanding = issued - spent - expired - clawed. Debt
+#     repaid from lots, a CLAWBACK's part from the balance and an ADJUST
+#     debit take points from lots without counting here (see the postings
+#     above), so outstanding is at least what the cohort's lots hold; the
+#     audit checks that. A TRANSFER changes no cohort.
 # A row exists once an entry counted in it, whatever its values since.
 # Counter overflow rejects the operation (OVERFLOW), as anywhere else.
-AGG_ACTIVITY, AGG_SETTLEMENT, AGG_MEMBER_DAY = 1, 2, 3
+AGG_ACTIVITY, AGG_SETTLEMENT, AGG_MEMBER_DAY, AGG_COHORT = 1, 2, 3, 4
 ACTIVITY_KEY = struct.Struct(">BIIIIH")
 ACTIVITY_VALUE = struct.Struct("<10q")
 SETTLEMENT_KEY = struct.Struct(">BIIII")
 MEMBER_DAY_KEY = struct.Struct(">BIIQ")
+MEMBER_DAY_VALUE = struct.Struct("<Q")
+COHORT_KEY = struct.Struct(">BIII")
+COHORT_VALUE = struct.Struct("<4q")
 HOUR = 3_600_000_000      # microseconds
 DAY = 86_400_000_000
 MINUTE = 60_000_000

@@ -17,7 +17,8 @@ import lmdb
 
 from . import aggregates
 from .batch import Results
-from .codec import Account, Consumed, Hold, JournalEntry, Lot, Operation, iter_ops
+from .codec import (Account, Consumed, Hold, JournalEntry, Lot, Operation,
+                    encode_lots, iter_ops)
 from .reads import LedgerReads
 from .records import (CARD, DATABASES, DIGEST_SIZE, EXPIRY_KEY, HASH_SIZE,
                       HEAD, I64, INT64_MAX, INT64_MIN, MAX_HOLDS, MAX_KEY,
@@ -237,11 +238,13 @@ class _Work:
             self.op.op_id, data))
 
     def post(self, type_, program, debit, credit, amount, *, sys_kind,
-             partner=0, partner2=0, amount2=0, ref=0, store=None):
+             partner=0, partner2=0, amount2=0, ref=0, store=None, lots=()):
         """A double-entry posting: `amount` leaves debit and reaches credit.
 
         Entries carry the store of the operation that made them, except what
-        no store did (expiry, hold timeouts on touch): store 0."""
+        no store did (expiry, hold timeouts on touch): store 0. `lots`:
+        (lot_no, points, issued_hour) of the lots it took points out of or
+        put them back into, kept as its data (records.py)."""
         for account_id, delta in ((debit, -amount), (credit, amount)):
             if account_id == system_account(sys_kind, partner):
                 key = (program, sys_kind, partner)
@@ -253,7 +256,7 @@ class _Work:
             0, type_, sys_kind, program, partner, partner2, self.op.version,
             self.op.store if store is None else store, self.now,
             self.op.business_time, debit, credit, amount, amount2, ref,
-            self.op.op_id, b""))
+            self.op.op_id, encode_lots(lots)))
 
     # --- lots and holds ----------------------------------------------------
     def touch(self, account_id):
@@ -266,7 +269,8 @@ class _Work:
             self.post(Entry.EXPIRE, account.program, account_id,
                       system_account(Sys.EXPIRED, lot.partner), lot.remaining,
                       sys_kind=Sys.EXPIRED, partner=lot.partner,
-                      partner2=lot.partner, ref=lot.lot_no, store=0)
+                      partner2=lot.partner, ref=lot.lot_no, store=0,
+                      lots=[(lot.lot_no, lot.remaining, lot.issued_hour)])
         kept = []
         for hold in account.holds:
             if hold.expires_at <= self.now:
@@ -302,7 +306,8 @@ class _Work:
             lot.remaining -= part
             amount -= part
             taken.append(Consumed(lot.lot_no, lot.partner, part,
-                                  lot.activates_at, lot.expires_at))
+                                  lot.activates_at, lot.expires_at,
+                                  lot.issued_hour))
         account.lots = [lot for lot in account.lots if lot.remaining > 0]
         return taken
 
@@ -328,12 +333,17 @@ class _Work:
         self.puts.append(("lot_expiry", EXPIRY_KEY.pack(
             self.account(account_id).lots[0].expires_at, account_id), b""))
 
-    def new_lot(self, account_id, partner, points, activates_at, expires_at):
+    def new_lot(self, account_id, partner, points, activates_at, expires_at,
+                issued_hour=None):
+        """A lot of points issued now (their cohort: this hour), or moved
+        from another account's lot, whose issued_hour it keeps."""
         account = self.account(account_id)
         lot_no = account.next_lot
         account.next_lot += 1
+        if issued_hour is None:
+            issued_hour = aggregates.hour_of(self.now)
         self.add_lot(account_id, Lot(lot_no, partner, points, activates_at,
-                                     expires_at))
+                                     expires_at, issued_hour))
         return lot_no
 
     def check_lot_times(self, op):
@@ -341,11 +351,15 @@ class _Work:
             raise Rejected(Code.TIME_INVALID)
 
     def by_partner(self, consumed):
-        """Sum consumed points per issuing partner, in order of appearance."""
-        sums = {}
+        """Consumed points per issuing partner, in order of appearance:
+        (partner, points, [(lot_no, points, issued_hour)] in order)."""
+        groups = {}
         for c in consumed:
-            sums[c.partner] = sums.get(c.partner, 0) + c.amount
-        return sums.items()
+            points, lots = groups.get(c.partner, (0, []))
+            lots.append((c.lot_no, c.amount, c.issued_hour))
+            groups[c.partner] = (points + c.amount, lots)
+        return [(partner, points, lots)
+                for partner, (points, lots) in groups.items()]
 
     def find_hold(self, key):
         """The HOLD operation named by `key` (an op id), still open."""
@@ -379,7 +393,8 @@ class _Work:
     def fold_aggregates(self):
         """The operation's entries folded into the report rows, checked like
         any other sum: an overflow rejects the operation."""
-        for entry in self.entries:
+        for i, entry in enumerate(self.entries):
+            entry.seq = self.state.seq + 1 + i  # its seq if the op commits
             if not aggregates.counted(entry):
                 continue
             account = self.accounts[aggregates.member_of(entry)]
@@ -388,8 +403,8 @@ class _Work:
             deltas, account.last_day = aggregates.changes(
                 entry, account.tier, offset, account.last_day)
             for key, index, delta in deltas:
-                if index is None:
-                    self.aggregates[key] = None
+                if index is None:  # a member-day row: its value is set
+                    self.aggregates[key] = [delta]
                     continue
                 if key not in self.aggregates:
                     raw = self.state.get("aggregates", key)
@@ -416,8 +431,7 @@ class _Work:
         for key, balance in self.system.items():
             txn.put(SYSTEM_KEY.pack(*key), I64.pack(balance), db=db["system"])
         for key, row in self.aggregates.items():
-            txn.put(key, b"" if row is None else aggregates.encode_value(row),
-                    db=db["aggregates"])
+            txn.put(key, aggregates.encode_value(key, row), db=db["aggregates"])
         for entry in self.entries:
             state.seq += 1
             entry.seq = state.seq
@@ -613,11 +627,11 @@ def _receipt(work, op):
         record.consumed = work.take_active(account, spend)
         account.balance = checked(account.balance - spend)
         account.spent = checked(account.spent + spend)
-        for partner, points in work.by_partner(record.consumed):
+        for partner, points, lots in work.by_partner(record.consumed):
             work.post(Entry.SPEND, account.program, account_id,
                       system_account(Sys.REDEEMED, op.partner), points,
                       sys_kind=Sys.REDEEMED, partner=op.partner,
-                      partner2=partner)
+                      partner2=partner, lots=lots)
     lot_no = 0
     if earn > 0:
         account.balance = checked(account.balance + earn)
@@ -750,16 +764,19 @@ def _give_back(work, account_id, original, give):
         before, after = before - old, after - new
         if new > old:
             returned.append(Consumed(c.lot_no, c.partner, new - old,
-                                     c.activates_at, c.expires_at))
+                                     c.activates_at, c.expires_at,
+                                     c.issued_hour))
+            # into the lot itself, or the lot made again with its cohort
             work.add_lot(account_id, Lot(c.lot_no, c.partner, new - old,
-                                         c.activates_at, c.expires_at))
+                                         c.activates_at, c.expires_at,
+                                         c.issued_hour))
     account.balance = checked(account.balance + give)
     account.spent = checked(account.spent - give)
-    for partner, points in work.by_partner(returned):
+    for partner, points, lots in work.by_partner(returned):
         work.post(Entry.RETURN, account.program,
                   system_account(Sys.REDEEMED, original.partner), account_id,
                   points, sys_kind=Sys.REDEEMED, partner=original.partner,
-                  partner2=partner)
+                  partner2=partner, lots=lots)
 
 
 def _claw_back(work, account_id, original, claw):
@@ -767,6 +784,7 @@ def _claw_back(work, account_id, original, claw):
     available balance, then as debt where the program allows it."""
     account = work.account(account_id)
     left = claw
+    lots = []  # what the receipt's own lot gave: its cohort's clawed points
     for lot in account.lots:
         if lot.lot_no == original.earned_lot:
             part = min(lot.remaining, left)
@@ -774,6 +792,8 @@ def _claw_back(work, account_id, original, claw):
                 part = min(part, max(work.available(account), 0))
             lot.remaining -= part
             left -= part
+            if part:
+                lots.append((lot.lot_no, part, lot.issued_hour))
     account.lots = [lot for lot in account.lots if lot.remaining > 0]
     if left:
         free = max(work.available(account), 0)
@@ -788,7 +808,7 @@ def _claw_back(work, account_id, original, claw):
     work.post(Entry.CLAWBACK, account.program, account_id,
               system_account(Sys.ISSUED, original.partner), claw,
               sys_kind=Sys.ISSUED, partner=original.partner,
-              ref=original.earned_lot)
+              partner2=original.partner, ref=original.earned_lot, lots=lots)
 
 
 def _adjust(work, op):
@@ -846,16 +866,16 @@ def _transfer(work, op):
         if source.holds:
             raise Rejected(Code.INSUFFICIENT_POINTS)
         moved = [Consumed(l.lot_no, l.partner, l.remaining, l.activates_at,
-                          l.expires_at) for l in source.lots]
+                          l.expires_at, l.issued_hour) for l in source.lots]
         source.lots = []
     else:
         if work.available(source) < op.amount:
             raise Rejected(Code.INSUFFICIENT_POINTS)
         moved = work.take_active(source, op.amount)
     total = sum(c.amount for c in moved)
-    for c in moved:
+    for c in moved:  # new lots of the target, in the same cohorts
         work.new_lot(op.account2, c.partner, c.amount, c.activates_at,
-                     c.expires_at)
+                     c.expires_at, c.issued_hour)
     source.balance -= total
     target.balance = checked(target.balance + total)
     if total:

@@ -193,6 +193,7 @@ cdef enum:
     AGG_ACTIVITY = 1
     AGG_SETTLEMENT = 2
     AGG_MEMBER_DAY = 3
+    AGG_COHORT = 4
     AGG_KEY_MAX = 19
     N_COUNTERS = 10
     C_ISSUED = 0
@@ -205,6 +206,11 @@ cdef enum:
     C_RECEIPT_MONEY = 7
     C_NEW_MEMBERS = 8
     C_MEMBER_DAYS = 9
+    N_COHORT = 4        # a cohort row's int64s
+    CO_ISSUED = 0
+    CO_SPENT = 1
+    CO_EXPIRED = 2
+    CO_CLAWED = 3
 
 # --- stored layouts (little-endian, packed: records.py's struct formats) ---
 cdef packed struct OpHead:          # records.OP
@@ -229,9 +235,10 @@ cdef packed struct AccountHead:     # an account's scalars, in memory only
     int64_t balance, debt, held, earned, spent, expired, opened_at
     uint64_t tier, last_day
 
-cdef packed struct LotRec:          # records.LOT and records.CONSUMED
+cdef packed struct LotRec:          # a lot, and records.CONSUMED
     uint32_t lot_no, partner
     int64_t remaining, activates_at, expires_at
+    uint32_t issued_hour
 
 cdef packed struct HoldRec:         # records.HOLD
     uint32_t hold_no, pad
@@ -293,7 +300,11 @@ cdef packed struct SettlementKey:   # records.SETTLEMENT_KEY (big-endian)
 cdef packed struct MemberDayKey:    # records.MEMBER_DAY_KEY (big-endian)
     uint8_t kind
     uint32_t program, day
-    uint64_t account
+    uint64_t seq
+
+cdef packed struct CohortKey:       # records.COHORT_KEY (big-endian)
+    uint8_t kind
+    uint32_t program, hour, partner
 
 # --- scratch of one operation ---------------------------------------------
 cdef struct LotBuf:
@@ -313,7 +324,9 @@ cdef struct Acct:
 
 cdef struct EntryRec:
     EntryHead h
-    const char *data
+    const char *data     # an event's data (the operation's bytes), or
+    uint32_t lots_off    # with `names_lots`: at w.lots_named + lots_off
+    int names_lots
 
 cdef struct PutRec:
     MDB_dbi dbi
@@ -359,6 +372,7 @@ cdef struct Work:
     OperationRec rec
     LotBuf consumed      # rec's consumed lots
     LotBuf scratch_lots  # transfers' moved lots, loaded records' consumed
+    DataBuf lots_named   # the data of the postings that name lots
     DataBuf loaded_data  # the data of the operation record loaded (hold, refund)
     Acct *accts
     uint32_t n_accts, n_slots, cap_accts
@@ -644,6 +658,7 @@ cdef int decode_account(Work *w, Acct *a, const void *data, size_t size) noexcep
         expires_at = previous + get_uv(&r)
         lot.expires_at = <int64_t>expires_at
         lot.activates_at = <int64_t>(expires_at - get_uv(&r))
+        lot.issued_hour = <uint32_t>get_uv(&r)
         previous = expires_at
     a.lots.n = a.h.n_lots
     for i in range(a.h.n_holds):
@@ -658,7 +673,7 @@ cdef int decode_account(Work *w, Acct *a, const void *data, size_t size) noexcep
 
 
 cdef size_t encode_account(Acct *a, uint8_t *p) noexcept nogil:
-    """Needs 15 * 10 + 50 per lot + 30 per hold bytes at most."""
+    """Needs 15 * 10 + 50 per lot (at most 45) + 30 per hold bytes at most."""
     cdef size_t n = 0
     cdef uint32_t i
     cdef uint64_t previous = 0
@@ -685,6 +700,7 @@ cdef size_t encode_account(Acct *a, uint8_t *p) noexcept nogil:
         n += put_zz(p + n, lot.remaining)
         n += put_uv(p + n, <uint64_t>lot.expires_at - previous)
         n += put_uv(p + n, <uint64_t>lot.expires_at - <uint64_t>lot.activates_at)
+        n += put_uv(p + n, lot.issued_hour)
         previous = <uint64_t>lot.expires_at
     for i in range(a.n_holds):
         n += put_uv(p + n, a.holds[i].hold_no)
@@ -912,6 +928,33 @@ cdef int post(Work *w, int type_, uint32_t program, uint64_t debit,
     return OK
 
 
+cdef int name_lot(Work *w, LotRec *lot, int64_t points) noexcept nogil:
+    """Name a lot in the data of the posting just made (records.py): its
+    number, the points moved, its issued hour. A posting names at most
+    MAX_LOTS lots, 19 bytes each at most: its data stays under 64 KiB."""
+    cdef EntryRec *e = &w.entries[w.n_entries - 1]
+    cdef uint8_t *p
+    cdef size_t n
+    if not e.names_lots:
+        e.names_lots = 1
+        e.lots_off = w.lots_named.n
+    if grow(<void **>&w.lots_named.p, &w.lots_named.cap, w.lots_named.n + 32, 1):
+        return fail(w, 12)
+    p = <uint8_t *>w.lots_named.p + w.lots_named.n
+    n = put_uv(p, lot.lot_no)
+    n += put_uv(p + n, <uint64_t>points)
+    n += put_uv(p + n, lot.issued_hour)
+    w.lots_named.n += <uint32_t>n
+    e.h.n_data += <uint16_t>n
+    return OK
+
+
+cdef inline const char *entry_data(Work *w, EntryRec *e) noexcept nogil:
+    if e.names_lots:
+        return w.lots_named.p + e.lots_off
+    return e.data
+
+
 # --- lots and holds ------------------------------------------------------------
 cdef void drop_empty_lots(Acct *a) noexcept nogil:
     cdef uint32_t i, j = 0
@@ -948,6 +991,7 @@ cdef int take_active(Work *w, Acct *a, int64_t amount, LotBuf *taken,
             taken.items[taken.n].remaining = part
             taken.items[taken.n].activates_at = lot.activates_at
             taken.items[taken.n].expires_at = lot.expires_at
+            taken.items[taken.n].issued_hour = lot.issued_hour
             taken.n += 1
     drop_empty_lots(a)
     return OK
@@ -982,6 +1026,9 @@ cdef int touch_account(Work *w, Acct *a) noexcept nogil:
         rc = post(w, E_EXPIRE, a.h.program, a.id,
                   system_account(SYS_EXPIRED, lot.partner), lot.remaining,
                   SYS_EXPIRED, lot.partner, lot.partner, 0, lot.lot_no)
+        if rc:
+            return rc
+        rc = name_lot(w, &lot, lot.remaining)
         if rc:
             return rc
         n += 1
@@ -1064,8 +1111,16 @@ cdef int index_expiry(Work *w, Acct *a) noexcept nogil:
     return queue_put(w, DB_LOT_EXPIRY, &key, sizeof(ExpiryKey), NULL, 0, 0)
 
 
+cdef inline uint32_t hour_of(int64_t t) noexcept nogil:
+    """The UTC hour of a time (0 before 1970): aggregates.hour_of."""
+    return <uint32_t>(t // HOUR) if t > 0 else 0
+
+
 cdef int new_lot(Work *w, Acct *a, uint32_t partner, int64_t points,
-                 int64_t activates_at, int64_t expires_at, uint32_t *lot_no) noexcept nogil:
+                 int64_t activates_at, int64_t expires_at, uint32_t issued_hour,
+                 uint32_t *lot_no) noexcept nogil:
+    """A lot of points issued in `issued_hour` (now's, or a transfer's
+    source lot's)."""
     cdef LotRec lot
     lot.lot_no = a.h.next_lot
     a.h.next_lot += 1
@@ -1073,6 +1128,7 @@ cdef int new_lot(Work *w, Acct *a, uint32_t partner, int64_t points,
     lot.remaining = points
     lot.activates_at = activates_at
     lot.expires_at = expires_at
+    lot.issued_hour = issued_hour
     lot_no[0] = lot.lot_no
     return add_lot(w, a, &lot)
 
@@ -1103,8 +1159,8 @@ cdef uint32_t group_by_partner(LotBuf *lots, uint32_t *partners, int64_t *sums,
 cdef int post_by_partner(Work *w, LotBuf *lots, int type_, Acct *a,
                          uint32_t op_partner, bint to_member) noexcept nogil:
     """SPEND (member -> redeemed) or RETURN (redeemed -> member) postings, one
-    per issuing partner of the lots involved."""
-    cdef uint32_t g, n
+    per issuing partner of the lots involved, each naming its lots."""
+    cdef uint32_t g, n, i
     cdef uint32_t *partners
     cdef int64_t *sums
     cdef int rc = OK
@@ -1125,6 +1181,13 @@ cdef int post_by_partner(Work *w, LotBuf *lots, int type_, Acct *a,
         else:
             rc = post(w, type_, a.h.program, a.id, sys_id, sums[g],
                       SYS_REDEEMED, op_partner, partners[g], 0, 0)
+        if rc:
+            break
+        for i in range(lots.n):
+            if lots.items[i].partner == partners[g]:
+                rc = name_lot(w, &lots.items[i], lots.items[i].remaining)
+                if rc:
+                    break
         if rc:
             break
     free(partners)
@@ -1345,7 +1408,7 @@ cdef int fold_aggregates(Work *w) noexcept nogil:
             amount = 1
         act.kind = AGG_ACTIVITY
         act.program = be32(e.program)
-        act.hour = be32(<uint32_t>(e.time // HOUR if e.time > 0 else 0))
+        act.hour = be32(hour_of(e.time))
         act.store = be32(e.store)
         act.partner = be32(e.partner)
         act.tier = k_be16(<uint16_t>a.h.tier)
@@ -1372,17 +1435,65 @@ cdef int fold_aggregates(Work *w) noexcept nogil:
             local = <int128>e.time + <int128>utc_offset * MINUTE
             day = <uint64_t>(local // DAY) if local > 0 else 0
             if day + 1 > a.h.last_day:  # the member's first receipt of the day
+                # keyed by the seq the entry gets when the operation commits
                 md.kind = AGG_MEMBER_DAY
                 md.program = act.program
                 md.day = be32(<uint32_t>day)
-                md.account = be64(member)
-                rc = queue_put(w, DB_AGGREGATES, &md, sizeof(MemberDayKey), NULL, 0, 0)
+                md.seq = be64(w.seq + 1 + i)
+                rc = queue_put(w, DB_AGGREGATES, &md, sizeof(MemberDayKey),
+                               &member, 8, 0)
                 if rc:
                     return rc
                 rc = agg_add(w, &act, sizeof(ActivityKey), N_COUNTERS, C_MEMBER_DAYS, 1)
                 if rc:
                     return rc
                 a.h.last_day = day + 1
+        rc = fold_cohorts(w, &w.entries[i], act.hour)
+        if rc:
+            return rc
+    return OK
+
+
+cdef int fold_cohorts(Work *w, EntryRec *entry, uint32_t hour_be) noexcept nogil:
+    """The breakage cohorts a posting changes (`aggregates.cohort_changes`):
+    a new lot's points are issued in the entry's hour at its partner; the
+    points of the lots a posting names count in those lots' cohorts."""
+    cdef EntryHead *e = &entry.h
+    cdef CohortKey key
+    cdef Reader r
+    cdef int index, rc
+    cdef int64_t sign = 1, points
+    key.kind = AGG_COHORT
+    key.program = be32(e.program)
+    if e.type == E_EARN or (e.type == E_ADJUST and not e.credit & SYSTEM):
+        key.hour = hour_be
+        key.partner = be32(e.partner)
+        return agg_add(w, &key, sizeof(CohortKey), N_COHORT, CO_ISSUED, e.amount)
+    if e.type == E_SPEND:
+        index = CO_SPENT
+    elif e.type == E_RETURN:
+        index = CO_SPENT
+        sign = -1
+    elif e.type == E_EXPIRE:
+        index = CO_EXPIRED
+    elif e.type == E_CLAWBACK:
+        index = CO_CLAWED
+    else:
+        return OK
+    key.partner = be32(e.partner2)
+    r.p = <const uint8_t *>entry_data(w, entry)
+    r.size = e.n_data
+    r.pos = 0
+    r.bad = 0
+    while r.pos < r.size:
+        get_uv(&r)  # the lot's number
+        points = <int64_t>get_uv(&r)
+        key.hour = be32(<uint32_t>get_uv(&r))
+        if r.bad:  # never: the kernel wrote it a moment ago
+            return fail(w, MDB_CORRUPTED)
+        rc = agg_add(w, &key, sizeof(CohortKey), N_COHORT, index, sign * points)
+        if rc:
+            return rc
     return OK
 
 
@@ -1455,7 +1566,7 @@ cdef int commit_work(Work *w) noexcept nogil:
         memcpy(buf, &e.h, sizeof(EntryHead))
         memcpy(buf + sizeof(EntryHead), w.op_id, e.h.n_op)
         if e.h.n_data:
-            memcpy(buf + sizeof(EntryHead) + e.h.n_op, e.data, e.h.n_data)
+            memcpy(buf + sizeof(EntryHead) + e.h.n_op, entry_data(w, e), e.h.n_data)
         crypto_generichash_init(&hs, NULL, 0, HASH_SIZE)
         crypto_generichash_update(&hs, w.hash, HASH_SIZE)
         crypto_generichash_update(&hs, <unsigned char *>buf, size)
@@ -1860,7 +1971,8 @@ cdef int op_receipt(Work *w) noexcept nogil:
     if earn > 0:
         if k_add(a.h.balance, earn, &a.h.balance) or k_add(a.h.earned, earn, &a.h.earned):
             return OVERFLOW
-        rc = new_lot(w, a, op.partner, earn, op.activates_at, op.expires_at, &lot_no)
+        rc = new_lot(w, a, op.partner, earn, op.activates_at, op.expires_at,
+                     hour_of(w.now), &lot_no)
         if rc:
             return rc
         rc = post(w, E_EARN, a.h.program, system_account(SYS_ISSUED, op.partner),
@@ -2003,9 +2115,10 @@ cdef int give_back(Work *w, Acct *a, OperationRec *orig, LotBuf *consumed,
 cdef int claw_back(Work *w, Acct *a, OperationRec *orig, int64_t claw) noexcept nogil:
     """Take back earned points: from the receipt's own lot, then from the
     available balance, then as debt where the program allows it."""
-    cdef int64_t left = claw, part, taken
+    cdef int64_t left = claw, part, taken, from_lot = 0
     cdef int128 free_points
     cdef uint32_t i, flags
+    cdef LotRec own
     cdef int rc
     for i in range(a.lots.n):
         if a.lots.items[i].lot_no == orig.earned_lot:
@@ -2018,6 +2131,8 @@ cdef int claw_back(Work *w, Acct *a, OperationRec *orig, int64_t claw) noexcept 
                     part = <int64_t>free_points
             a.lots.items[i].remaining -= part
             left -= part
+            own = a.lots.items[i]  # what it gave: its cohort's clawed points
+            from_lot += part
     drop_empty_lots(a)
     if left:
         free_points = available(w, a)
@@ -2039,9 +2154,12 @@ cdef int claw_back(Work *w, Acct *a, OperationRec *orig, int64_t claw) noexcept 
             return OVERFLOW
     if k_add(a.h.balance, -claw, &a.h.balance) or k_add(a.h.earned, -claw, &a.h.earned):
         return OVERFLOW
-    return post(w, E_CLAWBACK, a.h.program, a.id,
-                system_account(SYS_ISSUED, orig.partner), claw, SYS_ISSUED,
-                orig.partner, 0, 0, orig.earned_lot)
+    rc = post(w, E_CLAWBACK, a.h.program, a.id,
+              system_account(SYS_ISSUED, orig.partner), claw, SYS_ISSUED,
+              orig.partner, orig.partner, 0, orig.earned_lot)
+    if rc == OK and from_lot:
+        rc = name_lot(w, &own, from_lot)
+    return rc
 
 
 cdef int op_refund(Work *w) noexcept nogil:
@@ -2150,7 +2268,8 @@ cdef int op_adjust(Work *w) noexcept nogil:
             return rc
         if k_add(a.h.balance, op.amount, &a.h.balance):
             return OVERFLOW
-        rc = new_lot(w, a, op.partner, op.amount, op.activates_at, op.expires_at, &lot_no)
+        rc = new_lot(w, a, op.partner, op.amount, op.activates_at, op.expires_at,
+                     hour_of(w.now), &lot_no)
         if rc:
             return rc
         rc = post(w, E_ADJUST, a.h.program, adjusted, op.account, op.amount,
@@ -2234,9 +2353,10 @@ cdef int op_transfer(Work *w) noexcept nogil:
             return rc
     for i in range(moved.n):
         total += moved.items[i].remaining
-    for i in range(moved.n):
+    for i in range(moved.n):  # new lots of the target, in the same cohorts
         rc = new_lot(w, target, moved.items[i].partner, moved.items[i].remaining,
-                     moved.items[i].activates_at, moved.items[i].expires_at, &lot_no)
+                     moved.items[i].activates_at, moved.items[i].expires_at,
+                     moved.items[i].issued_hour, &lot_no)
         if rc:
             return rc
     source.h.balance -= total
@@ -2365,6 +2485,7 @@ cdef void reset_op(Work *w) noexcept nogil:
     w.consumed.n = 0
     w.scratch_lots.n = 0
     w.loaded_data.n = 0
+    w.lots_named.n = 0
     w.next_account_op = w.next_account
     memset(&w.rec, 0, sizeof(OperationRec))
 
@@ -2446,6 +2567,7 @@ cdef void free_work(Work *w) noexcept nogil:
     free(w.consumed.items)
     free(w.scratch_lots.items)
     free(w.loaded_data.p)
+    free(w.lots_named.p)
 
 
 cdef int run_batch(MDB_env *env, MDB_dbi *dbi, const char *batch, size_t size,

@@ -22,7 +22,6 @@ and in feed.proto.
 import asyncio
 import itertools
 
-import grpc
 from google.type import date_pb2
 from kopilka.core.records import Entry
 from kopilka.v1 import feed_pb2, feed_pb2_grpc
@@ -229,10 +228,6 @@ class Feed(feed_pb2_grpc.FeedServicer):
 
     async def GetBreakageReport(self, request, context):
         q = _query(request, self.backend, "breakage", "issued_interval")
-        if not reports.has_cohorts(self.backend.ledger):
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                                "GetBreakageReport needs the ledger's cohort "
-                                "aggregates, which this server's kernel lacks")
         rows, head = await _gather(self.backend, "breakage", q)
         out = feed_pb2.GetBreakageReportResponse(as_of_cursor=head)
         for r in rows:

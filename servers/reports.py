@@ -518,9 +518,6 @@ class _Pinned(LedgerReads):
         return PROGRAM.unpack_from(raw)[3] if raw is not None else None
 
 
-def has_cohorts(ledger):
-    return callable(getattr(ledger, "cohorts", None))
-
 
 @dataclass(frozen=True)
 class Query:

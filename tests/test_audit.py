@@ -5,13 +5,14 @@ import pytest
 
 from kopilka import kernel
 from kopilka.core import twin
-from kopilka.core.aggregates import Counters
+from kopilka.core.aggregates import CohortCounters, Counters
 from kopilka.core.batch import Batch
-from kopilka.core.codec import Account, JournalEntry
+from kopilka.core.codec import Account, JournalEntry, decode_lots, encode_lots
 from kopilka.core.records import (ACTIVITY_KEY, ACTIVITY_VALUE, AGG_ACTIVITY,
-                                  AGG_MEMBER_DAY, AGG_SETTLEMENT, EXPIRY_KEY,
-                                  HOUR, I64, MEMBER_DAY_KEY, SETTLEMENT_KEY,
-                                  U64, Entry)
+                                  AGG_COHORT, AGG_MEMBER_DAY, AGG_SETTLEMENT,
+                                  COHORT_KEY, COHORT_VALUE, EXPIRY_KEY, HOUR,
+                                  I64, MEMBER_DAY_KEY, MEMBER_DAY_VALUE,
+                                  SETTLEMENT_KEY, U64, Entry)
 
 DAY = 86_400_000_000
 IMPLEMENTATIONS = {"twin": twin.Ledger, "kernel": kernel.Ledger}
@@ -156,14 +157,14 @@ def test_lost_and_stray_aggregate_rows_are_found(path):
     def change(txn):
         assert txn.get(settlement) == I64.pack(30)
         txn.delete(settlement)
-        txn.put(MEMBER_DAY_KEY.pack(AGG_MEMBER_DAY, 1, 1, 2), b"")
+        txn.put(MEMBER_DAY_KEY.pack(AGG_MEMBER_DAY, 1, 1, 2), MEMBER_DAY_VALUE.pack(2))
         txn.put(b"\x09junk", b"")
         txn.put(ROW, b"short")
     tamper(where, b"aggregates", change)
     assert audit(where, Ledger) == [
         f"{WHERE}: malformed value b'short'",
         "aggregates settlement program 1 hour 24 partner 0 to 0: missing, journal says [30]",
-        "aggregates member day program 1 day 1 account 2: stored, journal says none",
+        "aggregates member day program 1 day 1 seq 2: stored [2], journal says none",
         "aggregates key b'\\tjunk': stored, journal says none"]
 
 
@@ -176,3 +177,49 @@ def test_an_edited_last_day_is_found(path):
         txn.put(U64.pack(1), account.encode())
     tamper(where, b"accounts", change)
     assert audit(where, Ledger) == ["account 1: last day 5, journal says 0"]
+
+
+COHORT = COHORT_KEY.pack(AGG_COHORT, 1, DAY // HOUR, 0)  # both earns, the spend
+COHORT_WHERE = "aggregates cohort program 1 hour 24 partner 0"
+
+
+def test_an_edited_cohort_counter_is_found(path):
+    where, Ledger = path
+
+    def change(txn):
+        cohort = CohortCounters(*COHORT_VALUE.unpack(txn.get(COHORT)))
+        assert cohort == (140, 30, 0, 0) and cohort.outstanding == 110
+        txn.put(COHORT, COHORT_VALUE.pack(*cohort._replace(spent=20, clawed=1)))
+    tamper(where, b"aggregates", change)
+    assert audit(where, Ledger) == [f"{COHORT_WHERE}: spent 20, journal says 30",
+                                    f"{COHORT_WHERE}: clawed 1, journal says 0"]
+
+
+def test_a_lot_in_a_cohort_that_never_issued_it_is_found(path):
+    where, Ledger = path
+
+    def change(txn):
+        account = Account.decode(txn.get(U64.pack(2)))
+        account.lots[0].issued_hour += 1
+        txn.put(U64.pack(2), account.encode())
+    tamper(where, b"accounts", change)
+    assert audit(where, Ledger) == [
+        "aggregates cohort program 1 hour 25 partner 0: lots hold 40, "
+        "outstanding by the journal 0"]
+
+
+def test_a_posting_whose_lots_do_not_add_up_is_found(path):
+    where, Ledger = path
+
+    def change(txn):
+        key = U64.pack(6)  # the spend
+        entry = JournalEntry.decode(txn.get(key))
+        assert entry.type == Entry.SPEND
+        assert decode_lots(entry.data) == [(1, 30, DAY // HOUR)]
+        entry.data = encode_lots([(1, 29, DAY // HOUR)])
+        txn.put(key, entry.body() + entry.hash)
+    tamper(where, b"journal", change)
+    assert audit(where, Ledger) == [
+        "journal seq 6: hash chain broken",
+        "journal seq 6: lots named add up to 29, posting moves 30",
+        f"{COHORT_WHERE}: spent 30, journal says 29"]

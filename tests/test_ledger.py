@@ -13,18 +13,21 @@ import pytest
 
 from kopilka.core.aggregates import rebuild
 from kopilka.core.batch import Batch, Result
-from kopilka.core.codec import Account, Consumed, Lot, iter_ops
+from kopilka.core.codec import Account, Consumed, Lot, decode_lots, iter_ops
 from kopilka.core.records import (HASH_SIZE, I64, INT64_MAX, INT64_MIN,
                                   MAX_DATA, MAX_HOLDS, MAX_LOTS, MAX_TIER,
                                   NEVER, PROFILE_ERASE, PROGRAM,
                                   PROGRAM_ALLOW_DEBT, RELEASE_CAPTURED,
+                                  MEMBER_DAY_KEY, MEMBER_DAY_VALUE,
                                   RELEASE_EXPIRED, RELEASE_VOIDED, SYSTEM_KEY,
                                   U32, U64, CardStatus, Code, Entry, HoldState,
                                   Kind, LedgerError, Status, Sys,
                                   system_account)
 
 DAY = 86_400_000_000
+HOUR = 3_600_000_000
 T = 100 * DAY          # the usual "now" of a test
+H0 = T // HOUR         # its hour: the issued_hour of lots issued at T
 NUMBERS = ("available", "pending", "held", "balance", "debt", "earned",
            "spent", "expired")
 ISSUED0 = system_account(Sys.ISSUED)
@@ -367,7 +370,7 @@ def test_earn(ledger, member):
     r = ok(ledger, T, "earn", "e1", member, 150, money=3000, expires_at=T + 365 * DAY)
     assert (r.a, r.b) == (1, 0)  # the lot number
     expect(ledger, member, T, available=150, balance=150, earned=150)
-    assert ledger.lots(member) == [Lot(1, 0, 150, 0, T + 365 * DAY)]
+    assert ledger.lots(member) == [Lot(1, 0, 150, 0, T + 365 * DAY, H0)]
     assert sys_balance(ledger, Sys.ISSUED) == -150
     entry, receipt = ledger.journal()[-2:]
     assert (entry.type, entry.sys, entry.debit, entry.credit, entry.amount,
@@ -389,7 +392,7 @@ def test_earn_at_partner_posts_to_that_partners_issued_account(ledger, member):
     assert sys_balance(ledger, Sys.ISSUED, partner=7) == -40
     assert sys_balance(ledger, Sys.ISSUED, partner=0) == -2
     assert ledger.journal()[-2].debit == system_account(Sys.ISSUED, 7)
-    assert ledger.lots(member) == [Lot(1, 7, 40, 0, NEVER), Lot(2, 0, 2, 0, NEVER)]
+    assert ledger.lots(member) == [Lot(1, 7, 40, 0, NEVER, H0), Lot(2, 0, 2, 0, NEVER, H0)]
 
 
 def test_earned_points_are_pending_until_activation(ledger, member):
@@ -435,10 +438,10 @@ def test_earn_overflow_on_the_account(ledger, member):
 def test_earn_overflow_on_the_issued_system_account(ledger, members):
     a, b = members
     ok(ledger, T, "earn", "e1", a, INT64_MAX)
-    # at another store: the report row of e1 cannot count one more
-    ok(ledger, T, "earn", "e2", b, 1, store=2)  # issued reaches exactly int64 min
+    # an hour later: the report row and the cohort of e1 cannot count one more
+    ok(ledger, T + HOUR, "earn", "e2", b, 1)  # issued reaches exactly int64 min
     assert sys_balance(ledger, Sys.ISSUED) == INT64_MIN
-    rejected(ledger, T, Code.OVERFLOW, "earn", "e3", b, 1)
+    rejected(ledger, T + HOUR, Code.OVERFLOW, "earn", "e3", b, 1)
 
 
 def test_too_many_lots(ledger, open_program):
@@ -474,11 +477,11 @@ def test_spend_takes_earliest_expiring_lots_first(ledger, member):
     ok(ledger, T, "earn", "soon", member, 30, expires_at=T + 10 * DAY)   # lot 3
     ok(ledger, T, "earn", "late2", member, 20, expires_at=T + 20 * DAY)  # lot 4
     assert ok(ledger, T, "spend", "s1", member, 90, money=900).a == 90
-    assert ledger.lots(member) == [Lot(4, 0, 10, 0, T + 20 * DAY),
-                                   Lot(1, 0, 100, 0, NEVER)]
+    assert ledger.lots(member) == [Lot(4, 0, 10, 0, T + 20 * DAY, H0),
+                                   Lot(1, 0, 100, 0, NEVER, H0)]
     assert ledger.operation(b"s1").consumed == [
-        Consumed(3, 0, 30, 0, T + 10 * DAY), Consumed(2, 0, 50, 0, T + 20 * DAY),
-        Consumed(4, 0, 10, 0, T + 20 * DAY)]
+        Consumed(3, 0, 30, 0, T + 10 * DAY, H0), Consumed(2, 0, 50, 0, T + 20 * DAY, H0),
+        Consumed(4, 0, 10, 0, T + 20 * DAY, H0)]
     expect(ledger, member, T, available=110, balance=110, earned=200, spent=90)
     assert sys_balance(ledger, Sys.REDEEMED) == 90
     entry, receipt = ledger.journal()[-2:]
@@ -497,6 +500,18 @@ def test_spend_posts_once_per_issuing_partner(ledger, member):
         (Entry.SPEND, 3, 1, 30, system_account(Sys.REDEEMED, 3)),
         (Entry.SPEND, 3, 2, 20, system_account(Sys.REDEEMED, 3))]
     assert sys_balance(ledger, Sys.REDEEMED, partner=3) == 50
+    # each names its lots: number, points, the hour they were issued
+    assert [decode_lots(e.data) for e in spends] == [[(1, 30, H0)], [(2, 20, H0)]]
+
+
+def test_a_spend_names_every_lot_it_took_from(ledger, member):
+    ok(ledger, T, "earn", "e1", member, 30, partner=1, expires_at=T + DAY)
+    ok(ledger, T + HOUR, "earn", "e2", member, 40, partner=1, expires_at=T + 2 * DAY)
+    seq = last_seq(ledger)
+    ok(ledger, T + 2 * HOUR, "spend", "s1", member, 50)
+    [spend] = entries_after(ledger, seq)  # one issuing partner: one posting
+    assert (spend.type, spend.partner2, spend.amount, spend.ref) == (Entry.SPEND, 1, 50, 0)
+    assert decode_lots(spend.data) == [(1, 30, H0), (2, 20, H0 + 1)]
 
 
 def test_spend_ignores_pending_expired_and_held_points(ledger, member):
@@ -587,7 +602,7 @@ def test_capture_a_hold_spends_and_earns_at_once(ledger, member):
     assert (r.a, r.b) == (30, 2)  # spent, the new lot
     # the remaining 10 held points are released with the hold
     expect(ledger, member, T + 10, available=82, balance=82, earned=112, spent=30)
-    assert ledger.lots(member) == [Lot(2, 0, 12, 0, T + 365 * DAY), Lot(1, 0, 70, 0, NEVER)]
+    assert ledger.lots(member) == [Lot(2, 0, 12, 0, T + 365 * DAY, H0), Lot(1, 0, 70, 0, NEVER, H0)]
     assert [(e.type, e.amount, e.amount2) for e in entries_after(ledger, seq)] == [
         (Entry.HOLD_RELEASED, 40, RELEASE_CAPTURED), (Entry.SPEND, 30, 0),
         (Entry.EARN, 12, 0), (Entry.RECEIPT, 1850, 30)]
@@ -734,17 +749,17 @@ def test_refund_gives_spent_points_back_to_their_lots(ledger, member):
     ok(ledger, T, "earn", "soon", member, 50, expires_at=T + 10 * DAY)    # lot 1
     ok(ledger, T, "earn", "later", member, 50, expires_at=T + 20 * DAY)   # lot 2
     ok(ledger, T, "spend", "s1", member, 80, money=800)  # 50 of lot 1, 30 of lot 2
-    assert ledger.lots(member) == [Lot(2, 0, 20, 0, T + 20 * DAY)]
+    assert ledger.lots(member) == [Lot(2, 0, 20, 0, T + 20 * DAY, H0)]
     seq = last_seq(ledger)
     r = ok(ledger, T + DAY, "refund", "r1", "s1", money=200, give_back=20)
     assert (r.a, r.b) == (20, 0)
     # last consumed first: lot 2 gets its 20 back
-    assert ledger.lots(member) == [Lot(2, 0, 40, 0, T + 20 * DAY)]
+    assert ledger.lots(member) == [Lot(2, 0, 40, 0, T + 20 * DAY, H0)]
     r = ok(ledger, T + DAY, "refund", "r2", "s1", money=600, give_back=60)
     assert (r.a, r.b) == (60, 0)
     # then lot 2 is whole and lot 1 comes back with its own expiry
-    assert ledger.lots(member) == [Lot(1, 0, 50, 0, T + 10 * DAY),
-                                   Lot(2, 0, 50, 0, T + 20 * DAY)]
+    assert ledger.lots(member) == [Lot(1, 0, 50, 0, T + 10 * DAY, H0),
+                                   Lot(2, 0, 50, 0, T + 20 * DAY, H0)]
     expect(ledger, member, T + DAY, available=100, balance=100, earned=100)
     # each refund with money also journals the money given back
     returns = entries_after(ledger, seq)
@@ -777,8 +792,8 @@ def test_refund_claws_back_from_the_receipts_own_lot_first(ledger, member):
     seq = last_seq(ledger)
     r = ok(ledger, T, "refund", "r1", "e2", money=600, claw_back=30)
     assert (r.a, r.b) == (0, 30)
-    assert ledger.lots(member) == [Lot(1, 0, 100, 0, T + 10 * DAY),
-                                   Lot(2, 0, 20, 0, T + 20 * DAY)]
+    assert ledger.lots(member) == [Lot(1, 0, 100, 0, T + 10 * DAY, H0),
+                                   Lot(2, 0, 20, 0, T + 20 * DAY, H0)]
     entry, receipt = entries_after(ledger, seq)
     assert (entry.type, entry.debit, entry.credit, entry.amount, entry.ref) == (
         Entry.CLAWBACK, member, ISSUED0, 30, 2)
@@ -805,7 +820,7 @@ def test_clawback_of_a_spent_lot_takes_available_points(ledger, member):
     ok(ledger, T, "spend", "s1", member, 40)                            # from lot 2
     r = ok(ledger, T, "refund", "r1", "e2", claw_back=50)
     assert (r.a, r.b) == (0, 50)
-    assert ledger.lots(member) == [Lot(1, 0, 60, 0, T + 30 * DAY)]
+    assert ledger.lots(member) == [Lot(1, 0, 60, 0, T + 30 * DAY, H0)]
     expect(ledger, member, T, available=60, balance=60, earned=100, spent=40)
 
 
@@ -815,7 +830,7 @@ def test_clawback_of_pending_points(ledger, member):
        expires_at=T + 365 * DAY)
     r = ok(ledger, T + DAY, "refund", "r1", "e2", money=2000, proportional=True)
     assert (r.a, r.b) == (0, 100)
-    assert ledger.lots(member) == [Lot(1, 0, 10, 0, NEVER)]
+    assert ledger.lots(member) == [Lot(1, 0, 10, 0, NEVER, H0)]
     expect(ledger, member, T + DAY, available=10, balance=10, earned=10)
 
 
@@ -850,7 +865,7 @@ def test_debt_is_repaid_by_later_earnings_once_active(ledger, open_program):
     assert ledger.lots(member) == []
     ok(ledger, T + DAY, "earn", "e4", member, 25)
     expect(ledger, member, T + DAY, available=5, balance=5, earned=105, spent=100)
-    assert ledger.lots(member) == [Lot(4, 0, 5, 0, NEVER)]
+    assert ledger.lots(member) == [Lot(4, 0, 5, 0, NEVER, H0 + 24)]
 
 
 def test_proportional_partial_refunds_add_up_without_drift(ledger, member):
@@ -986,9 +1001,9 @@ def test_transfer_part_moves_active_lots_with_their_expiry(ledger, members):
     seq = last_seq(ledger)
     r = ok(ledger, T, "transfer", "t1", a, b, 60)
     assert (r.a, r.b) == (60, 0)
-    assert ledger.lots(a) == [Lot(2, 0, 80, 0, T + 20 * DAY), Lot(3, 0, 30, T + DAY, NEVER)]
-    assert ledger.lots(b) == [Lot(2, 2, 40, 0, T + 10 * DAY),
-                              Lot(3, 0, 20, 0, T + 20 * DAY), Lot(1, 0, 5, 0, NEVER)]
+    assert ledger.lots(a) == [Lot(2, 0, 80, 0, T + 20 * DAY, H0), Lot(3, 0, 30, T + DAY, NEVER, H0)]
+    assert ledger.lots(b) == [Lot(2, 2, 40, 0, T + 10 * DAY, H0),
+                              Lot(3, 0, 20, 0, T + 20 * DAY, H0), Lot(1, 0, 5, 0, NEVER, H0)]
     [entry] = entries_after(ledger, seq)
     assert (entry.type, entry.debit, entry.credit, entry.amount) == (
         Entry.TRANSFER, a, b, 60)
@@ -1007,8 +1022,8 @@ def test_transfer_everything_merges_all_lots_pending_included(ledger, members):
     assert r.a == 55
     assert ledger.lots(a) == []
     # new lot numbers on the target, same points, activation and expiry
-    assert ledger.lots(b) == [Lot(1, 0, 30, T + DAY, T + 5 * DAY),
-                              Lot(2, 0, 25, 0, T + 10 * DAY)]
+    assert ledger.lots(b) == [Lot(1, 0, 30, T + DAY, T + 5 * DAY, H0),
+                              Lot(2, 0, 25, 0, T + 10 * DAY, H0)]
     expect(ledger, a, T, earned=70, spent=15)
     expect(ledger, b, T, available=25, pending=30, balance=55)
     seq = last_seq(ledger)
@@ -1043,7 +1058,7 @@ def test_transfer_rejections(ledger, open_program):
 def test_transfer_overflow_on_the_target(ledger, members):
     a, b = members
     ok(ledger, T, "earn", "e1", a, INT64_MAX)
-    ok(ledger, T, "earn", "e2", b, 1, store=2)  # another report row
+    ok(ledger, T + HOUR, "earn", "e2", b, 1)  # another report row and cohort
     rejected(ledger, T, Code.OVERFLOW, "transfer", "t1", b, a, 1)
     rejected(ledger, T, Code.OVERFLOW, "transfer", "t2", b, a, everything=True)
     assert ok(ledger, T, "transfer", "t3", a, b, 5).a == 5
@@ -1587,7 +1602,6 @@ def test_set_tier_rejections(ledger, members):
 
 # --- report aggregates -----------------------------------------------------------
 
-HOUR = 3_600_000_000
 ALL = (0, 2**32)  # every hour or day
 
 
@@ -1643,7 +1657,8 @@ def test_aggregates_are_the_journal_rebuilt(ledger, open_program):
     ok(ledger, T + 2 * HOUR, "capture", "v1", b, money=50)
     stored = dict(ledger.dump()["aggregates"])
     assert rebuild(ledger.journal(limit=10**6)) == stored
-    assert len(stored) == 1 + 3 + 1 + 2  # new members, activity, settlement, member days
+    # new members, activity, settlement, member days, e1's cohort
+    assert len(stored) == 1 + 3 + 1 + 2 + 1
 
 
 def test_member_days_are_local_days_of_the_programs_offset(ledger, open_program):
@@ -1676,6 +1691,129 @@ def test_member_days_are_local_days_of_the_programs_offset(ledger, open_program)
     ok(ledger, T, "put_program", "msk2", 2, utc_offset_minutes=-180)
     ok(ledger, T + 46 * HOUR, "earn", "a5", a, 1, money=100)  # 19:00 on day + 1
     assert list(ledger.member_days(2, day + 1, 2**32)) == [(day + 1, a)]  # not + 2
+
+
+def cohorts(ledger, program=1, hours=ALL):
+    """{(issue hour, partner): (issued, spent, expired, clawed)}."""
+    return {(h, p): tuple(c) for h, p, c in ledger.cohorts(program, *hours)}
+
+
+def test_cohorts_through_earn_spend_refund_expiry_and_clawback(ledger, member):
+    ok(ledger, T, "earn", "e1", member, 100, partner=1, expires_at=T + 10 * DAY)  # lot 1
+    ok(ledger, T + HOUR, "earn", "e2", member, 50, partner=2, money=1_000,
+       expires_at=T + 20 * DAY)                                                   # lot 2
+    ok(ledger, T + 2 * HOUR, "adjust", "j1", member, 7, reason=1)                 # lot 3
+    ok(ledger, T + 2 * HOUR, "capture", "c1", member, earn=3, money=300)          # lot 4
+    assert cohorts(ledger) == {(H0, 1): (100, 0, 0, 0), (H0 + 1, 2): (50, 0, 0, 0),
+                               (H0 + 2, 0): (10, 0, 0, 0)}
+    # across two cohorts: all of lot 1, then 20 of lot 2
+    ok(ledger, T + 3 * HOUR, "spend", "s1", member, 120, partner=3, money=1_200)
+    assert ledger.operation(b"s1").consumed == [
+        Consumed(1, 1, 100, 0, T + 10 * DAY, H0), Consumed(2, 2, 20, 0, T + 20 * DAY, H0 + 1)]
+    assert cohorts(ledger) == {(H0, 1): (100, 100, 0, 0), (H0 + 1, 2): (50, 20, 0, 0),
+                               (H0 + 2, 0): (10, 0, 0, 0)}
+    # given back last consumed first: 20 to lot 2, 10 to lot 1, made again
+    # in its cohort (spent points returned count off spent)
+    seq = last_seq(ledger)
+    ok(ledger, T + 4 * HOUR, "refund", "r1", "s1", give_back=30)
+    assert [(e.type, e.partner2, e.amount, decode_lots(e.data))
+            for e in entries_after(ledger, seq)] == [
+        (Entry.RETURN, 2, 20, [(2, 20, H0 + 1)]), (Entry.RETURN, 1, 10, [(1, 10, H0)])]
+    assert ledger.lots(member)[0] == Lot(1, 1, 10, 0, T + 10 * DAY, H0)
+    assert cohorts(ledger)[H0, 1] == (100, 90, 0, 0)
+    assert cohorts(ledger)[H0 + 1, 2] == (50, 0, 0, 0)
+    # clawed back from the receipt's own lot
+    seq = last_seq(ledger)
+    ok(ledger, T + 4 * HOUR, "refund", "r2", "e2", claw_back=25)
+    [claw] = entries_after(ledger, seq)
+    assert (claw.type, claw.ref, claw.partner, claw.partner2, claw.amount,
+            decode_lots(claw.data)) == (Entry.CLAWBACK, 2, 2, 2, 25, [(2, 25, H0 + 1)])
+    # lot 1's 10 expire
+    seq = last_seq(ledger)
+    ok(ledger, T + 11 * DAY, "sweep", "sw")
+    [expiry] = entries_after(ledger, seq)
+    assert (expiry.type, expiry.ref, expiry.partner2, decode_lots(expiry.data)) == (
+        Entry.EXPIRE, 1, 1, [(1, 10, H0)])
+    assert cohorts(ledger) == {(H0, 1): (100, 90, 10, 0), (H0 + 1, 2): (50, 0, 0, 25),
+                               (H0 + 2, 0): (10, 0, 0, 0)}
+    [(hour, partner, counters)] = ledger.cohorts(1, H0 + 1, H0 + 2)
+    assert (hour, partner, counters.clawed, counters.outstanding) == (H0 + 1, 2, 25, 25)
+    # outstanding is what the cohorts' lots hold
+    held = {}
+    for lot in ledger.lots(member):
+        key = lot.issued_hour, lot.partner
+        held[key] = held.get(key, 0) + lot.remaining
+    assert held == {(H0 + 1, 2): 25, (H0 + 2, 0): 10}
+    assert [c.outstanding for _, _, c in ledger.cohorts(1, *ALL)] == [0, 25, 10]
+    assert list(ledger.cohorts(2, *ALL)) == []
+
+
+def test_a_card_merge_leaves_the_cohorts_as_they_were(ledger, members):
+    a, b = members
+    ok(ledger, T, "earn", "e1", a, 40, partner=1, expires_at=T + 10 * DAY)
+    ok(ledger, T + HOUR, "earn", "e2", a, 30, activates_at=T + DAY)  # pending
+    ok(ledger, T + HOUR, "spend", "s1", a, 15)
+    ok(ledger, T + 2 * HOUR, "earn", "e3", b, 5)
+    before = cohorts(ledger)
+    ok(ledger, T + 3 * HOUR, "transfer", "t1", a, b, everything=True)
+    assert cohorts(ledger) == before
+    # b's new lots are a's, in their cohorts; spending them counts there
+    assert ledger.lots(b) == [Lot(2, 1, 25, 0, T + 10 * DAY, H0),
+                              Lot(1, 0, 5, 0, NEVER, H0 + 2),
+                              Lot(3, 0, 30, T + DAY, NEVER, H0 + 1)]
+    ok(ledger, T + 3 * HOUR, "spend", "s2", b, 27)
+    assert cohorts(ledger) == {(H0, 1): (40, 40, 0, 0), (H0 + 1, 0): (30, 0, 0, 0),
+                               (H0 + 2, 0): (5, 2, 0, 0)}
+    # a part transfer too
+    ok(ledger, T + DAY, "transfer", "t2", b, a, 20)
+    assert ledger.lots(a) == [Lot(3, 0, 3, 0, NEVER, H0 + 2),
+                              Lot(4, 0, 17, T + DAY, NEVER, H0 + 1)]
+    assert cohorts(ledger) == {(H0, 1): (40, 40, 0, 0), (H0 + 1, 0): (30, 0, 0, 0),
+                               (H0 + 2, 0): (5, 2, 0, 0)}
+
+
+def test_debt_repayment_and_clawback_from_the_balance_leave_cohorts_alone(ledger, open_program):
+    [member] = open_program(1, 1, flags=PROGRAM_ALLOW_DEBT)
+    ok(ledger, T, "earn", "e1", member, 100, expires_at=T + 30 * DAY)                 # lot 1
+    ok(ledger, T + HOUR, "earn", "e2", member, 50, money=500, expires_at=T + 10 * DAY)  # lot 2
+    ok(ledger, T + HOUR, "spend", "s1", member, 40)  # from lot 2
+    seq = last_seq(ledger)
+    ok(ledger, T + HOUR, "refund", "r1", "e2", claw_back=50)
+    [claw] = entries_after(ledger, seq)
+    # 10 from the receipt's own lot (named), 40 from the balance (lot 1: not)
+    assert (claw.amount, claw.ref, decode_lots(claw.data)) == (50, 2, [(2, 10, H0 + 1)])
+    assert ledger.lots(member) == [Lot(1, 0, 60, 0, T + 30 * DAY, H0)]
+    assert cohorts(ledger) == {(H0, 0): (100, 0, 0, 0), (H0 + 1, 0): (50, 40, 0, 10)}
+    # a clawback of what is gone: debt, repaid from a later lot, unnamed
+    ok(ledger, T + 2 * HOUR, "earn", "e3", member, 10, money=100)  # lot 3
+    ok(ledger, T + 2 * HOUR, "spend", "s2", member, 70)
+    ok(ledger, T + 2 * HOUR, "refund", "r2", "e3", claw_back=10)
+    assert ledger.balances(member, T).debt == 10
+    ok(ledger, T + 3 * HOUR, "adjust", "j1", member, 15, reason=1)  # repays 10
+    assert ledger.lots(member) == [Lot(4, 0, 5, 0, NEVER, H0 + 3)]
+    assert cohorts(ledger) == {(H0, 0): (100, 60, 0, 0), (H0 + 1, 0): (50, 40, 0, 10),
+                               (H0 + 2, 0): (10, 10, 0, 0), (H0 + 3, 0): (15, 0, 0, 0)}
+
+
+def test_member_day_rows_are_appended_in_journal_order(ledger, open_program):
+    a, b, c = open_program(1, 3)
+    day = T // DAY
+    ok(ledger, T, "earn", "c1", c, 1, money=100)
+    results = ledger.apply(Batch().earn("b1", b, 1, money=100)
+                           .earn("c2", c, 1, money=100)  # c's second: no row
+                           .earn("a1", a, 1, money=100), T + HOUR)
+    assert all(r.ok for r in results)
+    ok(ledger, T + 2 * HOUR, "capture", "b2", b, money=50)
+    assert list(ledger.member_days(1, *ALL)) == [(day, c), (day, b), (day, a)]
+    rows = [(key, value) for key, value in ledger.dump()["aggregates"] if key[0] == 3]
+    # keyed by the seq of the RECEIPT that made each, the account its value
+    for (key, value), account in zip(rows, (c, b, a)):
+        _, program, row_day, seq = MEMBER_DAY_KEY.unpack(key)
+        [receipt] = ledger.journal(from_seq=seq, limit=1)
+        assert (program, row_day, MEMBER_DAY_VALUE.unpack(value)[0]) == (1, day, account)
+        assert (receipt.seq, receipt.type, receipt.credit) == (seq, Entry.RECEIPT, account)
+    seqs = [MEMBER_DAY_KEY.unpack(key)[3] for key, _ in rows]
+    assert seqs == sorted(seqs) and len(rows) == 3
 
 
 def test_settlement_between_partners(ledger, member):
@@ -1721,5 +1859,7 @@ def test_a_report_counter_that_would_overflow_refuses_the_operation(ledger, memb
     # the balances allow it; the hour's issued points would not fit an int64
     rejected(ledger, T, Code.OVERFLOW, "earn", "e2", b, 1)
     ok(ledger, T + HOUR, "earn", "e3", b, 1)
-    ok(ledger, T, "earn", "e4", b, 1, store=1)
+    # another store's activity row, but e1's cohort (its hour and partner)
+    rejected(ledger, T, Code.OVERFLOW, "earn", "e4", b, 1, store=1)
+    ok(ledger, T, "earn", "e4", b, 1, store=1, partner=1)
     rejected(ledger, T, Code.OVERFLOW, "capture", "v1", b, money=INT64_MAX)

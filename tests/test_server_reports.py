@@ -39,8 +39,6 @@ import grpc
 import pytest
 from kopilka.core.batch import Batch
 from kopilka.core.program import to_micros
-from kopilka.core.reads import LedgerReads
-from kopilka.servers import reports
 from kopilka.v1 import feed_pb2, feed_pb2_grpc
 from server_harness import DAY, RunningServer, error_info, install_program
 
@@ -425,8 +423,6 @@ def test_partner_settlement(srv):
     assert [(row.points, row.value.minor_units) for row in r.rows] == [(100, 5_000)]
 
 
-@pytest.mark.skipif(not reports.has_cohorts(LedgerReads), reason="breakage needs the kernel's cohort rows "
-                           "(core/reads.py `cohorts`), not in main yet")
 def test_breakage(srv):
     stub = feed(srv)
 

@@ -6,7 +6,9 @@ hold timeouts, expiry, debt and refunds of every kind happen often; time
 jumps cross activation, expiry and hold timeouts. Operations carry data now
 and then (kept with their records, or as a profile), and profiles are set,
 deleted and erased with their external ids; tiers change and stay; programs
-change their UTC offset (local days of the aggregates) now and then.
+change their UTC offset (local days of the aggregates) now and then. The
+long sequences must produce breakage cohorts that saw issue, spend,
+expiry and clawback.
 """
 
 import collections
@@ -19,10 +21,11 @@ from hypothesis import strategies as st
 
 from kopilka.core import twin
 from kopilka import kernel
-from kopilka.core.aggregates import Counters
+from kopilka.core.aggregates import CohortCounters, Counters
 from kopilka.core.batch import Batch
-from kopilka.core.records import (ACTIVITY_VALUE, AGG_ACTIVITY, AGG_MEMBER_DAY,
-                                  AGG_SETTLEMENT, INT64_MAX, INT64_MIN,
+from kopilka.core.records import (ACTIVITY_VALUE, AGG_ACTIVITY, AGG_COHORT,
+                                  AGG_MEMBER_DAY, AGG_SETTLEMENT, COHORT_VALUE,
+                                  INT64_MAX, INT64_MIN,
                                   MAX_TIER, NEVER, PROFILE_ERASE,
                                   PROGRAM_ALLOW_DEBT, Kind, Status)
 
@@ -291,7 +294,15 @@ def test_kernel_matches_twin_long_sequences(tmp_path):
         (tmp_path / str(seed)).mkdir()
         rows += run_sequence(seed, tmp_path / str(seed), codes)
     # every kind of aggregate row, settlement between partners, refunds' money
-    assert {key[0] for key, _ in rows} == {AGG_ACTIVITY, AGG_SETTLEMENT, AGG_MEMBER_DAY}
+    assert {key[0] for key, _ in rows} == {AGG_ACTIVITY, AGG_SETTLEMENT,
+                                           AGG_MEMBER_DAY, AGG_COHORT}
+    # breakage cohorts that saw every movement, of more than one partner
+    cohorts = [CohortCounters(*COHORT_VALUE.unpack(value))
+               for key, value in rows if key[0] == AGG_COHORT]
+    for counter in ("issued", "spent", "expired", "clawed"):
+        assert sum(getattr(c, counter) > 0 for c in cohorts) >= 3, counter
+    assert all(c.outstanding >= 0 for c in cohorts)
+    assert len({key[9:13] for key, _ in rows if key[0] == AGG_COHORT}) > 1
     assert any(key[0] == AGG_SETTLEMENT and key[9:13] != key[13:17] for key, _ in rows)
     assert any(key[0] == AGG_ACTIVITY and Counters(*ACTIVITY_VALUE.unpack(value)).receipt_money < 0
                for key, value in rows)
