@@ -217,10 +217,12 @@ class Workload:
 
 
 def percentile(sorted_values, q):
-    """Nearest-rank percentile (p99 of fewer than 100 samples is the max)."""
+    """Nearest-rank percentile (p99 of fewer than 100 samples is the max). The
+    rank is rounded first: 99.9% of 1,000 is rank 999, though 0.999 * 1000
+    is 999.0000000000001 in floating point."""
     if not sorted_values:
         return float("nan")
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    rank = max(1, math.ceil(round(q / 100 * len(sorted_values), 6)))
     return sorted_values[rank - 1]
 
 

@@ -53,12 +53,9 @@ import argparse
 import asyncio
 import datetime
 import json
-import math
 import os
 import re
-import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -66,6 +63,9 @@ import tempfile
 import time
 import urllib.request
 from collections import deque
+
+from benchlib import percentile
+from procs import Process, Server, commit_of, free_port
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -155,62 +155,6 @@ def seed(data, cards):
 
 
 # --- processes ---------------------------------------------------------------
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Process:
-    """A child process logging to a file; `ready` (a line prefix on stdout), if given."""
-
-    def __init__(self, name, argv, log_path, ready=None, timeout=60.0):
-        self.name, self.log_path = name, log_path
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log,
-                                         cwd=ROOT, env=env)
-        self.pid = self.proc.pid
-        self.line = self._wait(ready, timeout) if ready else None
-
-    def _wait(self, prefix, timeout):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
-            if ready:
-                line = self.proc.stdout.readline().decode()
-                if line.startswith(prefix):
-                    return line
-            if self.proc.poll() is not None:
-                break
-        self.fail(f"did not start (waiting for {prefix!r})")
-
-    def fail(self, why):
-        self.stop()
-        with open(self.log_path, "rb") as f:
-            tail = f.read()[-4000:].decode(errors="replace")
-        raise SystemExit(f"{self.name} {why}; its log:\n{tail}")
-
-    def cpu_seconds(self):
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except OSError:
-            return float("nan")
-
-    def stop(self, timeout=30.0):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stdout.close()
-        return self.proc.returncode
-
 
 def scrape(port):
     """{(name, frozenset(labels)): value} of a Prometheus endpoint."""
@@ -335,12 +279,7 @@ async def watch(lane, address, token):
 
 # --- measurement -------------------------------------------------------------
 
-def percentile(ordered, q):
-    """Nearest rank; the rank rounded first, so 99.9% of 1,000 is rank 999, not
-    1,000 (0.999 * 1000 is 999.0000000000001 in floating point)."""
-    if not ordered:
-        return float("nan")
-    return ordered[max(1, math.ceil(round(q / 100 * len(ordered), 6))) - 1]
+
 
 
 def latency_figures(seconds):
@@ -531,14 +470,6 @@ def fsync_probe(directory, count=200):
     return latency_figures(took)
 
 
-def commit_of():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=ROOT, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def uptime():
     try:
         return subprocess.run(["uptime"], capture_output=True, text=True,
@@ -644,10 +575,9 @@ def main(argv=None):
               flush=True)
         tokens = seed(data, cards)
         args.server_metrics, args.hwd_metrics = free_port(), free_port()
-        server = Process("the server", [PYTHON, "-c", SERVER, data, "127.0.0.1:0",
+        server = Server("the server", [PYTHON, "-c", SERVER, data, "127.0.0.1:0",
                                         str(args.server_metrics)],
-                         os.path.join(work, "server.log"), ready="READY ")
-        server.address = f"127.0.0.1:{int(server.line.split()[1])}"
+                         os.path.join(work, "server.log"))
         for _ in range(args.readers):
             master, slave = os.openpty()
             ptys.append((master, os.ttyname(slave)))

@@ -51,15 +51,16 @@ import json
 import math
 import os
 import random
-import select
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+
+from benchlib import percentile
+from procs import Server, commit_of
 
 import grpc
 
@@ -160,56 +161,6 @@ asyncio.run(serve(config, lambda s: print(f"READY {s.port}", flush=True)))
 """
 
 
-class Process:
-    """A server subprocess that prints `READY <port>` once it listens."""
-
-    def __init__(self, name, argv, log_path, timeout=60.0):
-        self.name, self.log_path = name, log_path
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        with open(log_path, "wb") as log:  # the child keeps its own descriptor
-            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log,
-                                         cwd=ROOT, env=env)
-        self.pid = self.proc.pid
-        self.port = self._wait_ready(timeout)
-        self.address = f"127.0.0.1:{self.port}"
-
-    def _wait_ready(self, timeout):
-        end = time.monotonic() + timeout
-        line = b""
-        while time.monotonic() < end:
-            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
-            if ready:
-                line = self.proc.stdout.readline()
-                if line.startswith(b"READY "):
-                    return int(line.split()[1])
-            if self.proc.poll() is not None:
-                break
-        self.stop()
-        with open(self.log_path, "rb") as f:
-            tail = f.read()[-4000:].decode(errors="replace")
-        raise SystemExit(f"{self.name} did not start ({line!r}); its log:\n{tail}")
-
-    def cpu_seconds(self):
-        """CPU time (user + system, every thread) the process has used."""
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        except OSError:
-            return float("nan")
-
-    def stop(self, timeout=30.0):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.proc.stdout.close()
-        return self.proc.returncode
-
-
 class External:
     """A server started elsewhere (`--server`)."""
 
@@ -226,13 +177,6 @@ class External:
 
 
 # --- measurement -------------------------------------------------------------
-
-def percentile(ordered, q):
-    """Nearest rank (as benchlib): p99.9 of fewer than 1,000 samples is the max."""
-    if not ordered:
-        return float("nan")
-    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
-
 
 def latency_figures(latencies):
     ordered = sorted(latencies)
@@ -450,7 +394,7 @@ def summarize_timed(recorder, window, usage, duration):
 
 
 async def phase_echo(args, log_dir, metadata):
-    server = Process("echo server", [PYTHON, os.path.join(HERE, "echo.py"),
+    server = Server("echo server", [PYTHON, os.path.join(HERE, "echo.py"),
                                      "--listen", "127.0.0.1:0"],
                      os.path.join(log_dir, "echo.log"))
     try:
@@ -796,14 +740,6 @@ def goals(phases):
     return out
 
 
-def commit_of():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              cwd=ROOT, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 # --- main --------------------------------------------------------------------
 
 def parse_args(argv=None):
@@ -879,7 +815,7 @@ async def run(args, log_dir, server_info):
             server = External(args.server)
         else:
             print("starting the server ...", flush=True)
-            server = Process("kopilka server", [PYTHON, "-c", SERVER, server_info["data"],
+            server = Server("kopilka server", [PYTHON, "-c", SERVER, server_info["data"],
                                                 "127.0.0.1:0"],
                              os.path.join(log_dir, "server.log"))
             print(f"  server pid {server.pid} on {server.address}", flush=True)
