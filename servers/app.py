@@ -12,7 +12,7 @@ import logging
 import os
 import signal
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -51,7 +51,6 @@ class Config:
     sync: bool = True
     clock: object = None              # () -> microseconds; tests inject one
     monotonic: object = time.monotonic
-    services: list = field(default_factory=list)  # extra servicer factories
 
     @property
     def ledger_path(self):

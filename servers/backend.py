@@ -18,7 +18,7 @@ import json
 from kopilka.core.batch import Batch
 from kopilka.core.reads import balances_of
 from kopilka.core.receipt import Member
-from kopilka.core.records import Code, CardStatus, MapFullError
+from kopilka.core.records import MAX_OP_ID, CardStatus, Code, MapFullError
 
 from . import convert
 from .status import ApiError, from_kernel, invalid, server
@@ -29,6 +29,19 @@ def request_digest(request):
     """The identity of a request for idempotency: 16 bytes, hex."""
     raw = request.SerializeToString(deterministic=True)
     return hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+def id_base(op_id, suffix):
+    """What follow-up operation ids of the client's `op_id` start with: the
+    id itself, or a digest of it when `suffix` would overflow 128 bytes."""
+    if len(op_id) + len(suffix) <= MAX_OP_ID:
+        return op_id
+    return b"~" + hashlib.blake2b(op_id, digest_size=16).hexdigest().encode()
+
+
+def derived_id(op_id, suffix):
+    """The id of a follow-up operation of the client's `op_id`."""
+    return id_base(op_id, suffix) + suffix.encode()
 
 
 def pack(answer):

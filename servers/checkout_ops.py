@@ -15,7 +15,6 @@ to the capture's, so the capture's data lists, in commit order, every line
 returned so far: that is what the next per-line refund prices against.
 """
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Callable, NamedTuple
@@ -24,11 +23,11 @@ from kopilka.core.allocation import (Allocation, LineShare, refund_lines,
                                      refund_referral)
 from kopilka.core.batch import Batch
 from kopilka.core.pricing import SpendError, quote, settle_quote
-from kopilka.core.records import MAX_OP_ID, Code, HoldState
+from kopilka.core.records import Code, HoldState
 from kopilka.v1 import checkout_pb2
 
 from . import auth, convert, receipts
-from .backend import pack, request_digest, unpack
+from .backend import derived_id, id_base, pack, request_digest, unpack
 from .status import ApiError, from_kernel, invalid
 
 SUFFIX = "/capture"
@@ -47,9 +46,7 @@ class Prepared:
 def receipt_prefix(op_id):
     """The prefix settle() derives a receipt's operation ids from: the
     client's id, or a digest of it when the suffixes would overflow 128 bytes."""
-    if len(op_id) + len("/coupon-redeem") <= MAX_OP_ID:
-        return op_id.decode()
-    return "~" + hashlib.blake2b(op_id, digest_size=16).hexdigest()
+    return id_base(op_id, "/coupon-redeem").decode()  # the longest suffix
 
 
 def capture_id(op_id):
@@ -112,14 +109,6 @@ def _hold_answer(backend, record, answer, replayed):
         balances=backend.balances(record.account), replayed=replayed)
     convert.set_time(out, "expire_time", answer.get("e"))
     return out
-
-
-def _held(backend, record):
-    account = backend.ledger.account(record.account)
-    for hold in account.holds if account else ():
-        if hold.hold_no == record.hold_no:
-            return hold.amount
-    return 0
 
 
 # --- capture ------------------------------------------------------------------
@@ -367,10 +356,7 @@ def prepare_refund(backend, request, prefix=""):
     lines = _refunded_lines(allocation, returns, already)
     answer = {"rq": digest, "r": returns, "cur": capture["cur"], "lines": lines}
     if referral and allocation.referral_op:
-        answer["claw"] = {"op": op_id.decode(errors="replace") + "/referral"
-                          if len(op_id) + 9 <= MAX_OP_ID else
-                          "~" + hashlib.blake2b(op_id, digest_size=16).hexdigest()
-                          + "/referral",
+        answer["claw"] = {"op": derived_id(op_id, "/referral").decode(),
                           "original": allocation.referral_op, "points": referral,
                           "store": store, "lane": lane}
     batch = Batch().refund(op_id, kernel_id, money=amounts.money,

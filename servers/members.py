@@ -39,25 +39,17 @@ from google.type import date_pb2
 from kopilka.core.batch import Batch
 from kopilka.core.lifetimes import lot_times
 from kopilka.core.reads import balances_of
-from kopilka.core.records import (CARD, MAX_OP_ID, CardStatus, Code, Kind,
+from kopilka.core.records import (CARD, CardStatus, Code, Kind,
                                   Status)
 from kopilka.v1 import common_pb2, members_pb2, members_pb2_grpc
 
 from . import convert, profiles
-from .backend import pack, request_digest
+from .backend import derived_id, pack, request_digest
 from .status import ApiError, from_kernel, invalid, server
 
 BASIC, FULL = members_pb2.MEMBER_VIEW_BASIC, members_pb2.MEMBER_VIEW_FULL
 UPDATABLE = ("state", "birthday", "referrer")
 MAX_MERGE_HOPS = 16
-
-
-def derived_id(op_id, suffix):
-    """The id of a follow-up operation of the client's `op_id`."""
-    if len(op_id) + len(suffix) <= MAX_OP_ID:
-        return op_id + suffix.encode()
-    return b"~" + hashlib.blake2b(op_id, digest_size=16).hexdigest().encode() + \
-        suffix.encode()
 
 
 def op_digest(batch):
