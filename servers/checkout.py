@@ -2,10 +2,13 @@
 
 Refunds of one receipt are taken one at a time (a lock per receipt): a
 per-line refund is priced against the lines returned before it, so two
-racing refunds of the same lines must not both see them unreturned.
+racing refunds of the same lines must not both see them unreturned. A Post
+takes the locks of every receipt it refunds, all at once and in order (so
+two Posts cannot deadlock), before it prepares anything.
 """
 
 import asyncio
+import contextlib
 import weakref
 
 from kopilka.core.batch import Batch
@@ -53,10 +56,17 @@ class Checkout(checkout_pb2_grpc.CheckoutServicer):
         return await self._one(prepare_void, request, context)
 
     async def Refund(self, request, context):
-        key = request.original_operation_id
-        lock = self._receipt_locks.setdefault(key, asyncio.Lock())
-        async with lock:
+        async with self._refunding([request.original_operation_id]):
             return await self._one(prepare_refund, request, context)
+
+    @contextlib.asynccontextmanager
+    async def _refunding(self, receipts):
+        """Holds the refund locks of `receipts` (original operation ids)."""
+        async with contextlib.AsyncExitStack() as stack:
+            for key in sorted(set(receipts)):
+                lock = self._receipt_locks.setdefault(key, asyncio.Lock())
+                await stack.enter_async_context(lock)
+            yield
 
     async def _one(self, prepare, request, context):
         prepared = prepare(self.backend, request)
@@ -87,6 +97,12 @@ class Checkout(checkout_pb2_grpc.CheckoutServicer):
         committed, so the request applies as if one by one."""
         if not 1 <= len(request.operations) <= MAX_POST:
             raise invalid([("operations", f"must hold 1 to {MAX_POST} operations")])
+        refunded = [op.refund.original_operation_id for op in request.operations
+                    if op.WhichOneof("operation") == "refund"]
+        async with self._refunding(refunded):
+            return await self._post(request, context)
+
+    async def _post(self, request, context):
         b = self.backend
         results = [None] * len(request.operations)
         pending, batch, follow = [], Batch(), Batch()

@@ -165,6 +165,49 @@ def test_concurrent_double_spend(srv, pos):
     assert srv.server.ledger.audit() == []
 
 
+def test_a_line_is_refunded_once_between_refund_and_post(srv, pos):
+    """A unary Refund and a Post refunding the same line of a receipt, sent
+    at once: one of them refunds it, the other is refused."""
+    admin = srv.stub(checkout_pb2_grpc.CheckoutStub, "admin")
+    open_member(srv, 1, "c1", card="7001")
+    r = receipt(srv, ("groceries", 1, 100_000), ("books", 1, 100_000))
+    outcomes = []
+
+    def refund(i, kind):
+        request = pb.RefundRequest(
+            operation_id=f"race/{i}/{kind}", lane=LANE,
+            original_operation_id=f"race/{i}",
+            lines=pb.RefundRequest.Lines(returns=[pb.LineReturn(line_number=1,
+                                                                 quantity=1)]))
+        try:
+            if kind == "unary":
+                answer = pos.Refund(request)
+            else:
+                result = admin.Post(pb.PostRequest(
+                    operations=[pb.PostOperation(refund=request)])).results[0]
+                if result.status.code:
+                    outcomes.append((i, result.status.code))
+                    return
+                answer = result.refund
+            outcomes.append((i, [line.line_number for line in answer.lines]))
+        except grpc.RpcError as e:
+            outcomes.append((i, e.code().value[0]))
+    for i in range(12):
+        pos.Capture(pb.CaptureRequest(operation_id=f"race/{i}", lane=LANE,
+                                      card_number="7001", receipt=r))
+    threads = [threading.Thread(target=refund, args=(i, kind))
+               for i in range(12) for kind in ("unary", "post")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    refused = grpc.StatusCode.FAILED_PRECONDITION.value[0]
+    for i in range(12):
+        got = [o for n, o in outcomes if n == i]
+        assert len(got) == 2 and [1] in got and refused in got, (i, got)
+    assert srv.server.ledger.audit() == []
+
+
 def test_post_applies_each_operation_on_its_own(srv):
     admin = srv.stub(checkout_pb2_grpc.CheckoutStub, "admin")
     open_member(srv, 1, "c1", card="7001", points=100)
