@@ -415,6 +415,7 @@ def pki(tmp_path_factory):
     return {
         "folder": folder, "ca": ca.pem,
         "pos42": ca.issue("till-42", "pos", "store-42"),
+        "admin": ca.issue("ops", "admin"),
         # an OU smuggled into the common name must stay in the common name
         "smuggler": ca.issue("till-42, OU=admin", "pos", "store-42"),
         "no role": ca.issue("somebody"),
@@ -529,6 +530,39 @@ def test_mutual_tls_takes_role_and_stores_from_the_certificate(tmp_path, pki):
                                      bearer(srv.tokens["admin"])))[0] == "UNAVAILABLE"
         assert outcome(lambda: stats(srv.channel(),
                                      bearer(srv.tokens["admin"])))[0] == "UNAVAILABLE"
+    finally:
+        srv.stop()
+
+
+def test_the_cli_over_mutual_tls(tmp_path, pki, capsys, monkeypatch):
+    """`kopilka` with a client certificate and no token at all."""
+    from kopilka.servers import cli
+    monkeypatch.delenv("KOPILKA_TOKEN", raising=False)
+    srv = TlsServer(tmp_path / "data", pki, mutual=True)
+    folder = pki["folder"]
+    for name in ("admin", "pos42", "stranger"):
+        cert, key = pki[name]
+        (folder / f"{name}.pem").write_bytes(cert)
+        (folder / f"{name}.key").write_bytes(key)
+
+    def kopilka(name, *argv):
+        code = cli.main([*argv, "--server", f"localhost:{srv.port}",
+                         "--data", str(tmp_path / "no-token-here"),
+                         "--ca-cert", str(folder / "ca.pem"),
+                         "--client-cert", str(folder / f"{name}.pem"),
+                         "--client-key", str(folder / f"{name}.key")])
+        out, err = capsys.readouterr()
+        return code, out + err
+    try:
+        code, text = kopilka("admin", "stats")
+        assert code == 0 and "members: 0" in text, text
+        code, text = kopilka("pos42", "stats")
+        assert code == 1 and "ROLE_NOT_PERMITTED" in text, text
+        code, text = kopilka("stranger", "stats", "--timeout", "3")
+        assert code == 1 and "UNAVAILABLE" in text, text
+        assert cli.main(["stats", "--server", f"localhost:{srv.port}",
+                         "--client-cert", str(folder / "admin.pem")]) == 1
+        assert "needs both --client-cert and --client-key" in capsys.readouterr().err
     finally:
         srv.stop()
 

@@ -14,14 +14,17 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 class Client:
-    """One channel to the server; every call carries the token and a deadline."""
+    """One channel to the server; every call carries the token (optional with
+    a client certificate) and a deadline."""
 
     def __init__(self, args, default_timeout=10.0):
         from kopilka.v1 import (admin_pb2_grpc, checkout_pb2_grpc, feed_pb2_grpc,
                                 members_pb2_grpc, programs_pb2_grpc)
         self.server = args.server
         self.timeout = args.timeout if args.timeout is not None else default_timeout
-        self.metadata = (("authorization", f"Bearer {find_token(args)}"),)
+        # with mutual TLS the certificate says who calls; a token is optional
+        token = find_token(args, required=not args.client_cert)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.channel = open_channel(args)
         self._stubs = {
             "Admin": admin_pb2_grpc.AdminStub(self.channel),
@@ -99,7 +102,7 @@ def _token_path(data):
     return os.path.join(data, "admin.token")
 
 
-def find_token(args):
+def find_token(args, required=True):
     if args.token:
         return args.token.strip()
     if os.environ.get("KOPILKA_TOKEN"):
@@ -109,6 +112,8 @@ def find_token(args):
         with open(path) as f:
             return f.read().strip()
     except FileNotFoundError:
+        if not required:
+            return None
         raise CliError(f"no token: pass --token, set KOPILKA_TOKEN, or run "
                        f"`kopilka init` (it writes {path})") from None
 
