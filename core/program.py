@@ -243,6 +243,11 @@ class Tiers:
     def tier(self):
         return {t.name: t for t in self.levels}
 
+    def name(self, number):
+        """The name of tier `number` as the ledger keeps it (1: the lowest
+        level, 0: none), or None when this version has no such level."""
+        return self.levels[number - 1].name if 1 <= number <= len(self.levels) else None
+
 
 @dataclass(frozen=True)
 class Action:

@@ -18,9 +18,9 @@ import json
 from kopilka.core.batch import Batch
 from kopilka.core.reads import balances_of
 from kopilka.core.receipt import Member
-from kopilka.core.records import MAX_OP_ID, CardStatus, Code, MapFullError
+from kopilka.core.records import DAY, MAX_OP_ID, CardStatus, Code, MapFullError
 
-from . import convert
+from . import convert, profiles
 from .status import ApiError, from_kernel, invalid, server
 from .writer import DeadlineExceeded, WriterClosed
 
@@ -161,9 +161,39 @@ class Backend:
         b = self.ledger.balances(account_id, now)
         return convert.balances(b, now) if b is not None else None
 
-    def member_context(self, account_id, account, card=b"", held=0, now=None):
-        """The pricing engine's view of a member (its Account as read)."""
+    def tier_name(self, program_id, tier, at):
+        """The name of the member's tier number in the version in force at
+        `at`; empty for none, or for a number that version has no level for."""
+        entry = self.registry.get(program_id) if tier else None
+        if entry is None:
+            return ""
+        try:
+            tiers = entry.program.version_at(at).tiers
+        except LookupError:
+            return ""
+        return (tiers.name(tier) if tiers is not None else None) or ""
+
+    def member_context(self, account_id, account, card=b"", held=0, now=None,
+                       at=None):
+        """The pricing engine's view of a member (its Account as read), for a
+        receipt of business time `at` (default: now).
+
+        A referral matters only within its window after enrolment, so the
+        profile (with the referrer) is read only then: the newcomer's first
+        purchase takes the newcomer discount, and the referrer earns a share."""
         now = self.clock() if now is None else now
+        at = now if at is None else at
         b = balances_of(account_id, account, now)
+        tier = self.tier_name(account.program, account.tier, at) or None
+        referrer = 0
+        entry = self.registry.get(account.program)
+        try:
+            referral = entry.program.version_at(at).referral if entry else None
+        except LookupError:
+            referral = None
+        if referral is not None and at < account.opened_at + referral.window_days * DAY:
+            referrer = profiles.decode(self.ledger.profile(account_id)).referrer
         return Member(available=b.available, held=held, account=account_id,
-                      card=card)
+                      card=card, tier=tier, referrer=referrer,
+                      newcomer=bool(referrer) and account.last_day == 0,
+                      enrolled_at=account.opened_at if referrer else None)

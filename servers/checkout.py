@@ -37,7 +37,7 @@ class Checkout(checkout_pb2_grpc.CheckoutServicer):
         program = b.program(program_id, "member").program
         receipt = receipts.receipt(request.receipt, store, lane, program.currency)
         now = b.clock()
-        member = b.member_context(account, record, card, 0, now)
+        member = b.member_context(account, record, card, 0, now, receipt.business_time)
         q = receipts.check(lambda: quote(program, receipt, member, now), "receipt")
         spend = request.spend_points if request.HasField("spend_points") else None
         if spend is not None and not 0 <= spend <= q.max_spend:

@@ -135,7 +135,8 @@ def prepare_capture(backend, request, prefix=""):
                                     prefix + "hold_operation_id")
         held = _open_hold(backend, hold, account, record)
     now = backend.clock()
-    member = backend.member_context(account, record, card, held, now)
+    member = backend.member_context(account, record, card, held, now,
+                                    receipt.business_time)
     q = receipts.check(lambda: quote(program, receipt, member, now), prefix + "receipt")
     answer = {"rq": digest, "t": now, "cur": program.currency, "held": held,
               "disc": q.discount + q.coupon, "act": q.activates_at,

@@ -179,7 +179,7 @@ class Members(members_pb2_grpc.MembersServicer):
         out = members_pb2.Member(
             name=convert.member_name(program, account_id),
             external_id=profile.external_id, state=account.status,
-            tier=self._tier_name(program, getattr(balances, "tier", 0), now),
+            tier=self.backend.tier_name(program, getattr(balances, "tier", 0), now),
             balances=convert.balances(balances, now))
         if profile.birthday:
             out.birthday.CopyFrom(date_pb2.Date(month=profile.birthday[0],
@@ -204,17 +204,6 @@ class Members(members_pb2_grpc.MembersServicer):
                     pb = out.holds.add(hold_number=hold.hold_no, points=hold.amount)
                     convert.set_time(pb, "expire_time", hold.expires_at)
         return out
-
-    def _tier_name(self, program_id, tier, now):
-        """Tier n is the n-th level (from 1) of the version in force; 0: none."""
-        entry = self.backend.registry.get(program_id)
-        if not tier or entry is None:
-            return ""
-        try:
-            tiers = entry.program.version_at(now).tiers
-        except LookupError:
-            return ""
-        return tiers.levels[tier - 1].name if tiers and tier <= len(tiers.levels) else ""
 
     # --- enrolment ----------------------------------------------------------
     async def EnrolMember(self, request, context):
