@@ -11,7 +11,7 @@ import hashlib
 
 import pytest
 
-from kopilka.core.aggregates import rebuild
+from kopilka.core.aggregates import month_of_day, rebuild
 from kopilka.core.batch import Batch, Result
 from kopilka.core.codec import Account, Consumed, Lot, decode_lots, iter_ops
 from kopilka.core.records import (HASH_SIZE, I64, INT64_MAX, INT64_MIN,
@@ -1657,8 +1657,11 @@ def test_aggregates_are_the_journal_rebuilt(ledger, open_program):
     ok(ledger, T + 2 * HOUR, "capture", "v1", b, money=50)
     stored = dict(ledger.dump()["aggregates"])
     assert rebuild(ledger.journal(limit=10**6)) == stored
-    # new members, activity, settlement, member days, e1's cohort
-    assert len(stored) == 1 + 3 + 1 + 2 + 1
+    # new members, activity, settlement, member days, e1's cohort, member
+    # months (a's money and its refund in one row, b's)
+    assert len(stored) == 1 + 3 + 1 + 2 + 1 + 2
+    assert list(ledger.member_months(1, 0, 1 << 32)) == [
+        (month_of_day(T // DAY), a, 1_000, 2), (month_of_day(T // DAY), b, 50, 1)]
 
 
 def test_member_days_are_local_days_of_the_programs_offset(ledger, open_program):
