@@ -166,4 +166,20 @@ class Backend:
         now = self.clock() if now is None else now
         b = balances_of(account_id, account, now)
         return Member(available=b.available, held=held, account=account_id,
-                      card=card)
+                      card=card,
+                      tier=self.tier_name(account.program, account.tier, now) or None)
+
+    def tier_name(self, program_id, tier, now):
+        """The name of tier number `tier` (levels from 1) in the version in
+        force at `now`; 0 (never placed by a close) is the lowest level.
+        Empty when the program has no tiers, or no such level."""
+        entry = self.registry.get(program_id)
+        if entry is None:
+            return ""
+        try:
+            tiers = entry.program.version_at(now).tiers
+        except LookupError:
+            return ""
+        if tiers is None or tier > len(tiers.levels):
+            return ""
+        return tiers.levels[max(tier, 1) - 1].name

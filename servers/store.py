@@ -64,19 +64,6 @@ def check_read(read, index):
     return store, lane
 
 
-def tier_name(registry, program, tier, now):
-    """The name of tier number `tier` (1: the lowest level) in the version
-    in force now; empty for none or unknown."""
-    entry = registry.get(program) if tier else None
-    if entry is None:
-        return ""
-    try:
-        tiers = entry.program.version_at(now).tiers
-    except LookupError:
-        return ""
-    return tiers.levels[tier - 1].name if tiers and tier <= len(tiers.levels) else ""
-
-
 def lane_event(backend, read):
     """What the lane's POS should show for an accepted read."""
     found = backend.ledger.card(read.card_number.encode())
@@ -96,8 +83,7 @@ def lane_event(backend, read):
     b = balances_of(account_id, account, now)
     return store_pb2.WatchLaneResponse(card_presented=store_pb2.CardPresented(
         read=read, member=member, balances=convert.balances(b, now),
-        tier=tier_name(backend.registry, account.program,
-                       getattr(b, "tier", 0), now)))
+        tier=backend.tier_name(account.program, account.tier, now)))
 
 
 def _ack(read_id, outcome, error=None):

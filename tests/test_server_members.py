@@ -60,7 +60,8 @@ def test_enrol_links_the_card_and_credits_the_welcome_bonus(srv, admin):
     assert m.external_id == "crm-1" and m.state == common_pb2.MEMBER_STATE_ACTIVE
     assert (m.birthday.month, m.birthday.day, m.birthday.year) == (2, 29, 0)
     assert m.enrol_time.ToMicroseconds() == START and not m.HasField("erase_time")
-    assert m.tier == "" and m.referrer == "" and m.merged_into == ""
+    # never placed by a tier close: the lowest level
+    assert m.tier == "base" and m.referrer == "" and m.merged_into == ""
     assert out.welcome_points == WELCOME
     assert m.balances.available_points == WELCOME  # spendable at once
     assert out.card == pb.Card(card_number="7001", member=m.name,
