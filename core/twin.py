@@ -392,8 +392,9 @@ class _Work:
         self.puts.append(("ops", op_id, record.encode()))
 
     # --- bonuses -------------------------------------------------------------
-    def earn_bonus(self, account_id, op):
-        """`op.amount2` points as a new lot, issued at the op's partner."""
+    def earn(self, account_id, op):
+        """`op.amount2` points as a new lot, issued at the op's partner:
+        what a receipt earns, or a bonus."""
         account = self.account(account_id)
         points = op.amount2
         account.balance = checked(account.balance + points)
@@ -701,15 +702,7 @@ def _receipt(work, op):
                       system_account(Sys.REDEEMED, op.partner), points,
                       sys_kind=Sys.REDEEMED, partner=op.partner,
                       partner2=partner, lots=lots)
-    lot_no = 0
-    if earn > 0:
-        account.balance = checked(account.balance + earn)
-        account.earned = checked(account.earned + earn)
-        lot_no = work.new_lot(account_id, op.partner, earn, op.activates_at,
-                              op.expires_at)
-        work.post(Entry.EARN, account.program,
-                  system_account(Sys.ISSUED, op.partner), account_id, earn,
-                  sys_kind=Sys.ISSUED, partner=op.partner, ref=lot_no)
+    lot_no = work.earn(account_id, op) if earn > 0 else 0
     if op.money > 0:  # the receipt itself: visits and money, for reports
         work.event(Entry.RECEIPT, account.program, account_id, amount=op.money,
                    amount2=spend, ref=lot_no)
@@ -996,7 +989,7 @@ def _award(work, op):
     count, awards = work.counter(op.account, op.key)
     if op.amount and count >= op.amount:
         raise Rejected(Code.LIMIT_REACHED)
-    lot_no = work.earn_bonus(op.account, op)
+    lot_no = work.earn(op.account, op)
     work.count(op.account, op.key, checked(count + 1), checked(awards + 1),
                op.amount2, lot_no)
     work.touch(op.account)
@@ -1023,7 +1016,7 @@ def _visit(work, op):
     count = checked(count + 1)
     lot_no = points = 0
     if count >= op.amount and awards == 0:
-        lot_no, points, awards = work.earn_bonus(account_id, op), op.amount2, 1
+        lot_no, points, awards = work.earn(account_id, op), op.amount2, 1
     work.count(account_id, op.key, count, awards, points, lot_no)
     work.touch(account_id)
 

@@ -2035,6 +2035,22 @@ cdef int op_replace_card(Work *w) noexcept nogil:
     return rc
 
 
+cdef int earn_points(Work *w, Acct *a, uint32_t *lot_no) noexcept nogil:
+    """`amount2` points as a new lot, issued at the op's partner: what a
+    receipt earns, or a bonus."""
+    cdef const OpHead *op = w.op
+    cdef int rc
+    if k_add(a.h.balance, op.amount2, &a.h.balance) or k_add(a.h.earned, op.amount2,
+                                                            &a.h.earned):
+        return OVERFLOW
+    rc = new_lot(w, a, op.partner, op.amount2, op.activates_at, op.expires_at,
+                 hour_of(w.now), lot_no)
+    if rc:
+        return rc
+    return post(w, E_EARN, a.h.program, system_account(SYS_ISSUED, op.partner),
+                a.id, op.amount2, SYS_ISSUED, op.partner, 0, 0, lot_no[0])
+
+
 cdef int op_receipt(Work *w) noexcept nogil:
     """EARN, SPEND and CAPTURE: spend `amount`, earn `amount2`, one receipt."""
     cdef const OpHead *op = w.op
@@ -2100,14 +2116,7 @@ cdef int op_receipt(Work *w) noexcept nogil:
         if rc:
             return rc
     if earn > 0:
-        if k_add(a.h.balance, earn, &a.h.balance) or k_add(a.h.earned, earn, &a.h.earned):
-            return OVERFLOW
-        rc = new_lot(w, a, op.partner, earn, op.activates_at, op.expires_at,
-                     hour_of(w.now), &lot_no)
-        if rc:
-            return rc
-        rc = post(w, E_EARN, a.h.program, system_account(SYS_ISSUED, op.partner),
-                  account_id, earn, SYS_ISSUED, op.partner, 0, 0, lot_no)
+        rc = earn_points(w, a, &lot_no)
         if rc:
             return rc
     if op.money > 0:  # the receipt itself: visits and money, for reports
@@ -2572,21 +2581,6 @@ cdef int op_sweep(Work *w) noexcept nogil:
 
 
 # --- bonuses -------------------------------------------------------------------
-cdef int earn_bonus(Work *w, Acct *a, uint32_t *lot_no) noexcept nogil:
-    """`amount2` points as a new lot, issued at the op's partner."""
-    cdef const OpHead *op = w.op
-    cdef int rc
-    if k_add(a.h.balance, op.amount2, &a.h.balance) or k_add(a.h.earned, op.amount2,
-                                                            &a.h.earned):
-        return OVERFLOW
-    rc = new_lot(w, a, op.partner, op.amount2, op.activates_at, op.expires_at,
-                 hour_of(w.now), lot_no)
-    if rc:
-        return rc
-    return post(w, E_EARN, a.h.program, system_account(SYS_ISSUED, op.partner),
-                a.id, op.amount2, SYS_ISSUED, op.partner, 0, 0, lot_no[0])
-
-
 cdef size_t counter_key(Work *w, uint64_t account_id, char *key) noexcept nogil:
     """bonus_counters' key of the op's counter (`key`) for a member."""
     cdef uint64_t id_be = be64(account_id)
@@ -2654,7 +2648,7 @@ cdef int op_award(Work *w) noexcept nogil:
         return rc
     if op.amount and value[0] >= op.amount:
         return LIMIT_REACHED
-    rc = earn_bonus(w, a, &lot_no)
+    rc = earn_points(w, a, &lot_no)
     if rc:
         return rc
     if k_add(value[0], 1, &value[0]) or k_add(value[1], 1, &value[1]):
@@ -2700,7 +2694,7 @@ cdef int op_visit(Work *w) noexcept nogil:
     if k_add(value[0], 1, &value[0]):
         return OVERFLOW
     if value[0] >= op.amount and value[1] == 0:
-        rc = earn_bonus(w, a, &lot_no)
+        rc = earn_points(w, a, &lot_no)
         if rc:
             return rc
         points = op.amount2

@@ -327,7 +327,7 @@ class Members(members_pb2_grpc.MembersServicer):
             profile = self._profile(account)
             if referrer:
                 b.account(program, referrer, "member.referrer")
-                self._check_no_receipt(program, current)
+                self._check_no_receipt(current)
             if state and state != current.status:
                 state_op = derived_id(op_id, "/state")
                 if b.ledger.operation(state_op) is None:
@@ -350,11 +350,11 @@ class Members(members_pb2_grpc.MembersServicer):
                                       context)
         return members_pb2.UpdateMemberResponse(member=self._member(account))
 
-    def _check_no_receipt(self, program, account):
+    def _check_no_receipt(self, account):
         """A referrer may be set only before the member's first receipt: while
-        nothing was spent and nothing earned beyond the welcome bonus."""
-        welcome = self._welcome(program, account.opened_at)
-        if account.spent or account.earned > (welcome[0] if welcome else 0):
+        nothing was spent and no receipt with money recorded (the account's
+        `last_day`), whatever bonuses (welcome, actions) were earned."""
+        if account.spent or account.last_day:
             raise invalid([("member.referrer",
                             "may change only before the member's first receipt")])
 

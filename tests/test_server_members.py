@@ -295,7 +295,9 @@ def test_a_referrer_only_before_the_first_receipt(srv, admin):
     name = enrol(admin, "crm-1").member.name
     other = enrol(admin, "crm-2").member.name
     account = int(name.rsplit("/", 1)[1])
-    apply(srv, Batch().earn("receipt-1", account, 50, expires_at=NEVER))
+    apply(srv, Batch().award("action-1", account, 30, counter="action/review"))
+    update(admin, "u0", name, ["referrer"], referrer=other)  # a bonus is no receipt
+    apply(srv, Batch().earn("receipt-1", account, 50, money=5_000, expires_at=NEVER))
     assert refused(admin.UpdateMember, pb.UpdateMemberRequest(
         operation_id="u1", member=pb.Member(name=name, referrer=other),
         update_mask=FieldMask(paths=["referrer"])))[2] == ["member.referrer"]
