@@ -10,9 +10,10 @@ from kopilka.core.batch import Batch
 from kopilka.core.codec import Account, JournalEntry, decode_lots, encode_lots
 from kopilka.core.records import (ACTIVITY_KEY, ACTIVITY_VALUE, AGG_ACTIVITY,
                                   AGG_COHORT, AGG_MEMBER_DAY, AGG_SETTLEMENT,
-                                  COHORT_KEY, COHORT_VALUE, EXPIRY_KEY, HOUR,
-                                  I64, MEMBER_DAY_KEY, MEMBER_DAY_VALUE,
-                                  SETTLEMENT_KEY, U64, Entry)
+                                  COHORT_KEY, COHORT_VALUE, COUNTER_VALUE,
+                                  EXPIRY_KEY, HOUR, I64, IDX_BIRTHDAY, IDX_TIER,
+                                  MEMBER_DAY_KEY, MEMBER_DAY_VALUE,
+                                  MEMBER_INDEX_KEY, SETTLEMENT_KEY, U64, Entry)
 
 DAY = 86_400_000_000
 IMPLEMENTATIONS = {"twin": twin.Ledger, "kernel": kernel.Ledger}
@@ -231,8 +232,6 @@ def test_the_member_index_and_bonus_counters_are_checked(path):
         ledger.apply(Batch().open_account("a3", 1, "m3", birthday=(3, 1))
                      .award("w1", 1, 5, counter="action/x", limit=1), DAY)
         assert ledger.audit() == []
-    from kopilka.core.records import (COUNTER_VALUE, IDX_BIRTHDAY, IDX_TIER,
-                                      MEMBER_INDEX_KEY)
 
     def change(txn):
         txn.delete(MEMBER_INDEX_KEY.pack(IDX_TIER, 1, 2, 1))
