@@ -10,9 +10,9 @@ from collections import namedtuple
 
 from .codec import decode_lots
 from .records import (ACTIVITY_KEY, AGG_ACTIVITY, AGG_COHORT, AGG_MEMBER_DAY,
-                      AGG_SETTLEMENT, COHORT_KEY, DAY, HOUR, I64,
-                      MEMBER_DAY_KEY, MEMBER_DAY_VALUE, MINUTE, SETTLEMENT_KEY,
-                      SYSTEM, Entry)
+                      AGG_MEMBER_MONTH, AGG_SETTLEMENT, COHORT_KEY, DAY, HOUR,
+                      I64, MEMBER_DAY_KEY, MEMBER_DAY_VALUE, MEMBER_MONTH_KEY,
+                      MINUTE, SETTLEMENT_KEY, SYSTEM, Entry)
 
 COUNTERS = ("issued", "spent", "expired", "adjusted", "returned", "clawed",
             "receipts", "receipt_money", "new_members", "member_days")
@@ -33,6 +33,8 @@ class CohortCounters(namedtuple("CohortCounters", COHORT_COUNTERS)):
 
 
 COHORT_ISSUED, COHORT_SPENT, COHORT_EXPIRED, COHORT_CLAWED = range(4)
+MONTH_COUNTERS = ("money", "receipts")
+MONTH_MONEY, MONTH_RECEIPTS = range(2)
 # Postings that name the lots they touch: the cohort counter, and its sign.
 _COHORT = {Entry.SPEND: (COHORT_SPENT, 1), Entry.RETURN: (COHORT_SPENT, -1),
            Entry.EXPIRE: (COHORT_EXPIRED, 1), Entry.CLAWBACK: (COHORT_CLAWED, 1)}
@@ -51,6 +53,21 @@ def hour_of(time):
 def day_of(time, utc_offset):
     """The program's local day of a time (utc_offset in minutes)."""
     return max(time + utc_offset * MINUTE, 0) // DAY
+
+
+def month_of_day(day):
+    """The month (year * 100 + month) of a day counted from 1970-01-01:
+    the proleptic Gregorian calendar in integers, for any day an int64
+    time gives (datetime stops at year 9999)."""
+    z = day + 719_468              # days from 0000-03-01
+    era = z // 146_097
+    doe = z - era * 146_097        # day of the 400-year era
+    yoe = (doe - doe // 1460 + doe // 36_524 - doe // 146_096) // 365
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153      # months from March
+    month = mp + 3 if mp < 10 else mp - 9
+    year = yoe + era * 400 + (month <= 2)
+    return year * 100 + month
 
 
 def member_of(entry):
@@ -87,10 +104,14 @@ def changes(entry, tier, utc_offset, last_day):
         out.append((SETTLEMENT_KEY.pack(AGG_SETTLEMENT, program, hour,
                                         entry.partner2, entry.partner), 0,
                     amount if entry.type == Entry.SPEND else -amount))
-    if entry.type == Entry.RECEIPT and amount > 0:
-        out.append((activity, RECEIPTS, 1))
+    if entry.type == Entry.RECEIPT:
         day = day_of(entry.time, utc_offset)
-        if day + 1 > last_day:  # the member's first receipt of the day
+        month = MEMBER_MONTH_KEY.pack(AGG_MEMBER_MONTH, program,
+                                      month_of_day(day), member_of(entry))
+        out.append((month, MONTH_MONEY, amount))
+        if amount > 0:
+            out += [(month, MONTH_RECEIPTS, 1), (activity, RECEIPTS, 1)]
+        if amount > 0 and day + 1 > last_day:  # the member's first of the day
             out.append((MEMBER_DAY_KEY.pack(AGG_MEMBER_DAY, program, day,
                                             entry.seq), None, member_of(entry)))
             out.append((activity, MEMBER_DAYS, 1))
@@ -118,9 +139,10 @@ def cohort_changes(entry):
 
 
 _WIDTH = {AGG_ACTIVITY: len(COUNTERS), AGG_SETTLEMENT: 1, AGG_MEMBER_DAY: 1,
-          AGG_COHORT: len(COHORT_COUNTERS)}
+          AGG_COHORT: len(COHORT_COUNTERS), AGG_MEMBER_MONTH: len(MONTH_COUNTERS)}
 _NAMES = {AGG_ACTIVITY: COUNTERS, AGG_SETTLEMENT: ("points",),
-          AGG_MEMBER_DAY: ("account",), AGG_COHORT: COHORT_COUNTERS}
+          AGG_MEMBER_DAY: ("account",), AGG_COHORT: COHORT_COUNTERS,
+          AGG_MEMBER_MONTH: MONTH_COUNTERS}
 
 
 def width(key):
@@ -166,6 +188,9 @@ def describe(key):
         if key[0] == AGG_COHORT:
             _, program, hour, partner = COHORT_KEY.unpack(key)
             return f"cohort program {program} hour {hour} partner {partner}"
+        if key[0] == AGG_MEMBER_MONTH:
+            _, program, month, account = MEMBER_MONTH_KEY.unpack(key)
+            return f"member month program {program} month {month} account {account}"
     except Exception:  # a malformed key: shown as it is
         pass
     return f"key {key!r}"

@@ -3,8 +3,11 @@
 `audit(snapshot)` returns one line per problem, naming where it is: an empty
 list means the ledger is sound. It trusts nothing stored: balances and tiers
 are replayed from the journal and compared with what the records say, and
-so are the report aggregates (rebuilt by `aggregates.Rebuild`); what the
-lots of each breakage cohort hold must not exceed its outstanding points.
+so are the report aggregates (rebuilt by `aggregates.Rebuild`) and the
+bonus counters (from the BONUS events); what the lots of each breakage
+cohort hold must not exceed its outstanding points. The member index must
+list exactly the members' tiers and birthdays (the journal never holds a
+birthday: its index is checked for consistency alone).
 """
 
 import hashlib
@@ -13,9 +16,11 @@ from collections import defaultdict
 
 from . import aggregates
 from .codec import Account, JournalEntry, decode_lots
-from .records import (AGG_COHORT, COHORT_KEY, EXPIRY_KEY, HASH_SIZE, HEAD, I64,
-                      MAX_HOLDS, MAX_LOTS, META_HEAD, NEVER, SYSTEM,
-                      SYSTEM_KEY, U64, Entry)
+from .records import (AGG_COHORT, BIRTHDAY_OF_KEY, BIRTHDAY_VALUE, COHORT_KEY,
+                      COUNTER_VALUE, DAYS_IN_MONTH, EXPIRY_KEY, HASH_SIZE,
+                      HEAD, I64, IDX_BIRTHDAY, IDX_BIRTHDAY_OF, IDX_TIER,
+                      MAX_HOLDS, MAX_LOTS, MEMBER_INDEX_KEY, META_HEAD, NEVER,
+                      SYSTEM, SYSTEM_KEY, U64, Entry)
 
 FIRST_POSTING = Entry.EARN
 # Postings that name the lots they touch (records.py): all of their points,
@@ -33,6 +38,7 @@ def audit(snap):
     replayed = defaultdict(int)   # member account id or system key -> balance
     programs_of = {}              # member account id -> program
     tiers = {}                    # member account id -> tier, from TIER_SET
+    counters = {}                 # bonus_counters key -> [count, awards]
     rebuilt = aggregates.Rebuild()
 
     seq, digest = 0, bytes(HASH_SIZE)
@@ -52,6 +58,13 @@ def audit(snap):
                 problems.append(f"journal seq {entry.seq}: tier was "
                                 f"{tiers.get(entry.credit, 0)}, not {entry.amount2}")
             tiers[entry.credit] = entry.amount
+        if entry.type == Entry.BONUS:
+            counter = counters.setdefault(U64.pack(entry.credit) + entry.data, [0, 0])
+            counter[0] += 1
+            counter[1] += entry.amount > 0
+            if entry.amount2 != counter[0]:
+                problems.append(f"journal seq {entry.seq}: counter at "
+                                f"{entry.amount2}, the journal counts {counter[0]}")
         try:
             rebuilt.add(entry)
         except (struct.error, ValueError, IndexError):
@@ -83,6 +96,7 @@ def audit(snap):
         indexed.setdefault(account_id, expires_at)
 
     totals = defaultdict(int)     # program -> sum of every balance
+    index = {key: value for key, value in snap.scan("member_index")}
     for key, value in snap.scan("accounts"):
         account_id = U64.unpack(key)[0]
         a = Account.decode(value)
@@ -118,6 +132,13 @@ def audit(snap):
         if a.tier != tiers.get(account_id, 0):
             problems.append(f"{where}: tier {a.tier}, journal says "
                             f"{tiers.get(account_id, 0)}")
+        tier = tiers.get(account_id, 0)  # the journal's, as the index has it
+        if tier and index.pop(MEMBER_INDEX_KEY.pack(
+                IDX_TIER, a.program, tier, account_id), None) is None:
+            problems.append(f"{where}: tier {tier} not in the member index")
+        raw = index.pop(BIRTHDAY_OF_KEY.pack(IDX_BIRTHDAY_OF, account_id), None)
+        if raw is not None:
+            problems += _birthday_problems(where, a.program, account_id, raw, index)
         if a.last_day != rebuilt.last_days.get(account_id, 0):
             problems.append(f"{where}: last day {a.last_day}, journal says "
                             f"{rebuilt.last_days.get(account_id, 0)}")
@@ -136,6 +157,15 @@ def audit(snap):
         if total != 0:
             problems.append(f"program {program}: balances sum to {total}, not 0")
 
+    for key in index:  # what no member accounted for
+        problems.append(f"member index {key!r}: names no member so")
+    stored = {key: value for key, value in snap.scan("bonus_counters")}
+    for key in sorted(stored.keys() | counters.keys()):
+        values = (list(COUNTER_VALUE.unpack(stored[key]))
+                  if len(stored.get(key, b"")) == COUNTER_VALUE.size else stored.get(key))
+        if values != counters.get(key):
+            problems.append(f"bonus counter {key!r}: stored {values}, journal "
+                            f"says {counters.get(key)}")
     problems += _aggregate_problems(snap, rebuilt.rows)
     for key, points in sorted(in_lots.items()):
         row = rebuilt.rows.get(key, [0] * 4)
@@ -157,6 +187,21 @@ def audit(snap):
         if account_id is None or snap.get("accounts", key) is None:
             problems.append(f"profiles {key!r}: names missing account {account_id}")
     return problems
+
+
+def _birthday_problems(where, program, account_id, raw, index):
+    """A member's birthday (`raw`, from its 0x03 key) must be a date and
+    indexed under its program (that 0x02 key is taken out of `index`)."""
+    if len(raw) != BIRTHDAY_VALUE.size:
+        return [f"{where}: birthday {raw!r} malformed"]
+    birthday = BIRTHDAY_VALUE.unpack(raw)[0]
+    month, day = divmod(birthday, 100)
+    if not (1 <= month <= 12 and 1 <= day <= DAYS_IN_MONTH[month - 1]):
+        return [f"{where}: birthday {birthday} is no date"]
+    if index.pop(MEMBER_INDEX_KEY.pack(IDX_BIRTHDAY, program, birthday, account_id),
+                 None) is None:
+        return [f"{where}: birthday {birthday} not in the member index"]
+    return []
 
 
 def _aggregate_problems(snap, expected):

@@ -60,6 +60,11 @@ def _bytes(value):
     return value.encode() if isinstance(value, str) else bytes(value)
 
 
+def _birthday(birthday):
+    """(month, day) as the ledger's month * 100 + day; 0 for None."""
+    return 0 if birthday is None else birthday[0] * 100 + birthday[1]
+
+
 class Batch:
     """Operations to apply in one durable transaction, in order."""
 
@@ -116,10 +121,12 @@ class Batch:
         return self.add(Kind.PUT_PROGRAM, op_id, program=program, flags=flags,
                         data=data, reason=utc_offset_minutes & 0xFFFFFFFF)
 
-    def open_account(self, op_id, program, external_id, *, data=b""):
-        """`data`, when given, is the new member's profile (see set_profile)."""
+    def open_account(self, op_id, program, external_id, *, data=b"",
+                     birthday=None):
+        """`data`, when given, is the new member's profile (see set_profile);
+        `birthday` (month, day) is indexed so that the day finds the member."""
         return self.add(Kind.OPEN_ACCOUNT, op_id, program=program,
-                        key=external_id, data=data)
+                        key=external_id, data=data, reason=_birthday(birthday))
 
     def set_account_status(self, op_id, account, status, *, data=b""):
         return self.add(Kind.SET_ACCOUNT_STATUS, op_id, account=account,
@@ -207,16 +214,44 @@ class Batch:
     def sweep(self, op_id, limit=10_000):
         return self.add(Kind.SWEEP, op_id, amount=limit)
 
-    def set_profile(self, op_id, account, data, *, erase=False, external_id=b""):
-        """Store the member's profile (`data`; empty deletes it).
+    def set_profile(self, op_id, account, data, *, erase=False, external_id=b"",
+                    birthday=None):
+        """Store the member's profile (`data`; empty deletes it) and its
+        `birthday` (month, day), which replaces the one indexed (None: none).
 
         `erase` also deletes the external id mapping `external_id` (it must
         be this account's); with no external id only the profile goes. The
         profile is kept in `profiles` alone, never in the journal or the
         operation's record, so deleting it leaves no copy behind."""
         return self.add(Kind.SET_PROFILE, op_id, account=account, data=data,
-                        key=external_id, flags=PROFILE_ERASE if erase else 0)
+                        key=external_id, flags=PROFILE_ERASE if erase else 0,
+                        reason=_birthday(birthday))
 
     def set_tier(self, op_id, account, tier):
         """The member's tier (0: none, up to MAX_TIER), e.g. at a period's close."""
         return self.add(Kind.SET_TIER, op_id, account=account, amount=tier)
+
+    def award(self, op_id, account, points, *, counter, limit=0,
+              activates_at=0, expires_at=NEVER, partner=0, version=0,
+              business_time=0, store=0, lane=0, data=b""):
+        """`points` for the member, counted on their counter named `counter`
+        (e.g. "action/review/2026-11-23"); LIMIT_REACHED once it holds
+        `limit` (0: no limit)."""
+        return self.add(Kind.AWARD, op_id, account=account, key=counter,
+                        amount=limit, amount2=points, activates_at=activates_at,
+                        expires_at=expires_at, partner=partner, version=version,
+                        business_time=business_time, store=store, lane=lane,
+                        data=data)
+
+    def visit(self, op_id, receipt, points, *, counter, count, account=0,
+              activates_at=0, expires_at=NEVER, partner=0, version=0,
+              business_time=0, store=0, lane=0):
+        """Counts `receipt` (the op id of an earn, spend or capture already
+        applied, e.g. earlier in this batch) as a visit of its member on
+        the counter `counter`; the visit that makes it `count` earns
+        `points`, once per counter."""
+        return self.add(Kind.VISIT, op_id, account=account, key=counter,
+                        key2=receipt, amount=count, amount2=points,
+                        activates_at=activates_at, expires_at=expires_at,
+                        partner=partner, version=version,
+                        business_time=business_time, store=store, lane=lane)

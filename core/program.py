@@ -74,8 +74,11 @@ recorded here so both sides read them alike:
   discounts too), plus every offer marked `additive`. Lines with a flag in
   `discounts.exclude_flags` take no discount at all.
 - Days are exact 24-hour days from the sale's business time; `end_of`
-  periods, tier periods and visit periods are calendar periods in the
-  program's time zone.
+  periods, visit periods and action limit periods are calendar periods in
+  the program's time zone; tier periods are calendar periods of its
+  standard UTC offset (the ledger's months of net spend: core/bonuses.py).
+- Tier numbers in the ledger are levels from 1; 0 (a member no close has
+  placed) prices as the lowest level.
 """
 
 import bisect

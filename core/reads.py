@@ -10,11 +10,12 @@ from .aggregates import CohortCounters, Counters
 from .audit import audit
 from .codec import Account, JournalEntry, Operation
 from .records import (ACTIVITY_KEY, ACTIVITY_VALUE, AGG_ACTIVITY, AGG_COHORT,
-                      AGG_MEMBER_DAY, AGG_SETTLEMENT, CARD, COHORT_KEY,
-                      COHORT_VALUE, DATABASES, HEAD, I64,
-                      MEMBER_DAY_VALUE, META_HEAD, META_NEXT_ACCOUNT, PROGRAM,
-                      SETTLEMENT_KEY, SYSTEM_KEY, U32, U64, CardStatus,
-                      external_key)
+                      AGG_MEMBER_DAY, AGG_MEMBER_MONTH, AGG_SETTLEMENT, CARD,
+                      COHORT_KEY, COHORT_VALUE, COUNTER_VALUE, DATABASES, HEAD,
+                      I64, IDX_BIRTHDAY, IDX_TIER, MEMBER_DAY_VALUE,
+                      MEMBER_INDEX_KEY, MEMBER_MONTH_KEY, MEMBER_MONTH_VALUE,
+                      META_HEAD, META_NEXT_ACCOUNT, PROGRAM, SETTLEMENT_KEY,
+                      SYSTEM_KEY, U32, U64, CardStatus, external_key)
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,46 @@ class LedgerReads:
         for key, value in self._aggregates(AGG_COHORT, program, hour_from, hour_to):
             _, _, hour, partner = COHORT_KEY.unpack(key)
             yield hour, partner, CohortCounters(*COHORT_VALUE.unpack(value))
+
+    def member_months(self, program, month_from, month_to):
+        """(month, account, net money, receipts) of every member with a
+        receipt or refund in a local month (year * 100 + month) with
+        month_from <= month < month_to: by month, then by account."""
+        for key, value in self._aggregates(AGG_MEMBER_MONTH, program, month_from,
+                                           month_to):
+            _, _, month, account = MEMBER_MONTH_KEY.unpack(key)
+            yield (month, account) + MEMBER_MONTH_VALUE.unpack(value)
+
+    # The member index (records.py): generators over one snapshot, as above.
+
+    def tiered(self, program, lowest=1):
+        """(tier, account) of the program's members whose tier is `lowest`
+        or above, by tier, then account."""
+        yield from self._indexed(IDX_TIER, program, lowest, 1 << 16)
+
+    def birthdays(self, program, birthday):
+        """Accounts of the program's members born on `birthday` (month *
+        100 + day), in order."""
+        for _, account in self._indexed(IDX_BIRTHDAY, program, birthday, birthday + 1):
+            yield account
+
+    def _indexed(self, kind, program, first, stop):
+        head = bytes([kind]) + U32.pack(program)
+        start = MEMBER_INDEX_KEY.pack(kind, program, first, 0)
+        with self._snapshot() as snap:
+            for key, _ in snap.scan("member_index", start):
+                if key[:5] != head or len(key) != MEMBER_INDEX_KEY.size:
+                    return
+                _, _, value, account = MEMBER_INDEX_KEY.unpack(key)
+                if value >= stop:
+                    return
+                yield value, account
+
+    def counter(self, account_id, name):
+        """(count, awards) of a member's bonus counter; (0, 0) when new."""
+        with self._snapshot() as snap:
+            raw = snap.get("bonus_counters", U64.pack(account_id) + bytes(name))
+        return COUNTER_VALUE.unpack(raw) if raw is not None else (0, 0)
 
     def _aggregates(self, kind, program, first, stop):
         """Rows of one kind and program whose u32 after the program (hour

@@ -39,6 +39,8 @@ class Kind(IntEnum):
     SWEEP = 15
     SET_PROFILE = 16
     SET_TIER = 17
+    AWARD = 20       # a bonus counted against a member's counter, up to a limit
+    VISIT = 21       # a receipt counted as a visit; the Nth earns a bonus
 
 
 class Code(IntEnum):
@@ -75,6 +77,7 @@ class Code(IntEnum):
     TOO_MANY_HOLDS = 30
     STATUS_INVALID = 31
     DATA_TOO_LONG = 32   # a refund's data would overflow its receipt's record
+    LIMIT_REACHED = 40   # AWARD: the member's counter is at the limit
 
 
 class Status(IntEnum):
@@ -120,6 +123,11 @@ class Entry(IntEnum):
                      # ref 0 (so money and spend sum to the net)
     PROFILE_SET = 10  # amount = flags, no data: the journal never holds a profile
     TIER_SET = 11    # amount = new tier, amount2 = previous tier
+    BONUS = 14       # AWARD and VISIT: a member's counter counted one more;
+                     # amount = points earned (0: none this time), amount2
+                     # = the counter's count after, ref = the lot earned (0:
+                     # none), data = the counter's name; an EARN posting of
+                     # the points comes before it
     EARN = 16        # a new lot: ref = its number (issued this hour)
     SPEND = 17       # one per issuing partner (partner2); data = its lots
     EXPIRE = 18      # one lot: ref = its number, partner2 its partner; data
@@ -165,6 +173,18 @@ def system_account(kind, partner=0):
 # money, activates_at, expires_at, business_time; then op_id, key, key2 and
 # data bytes. Data is opaque to the ledger: kept with the operation's record
 # (a profile for OPEN_ACCOUNT and SET_PROFILE: kept in `profiles` only).
+# OPEN_ACCOUNT and SET_PROFILE: `reason` is the member's birthday as month *
+# 100 + day (0: none; 229 is one), indexed in `member_index` so that a day's
+# birthdays are found without reading every account; SET_PROFILE replaces
+# it (an erasure passes 0).
+# AWARD: `key` names the member's counter (1 to MAX_KEY bytes, e.g.
+# b"action/review/2026-11-23"), `amount` is its limit (0: none), `amount2`
+# the points (> 0) earned as a lot with activates_at and expires_at.
+# VISIT: `key` names the counter, `key2` is the op id of a receipt already
+# applied (EARN, SPEND or CAPTURE; its member is the one counted), `amount`
+# the count (> 0) whose reaching earns `amount2` points (> 0), once per
+# counter. Both journal an EARN posting (when points are earned) and a BONUS
+# event; results: a = the lot (0: none), b = the counter's count after.
 OP = struct.Struct("<BBBBBxHIIIIIIQQqqqqqq")
 
 # code, flags, a, b
@@ -217,14 +237,32 @@ HEAD = struct.Struct("<Q32s")
 # profiles: account (BE u64) -> the member's profile, opaque bytes the
 # server owns. Stored nowhere else (not in the journal, not in the ops
 # record), so that erasing it erases it for good.
+# member_index: members found by what they are rather than by id, kept in
+# the transaction that changes them; keys big-endian, first byte the kind:
+#   0x01 tier: program u32, tier u16, account u64 -> b"" for every member
+#     whose tier is not 0 (SET_TIER moves it), so a period's close finds
+#     the members holding a tier without reading every account;
+#   0x02 birthday: program u32, month * 100 + day u16, account u64 -> b"";
+#   0x03 birthday of: account u64 -> month * 100 + day (u16, little-endian),
+#     so a profile write finds the 0x02 key it replaces.
+# bonus_counters: account u64 (big-endian) + the counter's name (AWARD and
+# VISIT `key`) -> COUNTER_VALUE: count (what counted: awards, visits) and
+# awards (those that earned points); a fold of the BONUS entries, which the
+# audit replays.
 DATABASES = (b"meta", b"programs", b"accounts", b"externals", b"cards",
              b"ops", b"journal", b"system", b"lot_expiry", b"hold_expiry",
-             b"profiles", b"aggregates")
+             b"profiles", b"aggregates", b"member_index", b"bonus_counters")
 META_HEAD = b"head"
 META_NEXT_ACCOUNT = b"next_account"
 
 U32 = struct.Struct(">I")
 U64 = struct.Struct(">Q")
+IDX_TIER, IDX_BIRTHDAY, IDX_BIRTHDAY_OF = 1, 2, 3
+MEMBER_INDEX_KEY = struct.Struct(">BIHQ")  # kind, program, tier or birthday, account
+BIRTHDAY_OF_KEY = struct.Struct(">BQ")
+BIRTHDAY_VALUE = struct.Struct("<H")
+COUNTER_VALUE = struct.Struct("<qq")
+DAYS_IN_MONTH = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)  # 29 Feb is one
 EXPIRY_KEY = struct.Struct(">QQ")  # expires_at, account
 SYSTEM_KEY = struct.Struct(">IBI")  # program, kind, partner
 I64 = struct.Struct("<q")
@@ -264,9 +302,16 @@ I64 = struct.Struct("<q")
 #     debit take points from lots without counting here (see the postings
 #     above), so outstanding is at least what the cohort's lots hold; the
 #     audit checks that. A TRANSFER changes no cohort.
+#   0x05 member month: program u32, month u32 (year * 100 + month of the
+#     entry's local day, as member days count them: by operation time, so
+#     a month once past never changes), account u64 -> MEMBER_MONTH_VALUE,
+#     int64s: money (RECEIPT amounts: refunds subtract) and receipts
+#     (RECEIPT with amount > 0). What a tier period's close reads: the
+#     net spend of each member with a receipt (or refund) in the period.
 # A row exists once an entry counted in it, whatever its values since.
 # Counter overflow rejects the operation (OVERFLOW), as anywhere else.
 AGG_ACTIVITY, AGG_SETTLEMENT, AGG_MEMBER_DAY, AGG_COHORT = 1, 2, 3, 4
+AGG_MEMBER_MONTH = 5
 ACTIVITY_KEY = struct.Struct(">BIIIIH")
 ACTIVITY_VALUE = struct.Struct("<10q")
 SETTLEMENT_KEY = struct.Struct(">BIIII")
@@ -274,6 +319,8 @@ MEMBER_DAY_KEY = struct.Struct(">BIIQ")
 MEMBER_DAY_VALUE = struct.Struct("<Q")
 COHORT_KEY = struct.Struct(">BIII")
 COHORT_VALUE = struct.Struct("<4q")
+MEMBER_MONTH_KEY = struct.Struct(">BIIQ")
+MEMBER_MONTH_VALUE = struct.Struct("<2q")
 HOUR = 3_600_000_000      # microseconds
 DAY = 86_400_000_000
 MINUTE = 60_000_000

@@ -20,10 +20,12 @@ from .batch import Results
 from .codec import (Account, Consumed, Hold, JournalEntry, Lot, Operation,
                     encode_lots, iter_ops)
 from .reads import LedgerReads
-from .records import (CARD, DATABASES, DIGEST_SIZE, EXPIRY_KEY, HASH_SIZE,
-                      HEAD, I64, INT64_MAX, INT64_MIN, MAX_HOLDS, MAX_KEY,
+from .records import (BIRTHDAY_OF_KEY, BIRTHDAY_VALUE, CARD, COUNTER_VALUE,
+                      DATABASES, DAYS_IN_MONTH, DIGEST_SIZE, EXPIRY_KEY,
+                      HASH_SIZE, HEAD, I64, IDX_BIRTHDAY, IDX_BIRTHDAY_OF,
+                      IDX_TIER, INT64_MAX, INT64_MIN, MAX_HOLDS, MAX_KEY,
                       MAX_DATA, MAX_LOTS, MAX_OP_ID, MAX_TIER,
-                      MAX_UTC_OFFSET, META_HEAD,
+                      MAX_UTC_OFFSET, MEMBER_INDEX_KEY, META_HEAD,
                       META_NEXT_ACCOUNT, NEVER, PROFILE_ERASE, PROGRAM,
                       PROGRAM_ALLOW_DEBT, REFUND_PROPORTIONAL,
                       RELEASE_CAPTURED, RELEASE_EXPIRED, RELEASE_VOIDED,
@@ -64,7 +66,7 @@ class Ledger(LedgerReads):
 
     def __init__(self, path, *, map_size=1 << 30, sync=True):
         self.path = str(path)
-        self._env = lmdb.open(self.path, map_size=map_size, max_dbs=16,
+        self._env = lmdb.open(self.path, map_size=map_size, max_dbs=32,
                               sync=sync, metasync=sync, readahead=False)
         self._dbs = {name.decode(): self._env.open_db(name) for name in DATABASES}
 
@@ -389,6 +391,55 @@ class _Work:
     def rewrite_operation(self, op_id, record):
         self.puts.append(("ops", op_id, record.encode()))
 
+    # --- bonuses -------------------------------------------------------------
+    def earn(self, account_id, op):
+        """`op.amount2` points as a new lot, issued at the op's partner:
+        what a receipt earns, or a bonus."""
+        account = self.account(account_id)
+        points = op.amount2
+        account.balance = checked(account.balance + points)
+        account.earned = checked(account.earned + points)
+        lot_no = self.new_lot(account_id, op.partner, points, op.activates_at,
+                              op.expires_at)
+        self.post(Entry.EARN, account.program,
+                  system_account(Sys.ISSUED, op.partner), account_id, points,
+                  sys_kind=Sys.ISSUED, partner=op.partner, ref=lot_no)
+        return lot_no
+
+    def counter(self, account_id, name):
+        """(count, awards) of a member's bonus counter."""
+        raw = self.state.get("bonus_counters", U64.pack(account_id) + name)
+        return COUNTER_VALUE.unpack(raw) if raw else (0, 0)
+
+    def count(self, account_id, name, count, awards, points, lot_no):
+        """The counter's new values, and the BONUS event that says so."""
+        account = self.account(account_id)
+        self.puts.append(("bonus_counters", U64.pack(account_id) + name,
+                          COUNTER_VALUE.pack(count, awards)))
+        self.event(Entry.BONUS, account.program, account_id, amount=points,
+                   amount2=count, ref=lot_no, data=name)
+        record = self.record
+        record.program, record.account, record.partner = (
+            account.program, account_id, self.op.partner)
+        record.earned, record.earned_lot = points, lot_no
+        record.a, record.b = lot_no, count
+
+    def index_birthday(self, account_id, program, birthday):
+        """Moves the member's birthday in `member_index` (0: none)."""
+        of = BIRTHDAY_OF_KEY.pack(IDX_BIRTHDAY_OF, account_id)
+        raw = self.state.get("member_index", of)
+        old = BIRTHDAY_VALUE.unpack(raw)[0] if raw else 0
+        if old == birthday:
+            return
+        if old:
+            self.puts.append(("member_index", MEMBER_INDEX_KEY.pack(
+                IDX_BIRTHDAY, program, old, account_id), None))
+        if birthday:
+            self.puts.append(("member_index", MEMBER_INDEX_KEY.pack(
+                IDX_BIRTHDAY, program, birthday, account_id), b""))
+        self.puts.append(("member_index", of, BIRTHDAY_VALUE.pack(birthday)
+                          if birthday else None))
+
     # --- aggregates ----------------------------------------------------------
     def fold_aggregates(self):
         """The operation's entries folded into the report rows, checked like
@@ -444,6 +495,15 @@ class _Work:
 
 # --- operations --------------------------------------------------------------
 
+def _birthday(op):
+    """The birthday an OPEN_ACCOUNT or SET_PROFILE carries in `reason`:
+    month * 100 + day, or 0 for none."""
+    month, day = divmod(op.reason, 100)
+    if op.reason and not (1 <= month <= 12 and 1 <= day <= DAYS_IN_MONTH[month - 1]):
+        raise Rejected(Code.TIME_INVALID)
+    return op.reason
+
+
 def _put_program(work, op):
     """`reason` is the program's UTC offset in minutes, an int32."""
     if op.program == 0:
@@ -468,6 +528,7 @@ def _open_account(work, op):
     work.program_flags(op.program)
     if not 1 <= len(op.key) <= MAX_KEY:
         raise Rejected(Code.KEY_INVALID)
+    birthday = _birthday(op)
     key = external_key(op.program, op.key)
     if work.state.get("externals", key) is not None:
         raise Rejected(Code.ACCOUNT_EXISTS)
@@ -477,6 +538,7 @@ def _open_account(work, op):
     work.puts.append(("externals", key, U64.pack(account_id)))
     if op.data:
         work.puts.append(("profiles", U64.pack(account_id), op.data))
+    work.index_birthday(account_id, op.program, birthday)
     work.event(Entry.ACCOUNT_OPENED, op.program, account_id, data=op.key)
     work.record.program = op.program
     work.record.account = work.record.a = account_id
@@ -501,6 +563,7 @@ def _set_profile(work, op):
     closed member's personal data can still be erased."""
     if op.flags & ~PROFILE_ERASE:
         raise Rejected(Code.FLAGS_INVALID)
+    birthday = _birthday(op)
     account = work.account(op.account)
     if op.flags & PROFILE_ERASE and op.key:
         if len(op.key) > MAX_KEY:
@@ -511,6 +574,7 @@ def _set_profile(work, op):
             raise Rejected(Code.KEY_INVALID)
         work.puts.append(("externals", key, None))
     work.puts.append(("profiles", U64.pack(op.account), op.data or None))
+    work.index_birthday(op.account, account.program, birthday)
     work.event(Entry.PROFILE_SET, account.program, op.account, amount=op.flags)
     work.record.program = account.program
     work.record.account = work.record.a = op.account
@@ -527,6 +591,12 @@ def _set_tier(work, op):
     previous = account.tier
     if op.amount != previous:
         account.tier = op.amount
+        if previous:
+            work.puts.append(("member_index", MEMBER_INDEX_KEY.pack(
+                IDX_TIER, account.program, previous, op.account), None))
+        if op.amount:
+            work.puts.append(("member_index", MEMBER_INDEX_KEY.pack(
+                IDX_TIER, account.program, op.amount, op.account), b""))
         work.event(Entry.TIER_SET, account.program, op.account,
                    amount=op.amount, amount2=previous)
     work.record.program, work.record.account = account.program, op.account
@@ -632,15 +702,7 @@ def _receipt(work, op):
                       system_account(Sys.REDEEMED, op.partner), points,
                       sys_kind=Sys.REDEEMED, partner=op.partner,
                       partner2=partner, lots=lots)
-    lot_no = 0
-    if earn > 0:
-        account.balance = checked(account.balance + earn)
-        account.earned = checked(account.earned + earn)
-        lot_no = work.new_lot(account_id, op.partner, earn, op.activates_at,
-                              op.expires_at)
-        work.post(Entry.EARN, account.program,
-                  system_account(Sys.ISSUED, op.partner), account_id, earn,
-                  sys_kind=Sys.ISSUED, partner=op.partner, ref=lot_no)
+    lot_no = work.earn(account_id, op) if earn > 0 else 0
     if op.money > 0:  # the receipt itself: visits and money, for reports
         work.event(Entry.RECEIPT, account.program, account_id, amount=op.money,
                    amount2=spend, ref=lot_no)
@@ -915,6 +977,50 @@ def _sweep(work, op):
     work.record.a, work.record.b = len(due), expired
 
 
+def _award(work, op):
+    """A bonus counted against the member's counter `key` (an action, a
+    birthday): refused once the counter holds `amount` (0: no limit)."""
+    if not 1 <= len(op.key) <= MAX_KEY:
+        raise Rejected(Code.KEY_INVALID)
+    if op.amount < 0 or op.amount2 <= 0:
+        raise Rejected(Code.AMOUNT_INVALID)
+    work.check_lot_times(op)
+    work.usable_account(op.account)
+    count, awards = work.counter(op.account, op.key)
+    if op.amount and count >= op.amount:
+        raise Rejected(Code.LIMIT_REACHED)
+    lot_no = work.earn(op.account, op)
+    work.count(op.account, op.key, checked(count + 1), checked(awards + 1),
+               op.amount2, lot_no)
+    work.touch(op.account)
+
+
+def _visit(work, op):
+    """Counts receipt `key2` as a visit on the member's counter `key`; the
+    visit that brings the count to `amount` earns `amount2` points, once
+    per counter (later visits count, earn nothing)."""
+    if not 1 <= len(op.key) <= MAX_KEY or not 1 <= len(op.key2) <= MAX_OP_ID:
+        raise Rejected(Code.KEY_INVALID)
+    if op.amount <= 0 or op.amount2 <= 0:
+        raise Rejected(Code.AMOUNT_INVALID)
+    work.check_lot_times(op)
+    raw = work.state.get("ops", op.key2)
+    if raw is None:
+        raise Rejected(Code.OPERATION_NOT_FOUND)
+    receipt = Operation.decode(raw)
+    if receipt.kind not in REFUNDABLE or op.account not in (0, receipt.account):
+        raise Rejected(Code.KEY_INVALID)
+    account_id = receipt.account
+    work.usable_account(account_id)
+    count, awards = work.counter(account_id, op.key)
+    count = checked(count + 1)
+    lot_no = points = 0
+    if count >= op.amount and awards == 0:
+        lot_no, points, awards = work.earn(account_id, op), op.amount2, 1
+    work.count(account_id, op.key, count, awards, points, lot_no)
+    work.touch(account_id)
+
+
 _HANDLERS = {
     Kind.PUT_PROGRAM: _put_program,
     Kind.OPEN_ACCOUNT: _open_account,
@@ -933,4 +1039,6 @@ _HANDLERS = {
     Kind.SWEEP: _sweep,
     Kind.SET_PROFILE: _set_profile,
     Kind.SET_TIER: _set_tier,
+    Kind.AWARD: _award,
+    Kind.VISIT: _visit,
 }

@@ -67,7 +67,7 @@ cdef enum:
     MAX_TIER = 65535
     MAX_DATA = 65535
     MAX_UTC_OFFSET = 1439
-    NDB = 12
+    NDB = 14
 cdef int64_t NEVER = 0x7FFFFFFFFFFFFFFF
 cdef int64_t HOUR = 3600000000LL
 cdef int64_t DAY = 86400000000LL
@@ -90,9 +90,11 @@ cdef enum:
     DB_HOLD_EXPIRY = 9
     DB_PROFILES = 10
     DB_AGGREGATES = 11
+    DB_MEMBER_INDEX = 12
+    DB_BONUS_COUNTERS = 13
 DB_NAMES = (b"meta", b"programs", b"accounts", b"externals", b"cards",
             b"ops", b"journal", b"system", b"lot_expiry", b"hold_expiry",
-            b"profiles", b"aggregates")
+            b"profiles", b"aggregates", b"member_index", b"bonus_counters")
 
 # kinds
 cdef enum:
@@ -113,6 +115,8 @@ cdef enum:
     K_SWEEP = 15
     K_SET_PROFILE = 16
     K_SET_TIER = 17
+    K_AWARD = 20
+    K_VISIT = 21
 
 # codes
     OK = 0
@@ -148,6 +152,7 @@ cdef enum:
     TOO_MANY_HOLDS = 30
     STATUS_INVALID = 31
     DATA_TOO_LONG = 32
+    LIMIT_REACHED = 40
     FATAL = -1  # LMDB or memory failure: the whole batch is aborted
 
     ST_ACTIVE = 1
@@ -174,6 +179,7 @@ cdef enum:
     E_RECEIPT = 9
     E_PROFILE_SET = 10
     E_TIER_SET = 11
+    E_BONUS = 14
     E_EARN = 16
     E_SPEND = 17
     E_EXPIRE = 18
@@ -194,6 +200,7 @@ cdef enum:
     AGG_SETTLEMENT = 2
     AGG_MEMBER_DAY = 3
     AGG_COHORT = 4
+    AGG_MEMBER_MONTH = 5
     AGG_KEY_MAX = 19
     N_COUNTERS = 10
     C_ISSUED = 0
@@ -211,6 +218,10 @@ cdef enum:
     CO_SPENT = 1
     CO_EXPIRED = 2
     CO_CLAWED = 3
+    N_MONTH = 2         # a member-month row's int64s: money, receipts
+    IDX_TIER = 1        # member_index key kinds
+    IDX_BIRTHDAY = 2
+    IDX_BIRTHDAY_OF = 3
 
 # --- stored layouts (little-endian, packed: records.py's struct formats) ---
 cdef packed struct OpHead:          # records.OP
@@ -305,6 +316,21 @@ cdef packed struct MemberDayKey:    # records.MEMBER_DAY_KEY (big-endian)
 cdef packed struct CohortKey:       # records.COHORT_KEY (big-endian)
     uint8_t kind
     uint32_t program, hour, partner
+
+cdef packed struct MemberMonthKey:  # records.MEMBER_MONTH_KEY (big-endian)
+    uint8_t kind
+    uint32_t program, month
+    uint64_t account
+
+cdef packed struct MemberIndexKey:  # records.MEMBER_INDEX_KEY (big-endian)
+    uint8_t kind
+    uint32_t program
+    uint16_t value
+    uint64_t account
+
+cdef packed struct BirthdayOfKey:   # records.BIRTHDAY_OF_KEY (big-endian)
+    uint8_t kind
+    uint64_t account
 
 # --- scratch of one operation ---------------------------------------------
 cdef struct LotBuf:
@@ -1370,6 +1396,19 @@ cdef inline int counter_of(int type_) noexcept nogil:
     return -1
 
 
+cdef uint32_t month_of_day(uint64_t day) noexcept nogil:
+    """year * 100 + month of a day from 1970-01-01 (aggregates.month_of_day)."""
+    cdef int64_t z = <int64_t>day + 719468
+    cdef int64_t era = z // 146097
+    cdef int64_t doe = z - era * 146097
+    cdef int64_t yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    cdef int64_t doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    cdef int64_t mp = (5 * doy + 2) // 153
+    cdef int64_t month = mp + 3 if mp < 10 else mp - 9
+    cdef int64_t year = yoe + era * 400 + (1 if month <= 2 else 0)
+    return <uint32_t>(year * 100 + month)
+
+
 cdef int fold_aggregates(Work *w) noexcept nogil:
     """The operation's entries folded into the report rows, in entry order
     (the twin's `aggregates.changes`); its members' tiers and last days are
@@ -1385,6 +1424,7 @@ cdef int fold_aggregates(Work *w) noexcept nogil:
     cdef ActivityKey act
     cdef SettlementKey st
     cdef MemberDayKey md
+    cdef MemberMonthKey mm
     for i in range(w.n_entries):
         e = &w.entries[i].h
         index = counter_of(e.type)
@@ -1425,15 +1465,26 @@ cdef int fold_aggregates(Work *w) noexcept nogil:
                          amount if e.type == E_SPEND else -amount)
             if rc:
                 return rc
-        if e.type == E_RECEIPT and amount > 0:
-            rc = agg_add(w, &act, sizeof(ActivityKey), N_COUNTERS, C_RECEIPTS, 1)
-            if rc:
-                return rc
+        if e.type == E_RECEIPT:
             rc = utc_offset_of(w, e.program, &utc_offset)
             if rc:
                 return rc
             local = <int128>e.time + <int128>utc_offset * MINUTE
             day = <uint64_t>(local // DAY) if local > 0 else 0
+            mm.kind = AGG_MEMBER_MONTH
+            mm.program = act.program
+            mm.month = be32(month_of_day(day))
+            mm.account = be64(member)
+            rc = agg_add(w, &mm, sizeof(MemberMonthKey), N_MONTH, 0, amount)
+            if rc:
+                return rc
+        if e.type == E_RECEIPT and amount > 0:
+            rc = agg_add(w, &mm, sizeof(MemberMonthKey), N_MONTH, 1, 1)
+            if rc:
+                return rc
+            rc = agg_add(w, &act, sizeof(ActivityKey), N_COUNTERS, C_RECEIPTS, 1)
+            if rc:
+                return rc
             if day + 1 > a.h.last_day:  # the member's first receipt of the day
                 # keyed by the seq the entry gets when the operation commits
                 md.kind = AGG_MEMBER_DAY
@@ -1620,6 +1671,66 @@ cdef int claim_op_id(Work *w, OperationRec *first) noexcept nogil:
     return 0
 
 
+# --- member index (records.py) ------------------------------------------------
+cdef int check_birthday(uint32_t code) noexcept nogil:
+    """OK for 0 (none) or month * 100 + day of a real date (29 Feb too)."""
+    cdef uint32_t month = code // 100, day = code % 100, days = 31
+    if code == 0:
+        return OK
+    if month == 2:
+        days = 29
+    elif month == 4 or month == 6 or month == 9 or month == 11:
+        days = 30
+    if month < 1 or month > 12 or day < 1 or day > days:
+        return TIME_INVALID
+    return OK
+
+
+cdef int index_birthday(Work *w, uint64_t account_id, uint32_t program,
+                        uint16_t birthday) noexcept nogil:
+    """Moves the member's birthday in `member_index` (0: none)."""
+    cdef BirthdayOfKey of
+    cdef MemberIndexKey key
+    cdef uint16_t old = 0
+    cdef MDB_val v
+    cdef int rc
+    of.kind = IDX_BIRTHDAY_OF
+    of.account = be64(account_id)
+    rc = db_get(w, DB_MEMBER_INDEX, &of, sizeof(BirthdayOfKey), &v)
+    if rc == 0:
+        if v.mv_size != 2:
+            return fail(w, MDB_CORRUPTED)
+        memcpy(&old, v.mv_data, 2)
+    elif rc != 1:
+        return rc
+    if old == birthday:
+        return OK
+    key.kind = IDX_BIRTHDAY
+    key.program = be32(program)
+    key.account = be64(account_id)
+    if old:
+        key.value = k_be16(old)
+        rc = queue_put(w, DB_MEMBER_INDEX, &key, sizeof(MemberIndexKey), NULL, 0, 1)
+        if rc:
+            return rc
+    if birthday:
+        key.value = k_be16(birthday)
+        rc = queue_put(w, DB_MEMBER_INDEX, &key, sizeof(MemberIndexKey), NULL, 0, 0)
+        if rc:
+            return rc
+    return queue_put(w, DB_MEMBER_INDEX, &of, sizeof(BirthdayOfKey), &birthday,
+                     2 if birthday else 0, birthday == 0)
+
+
+cdef int index_tier(Work *w, Acct *a, uint64_t tier, int delete) noexcept nogil:
+    cdef MemberIndexKey key
+    key.kind = IDX_TIER
+    key.program = be32(a.h.program)
+    key.value = k_be16(<uint16_t>tier)
+    key.account = be64(a.id)
+    return queue_put(w, DB_MEMBER_INDEX, &key, sizeof(MemberIndexKey), NULL, 0, delete)
+
+
 # --- operations ------------------------------------------------------------------
 cdef int op_put_program(Work *w) noexcept nogil:
     """Creates or updates a program; its data (the definition the server
@@ -1678,6 +1789,9 @@ cdef int op_open_account(Work *w) noexcept nogil:
         return rc
     if op.n_key < 1 or op.n_key > MAX_KEY:
         return KEY_INVALID
+    rc = check_birthday(op.reason)
+    if rc:
+        return rc
     program_be = be32(op.program)
     memcpy(key, &program_be, 4)
     memcpy(key + 4, w.key, op.n_key)
@@ -1704,6 +1818,9 @@ cdef int op_open_account(Work *w) noexcept nogil:
         rc = queue_put(w, DB_PROFILES, &id_be, 8, w.data, op.n_data, 0)
         if rc:
             return rc
+    rc = index_birthday(w, account_id, op.program, <uint16_t>op.reason)
+    if rc:
+        return rc
     rc = event(w, E_ACCOUNT_OPENED, op.program, account_id, 0, 0, 0, w.key, op.n_key)
     w.rec.program = op.program
     w.rec.account = account_id
@@ -1742,6 +1859,9 @@ cdef int op_set_profile(Work *w) noexcept nogil:
     cdef int rc
     if op.flags & ~PROFILE_ERASE:
         return FLAGS_INVALID
+    rc = check_birthday(op.reason)
+    if rc:
+        return rc
     rc = load_account(w, op.account, &a)
     if rc:
         return rc
@@ -1768,6 +1888,9 @@ cdef int op_set_profile(Work *w) noexcept nogil:
     rc = queue_put(w, DB_PROFILES, &id_be, 8, w.data, op.n_data, op.n_data == 0)
     if rc:
         return rc
+    rc = index_birthday(w, op.account, a.h.program, <uint16_t>op.reason)
+    if rc:
+        return rc
     rc = event(w, E_PROFILE_SET, a.h.program, op.account, op.flags, 0, 0, NULL, 0)
     w.rec.program = a.h.program
     w.rec.account = op.account
@@ -1792,6 +1915,14 @@ cdef int op_set_tier(Work *w) noexcept nogil:
     previous = a.h.tier
     if <uint64_t>op.amount != previous:
         a.h.tier = <uint64_t>op.amount
+        if previous:
+            rc = index_tier(w, a, previous, 1)
+            if rc:
+                return rc
+        if op.amount:
+            rc = index_tier(w, a, a.h.tier, 0)
+            if rc:
+                return rc
         rc = event(w, E_TIER_SET, a.h.program, op.account, op.amount,
                    <int64_t>previous, 0, NULL, 0)
         if rc:
@@ -1904,6 +2035,22 @@ cdef int op_replace_card(Work *w) noexcept nogil:
     return rc
 
 
+cdef int earn_points(Work *w, Acct *a, uint32_t *lot_no) noexcept nogil:
+    """`amount2` points as a new lot, issued at the op's partner: what a
+    receipt earns, or a bonus."""
+    cdef const OpHead *op = w.op
+    cdef int rc
+    if k_add(a.h.balance, op.amount2, &a.h.balance) or k_add(a.h.earned, op.amount2,
+                                                            &a.h.earned):
+        return OVERFLOW
+    rc = new_lot(w, a, op.partner, op.amount2, op.activates_at, op.expires_at,
+                 hour_of(w.now), lot_no)
+    if rc:
+        return rc
+    return post(w, E_EARN, a.h.program, system_account(SYS_ISSUED, op.partner),
+                a.id, op.amount2, SYS_ISSUED, op.partner, 0, 0, lot_no[0])
+
+
 cdef int op_receipt(Work *w) noexcept nogil:
     """EARN, SPEND and CAPTURE: spend `amount`, earn `amount2`, one receipt."""
     cdef const OpHead *op = w.op
@@ -1969,14 +2116,7 @@ cdef int op_receipt(Work *w) noexcept nogil:
         if rc:
             return rc
     if earn > 0:
-        if k_add(a.h.balance, earn, &a.h.balance) or k_add(a.h.earned, earn, &a.h.earned):
-            return OVERFLOW
-        rc = new_lot(w, a, op.partner, earn, op.activates_at, op.expires_at,
-                     hour_of(w.now), &lot_no)
-        if rc:
-            return rc
-        rc = post(w, E_EARN, a.h.program, system_account(SYS_ISSUED, op.partner),
-                  account_id, earn, SYS_ISSUED, op.partner, 0, 0, lot_no)
+        rc = earn_points(w, a, &lot_no)
         if rc:
             return rc
     if op.money > 0:  # the receipt itself: visits and money, for reports
@@ -2440,6 +2580,131 @@ cdef int op_sweep(Work *w) noexcept nogil:
     return OK
 
 
+# --- bonuses -------------------------------------------------------------------
+cdef size_t counter_key(Work *w, uint64_t account_id, char *key) noexcept nogil:
+    """bonus_counters' key of the op's counter (`key`) for a member."""
+    cdef uint64_t id_be = be64(account_id)
+    memcpy(key, &id_be, 8)
+    memcpy(key + 8, w.key, w.op.n_key)
+    return 8 + w.op.n_key
+
+
+cdef int load_counter(Work *w, uint64_t account_id, int64_t *value) noexcept nogil:
+    """(count, awards) of the op's counter for a member, zeros when new."""
+    cdef char key[8 + MAX_KEY]
+    cdef MDB_val v
+    cdef int rc = db_get(w, DB_BONUS_COUNTERS, key, counter_key(w, account_id, key), &v)
+    value[0] = value[1] = 0
+    if rc == 1:
+        return OK
+    if rc:
+        return rc
+    if v.mv_size != 2 * sizeof(int64_t):
+        return fail(w, MDB_CORRUPTED)
+    memcpy(value, v.mv_data, 2 * sizeof(int64_t))
+    return OK
+
+
+cdef int count_bonus(Work *w, Acct *a, int64_t *value, int64_t points,
+                     uint32_t lot_no) noexcept nogil:
+    """The counter's new values, and the BONUS event that says so."""
+    cdef char key[8 + MAX_KEY]
+    cdef int rc = queue_put(w, DB_BONUS_COUNTERS, key, counter_key(w, a.id, key),
+                            value, 2 * sizeof(int64_t), 0)
+    if rc:
+        return rc
+    rc = event(w, E_BONUS, a.h.program, a.id, points, value[0], lot_no, w.key,
+               w.op.n_key)
+    w.rec.program = a.h.program
+    w.rec.account = a.id
+    w.rec.partner = w.op.partner
+    w.rec.earned = points
+    w.rec.earned_lot = lot_no
+    w.rec.a = lot_no
+    w.rec.b = value[0]
+    return rc
+
+
+cdef int op_award(Work *w) noexcept nogil:
+    """A bonus counted against the member's counter `key` (an action, a
+    birthday): refused once the counter holds `amount` (0: no limit)."""
+    cdef const OpHead *op = w.op
+    cdef Acct *a
+    cdef int64_t value[2]
+    cdef uint32_t lot_no = 0
+    cdef int rc
+    if op.n_key < 1 or op.n_key > MAX_KEY:
+        return KEY_INVALID
+    if op.amount < 0 or op.amount2 <= 0:
+        return AMOUNT_INVALID
+    rc = check_lot_times(w)
+    if rc:
+        return rc
+    rc = usable_account(w, op.account, &a)
+    if rc:
+        return rc
+    rc = load_counter(w, op.account, value)
+    if rc:
+        return rc
+    if op.amount and value[0] >= op.amount:
+        return LIMIT_REACHED
+    rc = earn_points(w, a, &lot_no)
+    if rc:
+        return rc
+    if k_add(value[0], 1, &value[0]) or k_add(value[1], 1, &value[1]):
+        return OVERFLOW
+    rc = count_bonus(w, a, value, op.amount2, lot_no)
+    if rc:
+        return rc
+    return touch(w, a)
+
+
+cdef int op_visit(Work *w) noexcept nogil:
+    """Counts receipt `key2` as a visit on the member's counter `key`; the
+    visit that brings the count to `amount` earns `amount2` points, once
+    per counter (later visits count, earn nothing)."""
+    cdef const OpHead *op = w.op
+    cdef OperationRec receipt
+    cdef Acct *a
+    cdef int64_t value[2]
+    cdef int64_t points = 0
+    cdef uint32_t lot_no = 0
+    cdef int rc
+    if op.n_key < 1 or op.n_key > MAX_KEY or op.n_key2 < 1 or op.n_key2 > MAX_OP_ID:
+        return KEY_INVALID
+    if op.amount <= 0 or op.amount2 <= 0:
+        return AMOUNT_INVALID
+    rc = check_lot_times(w)
+    if rc:
+        return rc
+    rc = load_operation(w, w.key2, op.n_key2, &receipt, NULL, NULL)
+    if rc == 1:
+        return OPERATION_NOT_FOUND
+    if rc:
+        return rc
+    if ((receipt.kind != K_EARN and receipt.kind != K_SPEND and receipt.kind != K_CAPTURE)
+            or (op.account != 0 and op.account != receipt.account)):
+        return KEY_INVALID
+    rc = usable_account(w, receipt.account, &a)
+    if rc:
+        return rc
+    rc = load_counter(w, receipt.account, value)
+    if rc:
+        return rc
+    if k_add(value[0], 1, &value[0]):
+        return OVERFLOW
+    if value[0] >= op.amount and value[1] == 0:
+        rc = earn_points(w, a, &lot_no)
+        if rc:
+            return rc
+        points = op.amount2
+        value[1] = 1
+    rc = count_bonus(w, a, value, points, lot_no)
+    if rc:
+        return rc
+    return touch(w, a)
+
+
 cdef int dispatch(Work *w) noexcept nogil:
     cdef uint8_t kind = w.op.kind
     if kind == K_EARN or kind == K_SPEND or kind == K_CAPTURE:
@@ -2472,6 +2737,10 @@ cdef int dispatch(Work *w) noexcept nogil:
         return op_set_profile(w)
     if kind == K_SET_TIER:
         return op_set_tier(w)
+    if kind == K_AWARD:
+        return op_award(w)
+    if kind == K_VISIT:
+        return op_visit(w)
     return KIND_INVALID
 
 
@@ -2702,7 +2971,7 @@ cdef class Environment:
         if rc:
             _raise(rc)
         mdb_env_set_mapsize(self.env, map_size)
-        mdb_env_set_maxdbs(self.env, 16)
+        mdb_env_set_maxdbs(self.env, 32)
         encoded = self.path.encode()
         rc = mdb_env_open(self.env, encoded, flags, 0o664)
         if rc:

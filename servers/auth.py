@@ -9,7 +9,7 @@ writes; the server rereads it when it changes, so a new token works without
 a restart. Secrets are compared in constant time.
 
 Roles: `admin` (everything), `pos` and `hwd` (scoped to their stores),
-`integration` (the feed and reports). `ALLOWED` lists, per RPC, the roles
+`integration` (the feed, reports and action bonuses). `ALLOWED` lists, per RPC, the roles
 that may call it; a store-scoped principal may only name its own stores,
 which servicers check with `require_store`.
 """
@@ -34,7 +34,7 @@ PUBLIC = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 _POS = frozenset({"pos", "admin"})
 _ADMIN = frozenset({"admin"})
 _READERS = frozenset({"admin", "pos", "integration"})
-_FEED = frozenset({"integration", "admin"})
+_INTEGRATION = frozenset({"integration", "admin"})
 ALLOWED = {
     "/kopilka.v1.Checkout/Quote": _POS,
     "/kopilka.v1.Checkout/Hold": _POS,
@@ -45,6 +45,7 @@ ALLOWED = {
     "/kopilka.v1.Members/GetMember": _POS,
     "/kopilka.v1.Members/LookupMember": _POS,
     "/kopilka.v1.Members/ResolveCard": _POS,
+    "/kopilka.v1.Members/AwardAction": _INTEGRATION,
     "/kopilka.v1.Programs/GetProgram": _READERS,
     "/kopilka.v1.Programs/ListPrograms": _READERS,
     "/kopilka.v1.Store/StreamCardReads": frozenset({"hwd", "admin"}),
@@ -53,7 +54,7 @@ ALLOWED = {
 for _name in ("Subscribe", "GetPointsReport", "GetBreakageReport",
               "GetActiveMembersReport", "GetAverageReceiptReport",
               "GetVisitFrequencyReport", "GetPartnerSettlementReport"):
-    ALLOWED[f"/kopilka.v1.Feed/{_name}"] = _FEED
+    ALLOWED[f"/kopilka.v1.Feed/{_name}"] = _INTEGRATION
 
 
 def allowed(method):

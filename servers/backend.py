@@ -162,16 +162,17 @@ class Backend:
         return convert.balances(b, now) if b is not None else None
 
     def tier_name(self, program_id, tier, at):
-        """The name of the member's tier number in the version in force at
-        `at`; empty for none, or for a number that version has no level for."""
-        entry = self.registry.get(program_id) if tier else None
+        """The name of tier number `tier` (levels from 1) in the version in
+        force at `at`; 0 (never placed by a close) is the lowest level.
+        Empty when the program has no tiers, or no such level."""
+        entry = self.registry.get(program_id)
         if entry is None:
             return ""
         try:
             tiers = entry.program.version_at(at).tiers
         except LookupError:
             return ""
-        return (tiers.name(tier) if tiers is not None else None) or ""
+        return (tiers.name(max(tier, 1)) if tiers is not None else None) or ""
 
     def member_context(self, account_id, account, card=b"", held=0, now=None,
                        at=None):

@@ -111,7 +111,9 @@ class Checkout(checkout_pb2_grpc.CheckoutServicer):
 
         async def flush():
             outcome = await b.apply(batch, context)
-            for (i, which, prepared), result in zip(pending, outcome):
+            first = 0   # a prepared batch's first operation is the request's
+            for i, which, prepared in pending:
+                result, first = outcome[first], first + len(prepared.batch)
                 if result.code == Code.OK:
                     results[i] = _result(which, prepared.finish(result))
                     follow.extend(prepared.follow_up)

@@ -9,6 +9,15 @@ kernel operation to commit and a `finish(result)` that builds the response.
 clawback a refund takes: applied only once the main operation succeeded,
 since the kernel applies a batch's operations independently.
 
+Visits. A capture with money of at least the version's `visits.min_receipt`
+is a visit: its batch also holds a VISIT operation naming the capture, which
+the kernel applies only if the capture was (it must find it), in the same
+commit. It counts the visit on the member's counter of the period, and the
+visit that reaches `visits.count` earns the bonus, once per period and
+member: retries replay both by their ids, concurrent captures are counted
+one after the other. A refund takes neither the visit nor its bonus back (a
+returned purchase was still a visit to the store).
+
 Stored with each operation (its data, see backend.py): the request digest,
 and what the answer and later refunds need. A refund also appends its data
 to the capture's, so the capture's data lists, in commit order, every line
@@ -22,6 +31,8 @@ from typing import Callable, NamedTuple
 from kopilka.core.allocation import (Allocation, LineShare, refund_lines,
                                      refund_referral)
 from kopilka.core.batch import Batch
+from kopilka.core.bonuses import visit_counter
+from kopilka.core.lifetimes import lot_times
 from kopilka.core.pricing import SpendError, quote, settle_quote
 from kopilka.core.records import Code, HoldState
 from kopilka.v1 import checkout_pb2
@@ -37,7 +48,7 @@ MAX_HOLD_SECONDS = 24 * 3600
 @dataclass
 class Prepared:
     answer: object = None                 # a response known already (replay)
-    batch: Batch | None = None            # exactly one operation
+    batch: Batch | None = None            # the operation, then its VISIT if any
     finish: Callable | None = None        # (result) -> response
     follow_up: Batch = field(default_factory=Batch)
     field_of: Callable | None = None      # kernel code -> field path
@@ -156,6 +167,8 @@ def prepare_capture(backend, request, prefix=""):
                                                   "and spends no points")])
     figures = _Figures(program_id, account, q.partner, settlement.spend,
                        settlement.earn, settlement.paid)
+    batch = Batch().extend(settlement.batch).extend(
+        _visit(program, q, settlement.paid, receipt_prefix(op_id), now))
 
     def finish(result):
         if result.replayed:  # a racing copy of this request committed first
@@ -164,9 +177,34 @@ def prepare_capture(backend, request, prefix=""):
                                    True)
         return _capture_answer(backend, figures, answer, False,
                                settlement.allocation)
-    return Prepared(batch=settlement.batch, finish=finish,
+    return Prepared(batch=batch, finish=finish,
                     follow_up=settlement.after,
                     field_of=_fields(CAPTURE_EXCEEDS_HOLD=prefix + "spend_points"))
+
+
+def _visit(program, q, paid, prefix, now):
+    """The VISIT counting a capture paying `paid` towards the visit bonus
+    of its version (see above); an empty Batch when it is no visit."""
+    visits = q.version.bonuses.visits
+    if visits is None or paid <= 0 or paid < visits.min_receipt:
+        return Batch()
+    r = q.receipt
+    bt = r.business_time
+    activates_at, expires_at = lot_times(q.version.lifetime.for_kind("visits"), bt,
+                                         program.zone)
+    if expires_at <= now:
+        return Batch()
+    return Batch().visit(prefix + "/visit", prefix + SUFFIX, visits.points,
+                         counter=visit_counter(visits, bt, program.zone),
+                         count=visits.count, activates_at=activates_at,
+                         expires_at=expires_at, partner=q.partner,
+                         version=q.version.number, business_time=bt,
+                         store=r.store, lane=r.lane)
+
+
+def visit_id(capture):
+    """The VISIT's op id of a capture's kernel op id."""
+    return capture[:-len(SUFFIX)] + b"/visit"
 
 
 class _Figures(NamedTuple):
@@ -257,6 +295,9 @@ def _capture_answer(backend, f, answer, replayed, allocation=None):
             earned_points=s.earned, paid=convert.money(s.paid, cur))
             for s in allocation.lines],
         balances=backend.balances(f.account))
+    if allocation.capture:
+        visit = backend.ledger.operation(visit_id(allocation.capture.encode()))
+        out.visit_bonus_points = visit.earned if visit is not None else 0
     if f.earned:
         convert.set_time(out, "earn_activate_time", answer["act"])
         convert.set_time(out, "earn_expire_time", answer["exp"])

@@ -63,6 +63,10 @@ def _details(event, entry, currency):
         d.spent_points, d.lot_number = entry.amount2, entry.ref
     elif t == Entry.ADJUST:
         event.adjustment.reason = entry.amount2
+    elif t == Entry.BONUS:
+        d = event.bonus
+        d.counter, d.count = _text(entry.data), entry.amount2
+        d.points, d.lot_number = entry.amount, entry.ref
 
 
 def journal_event(entry, currency="", raw=False):

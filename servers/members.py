@@ -43,9 +43,9 @@ from kopilka.core.records import (CARD, CardStatus, Code, Kind,
                                   Status)
 from kopilka.v1 import common_pb2, members_pb2, members_pb2_grpc
 
-from . import convert, profiles
+from . import awards, convert, profiles
 from .backend import derived_id, pack, request_digest
-from .status import ApiError, from_kernel, invalid, server
+from .status import ApiError, Checks, from_kernel, invalid, server
 
 BASIC, FULL = members_pb2.MEMBER_VIEW_BASIC, members_pb2.MEMBER_VIEW_FULL
 UPDATABLE = ("state", "birthday", "referrer")
@@ -60,32 +60,6 @@ def op_digest(batch):
 
 def _fields(**names):
     return lambda code: names.get(code.name)
-
-
-class Checks:
-    """Collects every bad field of a request before refusing it (the reason
-    is the first bad field's)."""
-
-    def __init__(self):
-        self.fields, self.reason = [], None
-
-    def run(self, parse, *args):
-        try:
-            return parse(*args)
-        except ApiError as err:
-            if err.status.name != "INVALID_ARGUMENT":
-                raise
-            self.fields.extend(err.fields)
-            self.reason = self.reason or err.reason
-            return None
-
-    def add(self, field, why, reason="REQUEST_INVALID"):
-        self.fields.append((field, why))
-        self.reason = self.reason or reason
-
-    def done(self):
-        if self.fields:
-            raise invalid(self.fields, self.reason)
 
 
 def _view(checks, value, field="view"):
@@ -179,7 +153,7 @@ class Members(members_pb2_grpc.MembersServicer):
         out = members_pb2.Member(
             name=convert.member_name(program, account_id),
             external_id=profile.external_id, state=account.status,
-            tier=self.backend.tier_name(program, getattr(balances, "tier", 0), now),
+            tier=b.tier_name(program, account.tier, now),
             balances=convert.balances(balances, now))
         if profile.birthday:
             out.birthday.CopyFrom(date_pb2.Date(month=profile.birthday[0],
@@ -228,7 +202,8 @@ class Members(members_pb2_grpc.MembersServicer):
         profile = profiles.Profile(external_id=request.external_id, birthday=birthday,
                                    referrer=referrer or 0, op=request.operation_id,
                                    rq=digest)
-        opening = Batch().open_account(op_id, program, external, data=profile.encode())
+        opening = Batch().open_account(op_id, program, external, data=profile.encode(),
+                                       birthday=birthday)
         record = b.ledger.operation(op_id)
         if record is not None:
             account, replayed = self._enrolled(record, opening), True
@@ -352,7 +327,7 @@ class Members(members_pb2_grpc.MembersServicer):
             profile = self._profile(account)
             if referrer:
                 b.account(program, referrer, "member.referrer")
-                self._check_no_receipt(program, current)
+                self._check_no_receipt(current)
             if state and state != current.status:
                 state_op = derived_id(op_id, "/state")
                 if b.ledger.operation(state_op) is None:
@@ -370,14 +345,16 @@ class Members(members_pb2_grpc.MembersServicer):
                 request.operation_id, digest)
             await self._write_profile(op_id, account, digest, request.operation_id,
                                       Batch().set_profile(op_id, account,
-                                                          updated.encode()), context)
+                                                          updated.encode(),
+                                                          birthday=updated.birthday),
+                                      context)
         return members_pb2.UpdateMemberResponse(member=self._member(account))
 
-    def _check_no_receipt(self, program, account):
+    def _check_no_receipt(self, account):
         """A referrer may be set only before the member's first receipt: while
-        nothing was spent and nothing earned beyond the welcome bonus."""
-        welcome = self._welcome(program, account.opened_at)
-        if account.spent or account.earned > (welcome[0] if welcome else 0):
+        nothing was spent and no receipt with money recorded (the account's
+        `last_day`), whatever bonuses (welcome, actions) were earned."""
+        if account.spent or account.last_day:
             raise invalid([("member.referrer",
                             "may change only before the member's first receipt")])
 
@@ -516,6 +493,10 @@ class Members(members_pb2_grpc.MembersServicer):
                                 member=convert.member_name(program, account),
                                 state=found[1] if found else 0)
 
+    # --- bonuses ------------------------------------------------------------
+    async def AwardAction(self, request, context):
+        return await awards.award_action(self.backend, request, context)
+
     # --- merging ------------------------------------------------------------
     async def MergeMembers(self, request, context):
         b = self.backend
@@ -577,7 +558,7 @@ class Members(members_pb2_grpc.MembersServicer):
             batch.set_account_status(close_op, merged, Status.CLOSED)
         if b.ledger.operation(link_op) is None:
             linked = dataclasses.replace(self._profile(merged), merged_into=target)
-            batch.set_profile(link_op, merged, linked.encode())
+            batch.set_profile(link_op, merged, linked.encode(), birthday=linked.birthday)
         if len(batch):
             for result in await b.apply(batch, context):
                 if result.code not in (Code.OK, Code.ACCOUNT_CLOSED):

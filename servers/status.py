@@ -54,6 +54,32 @@ def invalid(fields, reason="REQUEST_INVALID"):
                     fields=fields)
 
 
+class Checks:
+    """Collects every bad field of a request before refusing it (the reason
+    is the first bad field's)."""
+
+    def __init__(self):
+        self.fields, self.reason = [], None
+
+    def run(self, parse, *args):
+        try:
+            return parse(*args)
+        except ApiError as err:
+            if err.status.name != "INVALID_ARGUMENT":
+                raise
+            self.fields.extend(err.fields)
+            self.reason = self.reason or err.reason
+            return None
+
+    def add(self, field, why, reason="REQUEST_INVALID"):
+        self.fields.append((field, why))
+        self.reason = self.reason or reason
+
+    def done(self):
+        if self.fields:
+            raise invalid(self.fields, self.reason)
+
+
 def server(reason, message, **metadata):
     """A refusal of the server's own (see errors.SERVER)."""
     return ApiError(errors.SERVER[reason], reason, message, metadata=metadata)

@@ -83,7 +83,7 @@ def lane_event(backend, read):
     b = balances_of(account_id, account, now)
     return store_pb2.WatchLaneResponse(card_presented=store_pb2.CardPresented(
         read=read, member=member, balances=convert.balances(b, now),
-        tier=backend.tier_name(account.program, getattr(b, "tier", 0), now)))
+        tier=backend.tier_name(account.program, account.tier, now)))
 
 
 def _ack(read_id, outcome, error=None):

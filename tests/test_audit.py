@@ -10,9 +10,10 @@ from kopilka.core.batch import Batch
 from kopilka.core.codec import Account, JournalEntry, decode_lots, encode_lots
 from kopilka.core.records import (ACTIVITY_KEY, ACTIVITY_VALUE, AGG_ACTIVITY,
                                   AGG_COHORT, AGG_MEMBER_DAY, AGG_SETTLEMENT,
-                                  COHORT_KEY, COHORT_VALUE, EXPIRY_KEY, HOUR,
-                                  I64, MEMBER_DAY_KEY, MEMBER_DAY_VALUE,
-                                  SETTLEMENT_KEY, U64, Entry)
+                                  COHORT_KEY, COHORT_VALUE, COUNTER_VALUE,
+                                  EXPIRY_KEY, HOUR, I64, IDX_BIRTHDAY, IDX_TIER,
+                                  MEMBER_DAY_KEY, MEMBER_DAY_VALUE,
+                                  MEMBER_INDEX_KEY, SETTLEMENT_KEY, U64, Entry)
 
 DAY = 86_400_000_000
 IMPLEMENTATIONS = {"twin": twin.Ledger, "kernel": kernel.Ledger}
@@ -223,3 +224,25 @@ def test_a_posting_whose_lots_do_not_add_up_is_found(path):
         "journal seq 6: hash chain broken",
         "journal seq 6: lots named add up to 29, posting moves 30",
         f"{COHORT_WHERE}: spent 30, journal says 29"]
+
+
+def test_the_member_index_and_bonus_counters_are_checked(path):
+    where, Ledger = path
+    with Ledger(where) as ledger:
+        ledger.apply(Batch().open_account("a3", 1, "m3", birthday=(3, 1))
+                     .award("w1", 1, 5, counter="action/x", limit=1), DAY)
+        assert ledger.audit() == []
+
+    def change(txn):
+        txn.delete(MEMBER_INDEX_KEY.pack(IDX_TIER, 1, 2, 1))
+        txn.put(MEMBER_INDEX_KEY.pack(IDX_TIER, 1, 5, 2), b"")
+        txn.delete(MEMBER_INDEX_KEY.pack(IDX_BIRTHDAY, 1, 301, 3))
+    tamper(where, b"member_index", change)
+    tamper(where, b"bonus_counters", lambda txn: txn.put(
+        U64.pack(1) + b"action/x", COUNTER_VALUE.pack(0, 0)))
+    assert audit(where, Ledger) == [
+        "account 1: tier 2 not in the member index",
+        "account 3: birthday 301 not in the member index",
+        f"member index {MEMBER_INDEX_KEY.pack(IDX_TIER, 1, 5, 2)!r}: names no member so",
+        "bonus counter b'\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x01action/x': stored "
+        "[0, 0], journal says [1, 1]"]

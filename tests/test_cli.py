@@ -187,6 +187,12 @@ def test_members_and_cards(srv, capsys):
     assert code == 0 and "(BLOCKED)" in out
     code, _, err = kopilka(capsys, "member", "get", "999", *client(srv))
     assert code == 1 and err.startswith("error: NOT_FOUND MEMBER_NOT_FOUND: ")
+    code, out, _ = kopilka(capsys, "member", "award", member, "app_install",
+                           *client(srv, "integration"))
+    assert code == 0 and out.startswith(f"awarded 50 points to {member} for "
+                                        "app_install (1 of 1)")
+    code, _, err = kopilka(capsys, "member", "award", member, "app_install", *client(srv))
+    assert code == 1 and err.startswith("error: FAILED_PRECONDITION ACTION_LIMIT_REACHED: ")
 
 
 @servicers("members", "admin")

@@ -11,7 +11,7 @@ import hashlib
 
 import pytest
 
-from kopilka.core.aggregates import rebuild
+from kopilka.core.aggregates import month_of_day, rebuild
 from kopilka.core.batch import Batch, Result
 from kopilka.core.codec import Account, Consumed, Lot, decode_lots, iter_ops
 from kopilka.core.records import (HASH_SIZE, I64, INT64_MAX, INT64_MIN,
@@ -1657,8 +1657,11 @@ def test_aggregates_are_the_journal_rebuilt(ledger, open_program):
     ok(ledger, T + 2 * HOUR, "capture", "v1", b, money=50)
     stored = dict(ledger.dump()["aggregates"])
     assert rebuild(ledger.journal(limit=10**6)) == stored
-    # new members, activity, settlement, member days, e1's cohort
-    assert len(stored) == 1 + 3 + 1 + 2 + 1
+    # new members, activity, settlement, member days, e1's cohort, member
+    # months (a's money and its refund in one row, b's)
+    assert len(stored) == 1 + 3 + 1 + 2 + 1 + 2
+    assert list(ledger.member_months(1, 0, 1 << 32)) == [
+        (month_of_day(T // DAY), a, 1_000, 2), (month_of_day(T // DAY), b, 50, 1)]
 
 
 def test_member_days_are_local_days_of_the_programs_offset(ledger, open_program):
@@ -1863,3 +1866,72 @@ def test_a_report_counter_that_would_overflow_refuses_the_operation(ledger, memb
     rejected(ledger, T, Code.OVERFLOW, "earn", "e4", b, 1, store=1)
     ok(ledger, T, "earn", "e4", b, 1, store=1, partner=1)
     rejected(ledger, T, Code.OVERFLOW, "capture", "v1", b, money=INT64_MAX)
+
+
+# --- bonuses: counters, visits, the member index ---------------------------------
+
+def test_award_counts_on_the_members_counter_up_to_its_limit(ledger, open_program):
+    a, b = open_program(1, 2)
+    first = ok(ledger, T, "award", "w1", a, 30, counter="action/review", limit=2)
+    assert (first.a, first.b) == (1, 1)          # lot 1, counted once
+    ok(ledger, T, "award", "w2", a, 30, counter="action/review", limit=2)
+    rejected(ledger, T, Code.LIMIT_REACHED, "award", "w3", a, 30,
+             counter="action/review", limit=2)
+    ok(ledger, T, "award", "w4", b, 30, counter="action/review", limit=2)
+    ok(ledger, T, "award", "w5", a, 5, counter="action/other")   # no limit
+    assert run(ledger, T, "award", "w1", a, 30, counter="action/review",
+               limit=2).replayed
+    assert ledger.counter(a, b"action/review") == (2, 2)
+    expect(ledger, a, T, available=65, balance=65, earned=65)
+    earn, bonus = entries_after(ledger, 3)[:2]    # after the program and members
+    assert (earn.type, earn.amount, earn.ref) == (Entry.EARN, 30, 1)
+    assert (bonus.type, bonus.credit, bonus.amount, bonus.amount2, bonus.ref,
+            bonus.data) == (Entry.BONUS, a, 30, 1, 1, b"action/review")
+    for code, fields in ((Code.KEY_INVALID, dict(counter="")),
+                         (Code.AMOUNT_INVALID, dict(limit=-1)),
+                         (Code.TIME_INVALID, dict(counter="x", expires_at=T))):
+        rejected(ledger, T, code, "award", "w6", a, 30, **{"counter": "x", **fields})
+    rejected(ledger, T, Code.AMOUNT_INVALID, "award", "w6", a, 0, counter="x")
+    assert ledger.audit() == []
+
+
+def test_a_visit_counts_a_committed_receipt_and_the_nth_earns_once(ledger, open_program):
+    a, b = open_program(1, 2)
+    batch = Batch()
+    for i in range(4):
+        batch.capture(f"c{i}", a, money=1_000)
+        batch.visit(f"c{i}/visit", f"c{i}", 50, counter="visits/m", count=3)
+    batch.capture("bad", a, spend=1_000, money=1_000)   # too few points: refused
+    batch.visit("bad/visit", "bad", 50, counter="visits/m", count=3)
+    batch.visit("other", "c0", 50, counter="visits/m", count=3, account=b)
+    results = list(ledger.apply(batch, T))
+    assert [(r.code, r.a, r.b) for r in results[1::2]] == [
+        (Code.OK, 0, 1), (Code.OK, 0, 2), (Code.OK, 1, 3), (Code.OK, 0, 4),
+        (Code.OPERATION_NOT_FOUND, 0, 0)]
+    assert results[-1].code == Code.KEY_INVALID  # c0 is a's receipt, not b's
+    assert ledger.counter(a, b"visits/m") == (4, 1)
+    assert ledger.operation(b"c2/visit").earned == 50
+    ok(ledger, T, "adjust", "adj", a, 5, reason=1)
+    rejected(ledger, T, Code.KEY_INVALID, "visit", "v9", "adj", 50, counter="visits/m",
+             count=3)  # an operation, but no receipt
+    rejected(ledger, T, Code.OPERATION_NOT_FOUND, "visit", "v9", "nothing", 50,
+             counter="visits/m", count=3)
+    assert ledger.audit() == []
+
+
+def test_the_member_index_follows_tiers_and_birthdays(ledger, open_program):
+    [a] = open_program(1, 1)
+    ok(ledger, T, "open_account", "o2", 1, "m2", birthday=(2, 29))
+    ok(ledger, T, "open_account", "o3", 1, "m3", birthday=(2, 29))
+    rejected(ledger, T, Code.TIME_INVALID, "open_account", "o4", 1, "m4",
+             birthday=(2, 30))
+    assert list(ledger.birthdays(1, 229)) == [2, 3]
+    ok(ledger, T, "set_profile", "p1", 2, b"x", birthday=(12, 31))
+    ok(ledger, T, "set_profile", "p2", 3, b"", erase=True, external_id="m3")
+    assert list(ledger.birthdays(1, 229)) == [] and list(ledger.birthdays(1, 1231)) == [2]
+    for op_id, account, tier in (("t1", a, 2), ("t2", 2, 3), ("t3", a, 1), ("t4", 3, 2),
+                                 ("t5", 3, 0)):
+        ok(ledger, T, "set_tier", op_id, account, tier)
+    assert list(ledger.tiered(1)) == [(1, a), (3, 2)]
+    assert list(ledger.tiered(1, 2)) == [(3, 2)]
+    assert ledger.audit() == []

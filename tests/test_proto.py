@@ -33,7 +33,8 @@ SERVICES = {
                 "LookupMember": "unary", "UpdateMember": "unary",
                 "EraseMember": "unary", "IssueCard": "unary",
                 "ResolveCard": "unary", "BlockCard": "unary",
-                "ReplaceCard": "unary", "MergeMembers": "unary"},
+                "ReplaceCard": "unary", "MergeMembers": "unary",
+                "AwardAction": "unary"},
     "Programs": {"CreateProgram": "unary", "UpdateProgram": "unary",
                  "GetProgram": "unary", "ListPrograms": "unary"},
     "Feed": {"Subscribe": "server stream", "GetPointsReport": "unary",
@@ -51,7 +52,7 @@ SERVICES = {
 WRITES = {"Checkout.Hold", "Checkout.Capture", "Checkout.Void",
           "Checkout.Refund", "Members.EnrolMember", "Members.UpdateMember",
           "Members.EraseMember", "Members.IssueCard", "Members.BlockCard",
-          "Members.ReplaceCard", "Members.MergeMembers",
+          "Members.ReplaceCard", "Members.MergeMembers", "Members.AwardAction",
           "Programs.CreateProgram", "Programs.UpdateProgram", "Admin.Adjust"}
 # Everything else: reads, streams keyed otherwise (card reads by read_id),
 # and Admin.Backup, which writes no ledger state and refuses an existing

@@ -60,7 +60,8 @@ def test_enrol_links_the_card_and_credits_the_welcome_bonus(srv, admin):
     assert m.external_id == "crm-1" and m.state == common_pb2.MEMBER_STATE_ACTIVE
     assert (m.birthday.month, m.birthday.day, m.birthday.year) == (2, 29, 0)
     assert m.enrol_time.ToMicroseconds() == START and not m.HasField("erase_time")
-    assert m.tier == "" and m.referrer == "" and m.merged_into == ""
+    # never placed by a tier close: the lowest level
+    assert m.tier == "base" and m.referrer == "" and m.merged_into == ""
     assert out.welcome_points == WELCOME
     assert m.balances.available_points == WELCOME  # spendable at once
     assert out.card == pb.Card(card_number="7001", member=m.name,
@@ -294,7 +295,9 @@ def test_a_referrer_only_before_the_first_receipt(srv, admin):
     name = enrol(admin, "crm-1").member.name
     other = enrol(admin, "crm-2").member.name
     account = int(name.rsplit("/", 1)[1])
-    apply(srv, Batch().earn("receipt-1", account, 50, expires_at=NEVER))
+    apply(srv, Batch().award("action-1", account, 30, counter="action/review"))
+    update(admin, "u0", name, ["referrer"], referrer=other)  # a bonus is no receipt
+    apply(srv, Batch().earn("receipt-1", account, 50, money=5_000, expires_at=NEVER))
     assert refused(admin.UpdateMember, pb.UpdateMemberRequest(
         operation_id="u1", member=pb.Member(name=name, referrer=other),
         update_mask=FieldMask(paths=["referrer"])))[2] == ["member.referrer"]

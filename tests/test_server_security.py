@@ -158,6 +158,8 @@ def test_every_rpc_is_enumerated_and_the_table_names_only_real_rpcs():
     for service in ("Checkout", "Members", "Programs", "Feed", "Store", "Admin"):
         assert any(p.startswith(f"/kopilka.v1.{service}/") for p in paths), service
     assert set(auth.ALLOWED) <= paths, "ALLOWED lists an RPC that does not exist"
+    # integration services award actions' bonuses; stores do not
+    assert auth.allowed("/kopilka.v1.Members/AwardAction") == {"integration", "admin"}
 
 
 @pytest.mark.parametrize("method", RPCS, ids=path_of)

@@ -6,9 +6,10 @@ hold timeouts, expiry, debt and refunds of every kind happen often; time
 jumps cross activation, expiry and hold timeouts. Operations carry data now
 and then (kept with their records, or as a profile), and profiles are set,
 deleted and erased with their external ids; tiers change and stay; programs
-change their UTC offset (local days of the aggregates) now and then. The
-long sequences must produce breakage cohorts that saw issue, spend,
-expiry and clawback.
+change their UTC offset (local days of the aggregates) now and then;
+members get birthdays (indexed), bonuses counted against limits and visits
+counted towards a bonus. The long sequences must produce breakage cohorts
+that saw issue, spend, expiry and clawback.
 """
 
 import collections
@@ -24,7 +25,8 @@ from kopilka import kernel
 from kopilka.core.aggregates import CohortCounters, Counters
 from kopilka.core.batch import Batch
 from kopilka.core.records import (ACTIVITY_VALUE, AGG_ACTIVITY, AGG_COHORT,
-                                  AGG_MEMBER_DAY, AGG_SETTLEMENT, COHORT_VALUE,
+                                  AGG_MEMBER_DAY, AGG_MEMBER_MONTH,
+                                  AGG_SETTLEMENT, COHORT_VALUE,
                                   INT64_MAX, INT64_MIN,
                                   MAX_TIER, NEVER, PROFILE_ERASE,
                                   PROGRAM_ALLOW_DEBT, Kind, Status)
@@ -41,6 +43,9 @@ EDGE = [INT64_MAX, INT64_MIN, INT64_MAX - 1, -1, 0]
 # PUT_PROGRAM's reason: UTC offsets in minutes as u32, some out of range
 OFFSETS = [m & 0xFFFFFFFF for m in (0, 0, 180, -300, 1439, -1439, 1440, -2**31)]
 RECEIPT_KINDS = (Kind.EARN, Kind.SPEND, Kind.CAPTURE)
+# birthdays (month * 100 + day), some no date; bonus counters' names
+BIRTHDAYS = [0, 0, 0, 229, 1231, 101, 1015, 230, 1301, 0x10101, 2**32 - 1]
+COUNTERS = ["visits/a", "visits/b", "action/x", "", "c" * 129]
 
 small = st.integers(1, 60)
 amounts = st.one_of(*[small] * 8, st.integers(0, 400), st.sampled_from(EDGE))
@@ -104,6 +109,15 @@ def operations(draw):
         fields["key"] = draw(st.sampled_from(EXTERNALS + ["", "m9", "card1"]))
     if kind == Kind.SET_TIER:
         fields["amount"] = draw(st.sampled_from(TIERS))
+    if kind in (Kind.OPEN_ACCOUNT, Kind.SET_PROFILE):
+        fields["reason"] = draw(st.sampled_from(BIRTHDAYS))
+    if kind in (Kind.AWARD, Kind.VISIT):
+        fields["key"] = draw(st.sampled_from(COUNTERS))
+        fields["amount"] = draw(st.sampled_from([0, 1, 2, 3, -1]))
+        fields["expires_at"] = draw(st.sampled_from([NEVER, fields["activates_at"] + DAY]))
+    if kind == Kind.VISIT:
+        fields["key2"] = draw(st.one_of(st.tuples(st.just(Kind.EARN), st.integers(0, 99)),
+                                        st.sampled_from(["", "nothing", "h0"])))
     return fields
 
 
@@ -131,10 +145,11 @@ def build(ops, base, history):
             f = history[f["repeat"] % len(history)]
         else:
             f = dict(f)
-            if isinstance(f["key"], tuple):
-                kinds = RECEIPT_KINDS if f["key"][0] == Kind.EARN else (Kind.HOLD,)
-                earlier = [h["op_id"] for h in history if h["kind"] in kinds]
-                f["key"] = earlier[f["key"][1] % len(earlier)] if earlier else "none"
+            for name in ("key", "key2"):
+                if isinstance(f[name], tuple):
+                    kinds = RECEIPT_KINDS if f[name][0] == Kind.EARN else (Kind.HOLD,)
+                    earlier = [h["op_id"] for h in history if h["kind"] in kinds]
+                    f[name] = earlier[f[name][1] % len(earlier)] if earlier else "none"
             for name in ("activates_at", "expires_at"):
                 if f[name] != NEVER:
                     f[name] = max(0, base + f[name])
@@ -171,7 +186,7 @@ def random_operation(rng, history):
     """One operation with a realistic mix: mostly valid, references to
     operations applied earlier (`history`), some edge values and garbage."""
     kind = rng.choices(list(Kind),
-                       weights=[1, 3, 1, 2, 1, 1, 12, 6, 6, 6, 3, 6, 3, 3, 2, 2, 2])[0]
+                       weights=[1, 3, 1, 2, 1, 1, 12, 6, 6, 6, 3, 6, 3, 3, 2, 2, 2, 3, 4])[0]
     receipts = [h["op_id"] for h in history if h["kind"] in RECEIPT_KINDS]
     holds = [h["op_id"] for h in history if h["kind"] == Kind.HOLD]
     edge = rng.random() < 0.03
@@ -231,11 +246,20 @@ def random_operation(rng, history):
                      data=rng.choice([b"", rng.randbytes(rng.randint(1, 400))]))
     elif kind == Kind.SET_TIER:
         f["amount"] = rng.choice(TIERS[:5] + TIERS)
+    elif kind in (Kind.AWARD, Kind.VISIT):
+        f.update(key=rng.choice(COUNTERS[:3] * 5 + COUNTERS), amount2=points,
+                 amount=rng.choice([0, 1, 2, 3, 3, 5]), money=0, **lot_times)
+        if kind == Kind.VISIT:
+            f.update(account=rng.choice([0, 0, 0, f["account"]]),
+                     key2=rng.choice(receipts) if receipts and rng.random() < 0.9
+                     else rng.choice(["none", ""] + holds[:1]))
+    if kind in (Kind.OPEN_ACCOUNT, Kind.SET_PROFILE):
+        f["reason"] = rng.choice(BIRTHDAYS)
     if kind not in (Kind.SET_PROFILE,) and rng.random() < 0.15:
         f["data"] = rng.randbytes(rng.choice([1, 16, 2000]))
     if kind in (Kind.EARN, Kind.SPEND, Kind.HOLD, Kind.CAPTURE) and rng.random() < 0.3:
         f.update(account=rng.choice([0, 0, 1]), key2=rng.choice(CARDS))  # by card
-    elif kind not in (Kind.REPLACE_CARD,):
+    elif kind not in (Kind.REPLACE_CARD, Kind.VISIT):
         f["key2"] = ""
     if rng.random() < 0.05 and history:  # a retry, or an id reused with another payload
         f = dict(rng.choice(history)) if rng.random() < 0.7 else dict(f, op_id=rng.choice(history)["op_id"])
@@ -251,6 +275,8 @@ def label(f, result):
         return "SET_PROFILE/erase"
     if f["kind"] == Kind.SET_TIER and result.ok and result.a == result.b:
         return "SET_TIER/unchanged"
+    if f["kind"] == Kind.VISIT and result.ok and result.a:
+        return "VISIT/earned"
     return Kind(f["kind"]).name
 
 
@@ -295,7 +321,8 @@ def test_kernel_matches_twin_long_sequences(tmp_path):
         rows += run_sequence(seed, tmp_path / str(seed), codes)
     # every kind of aggregate row, settlement between partners, refunds' money
     assert {key[0] for key, _ in rows} == {AGG_ACTIVITY, AGG_SETTLEMENT,
-                                           AGG_MEMBER_DAY, AGG_COHORT}
+                                           AGG_MEMBER_DAY, AGG_COHORT,
+                                           AGG_MEMBER_MONTH}
     # breakage cohorts that saw every movement, of more than one partner
     cohorts = [CohortCounters(*COHORT_VALUE.unpack(value))
                for key, value in rows if key[0] == AGG_COHORT]
@@ -307,8 +334,10 @@ def test_kernel_matches_twin_long_sequences(tmp_path):
     assert any(key[0] == AGG_ACTIVITY and Counters(*ACTIVITY_VALUE.unpack(value)).receipt_money < 0
                for key, value in rows)
     # the mix exercised the paths that matter, not only rejections
-    for kind in [k.name for k in Kind] + ["SET_PROFILE/erase", "SET_TIER/unchanged"]:
+    for kind in [k.name for k in Kind] + ["SET_PROFILE/erase", "SET_TIER/unchanged",
+                                          "VISIT/earned"]:
         assert codes[(kind, "OK")] > 0, (kind, codes)
     for code in ("INSUFFICIENT_POINTS", "HOLD_EXPIRED", "HOLD_CAPTURED", "CARD_BLOCKED",
-                 "REFUND_EXCEEDS_ORIGINAL", "OP_ID_REUSED", "TIME_INVALID"):
+                 "REFUND_EXCEEDS_ORIGINAL", "OP_ID_REUSED", "TIME_INVALID",
+                 "LIMIT_REACHED"):
         assert any(c == code for _, c in codes), code

@@ -1,5 +1,5 @@
-"""`member enrol|get|lookup` and `card issue|resolve|block|replace`: members,
-their balances and their loyalty cards."""
+"""`member enrol|get|lookup|award` and `card issue|resolve|block|replace`:
+members, their balances, action bonuses and their loyalty cards."""
 
 from .. import CliError
 from ..client import Client, _operation_id
@@ -30,6 +30,13 @@ def _add_member(sub, client, write):
     _program_option(p)
     p.add_argument("--full", action="store_true", help="also lots and holds")
     p.set_defaults(run=cmd_member_lookup)
+    p = actions.add_parser("award", parents=[client, write],
+                           help="award an action's bonus (bonuses.actions)")
+    p.add_argument("member", help="member id (with --program) or "
+                                  "programs/{p}/members/{m}")
+    p.add_argument("action", help="the action's name, e.g. review")
+    _program_option(p)
+    p.set_defaults(run=cmd_member_award)
 
 
 def _member_name(text, program):
@@ -110,6 +117,21 @@ def cmd_member_lookup(args):
             parent=_program_name(args.program), external_id=args.external_id,
             view=_view(args.full)))
     return _print_json(r) if args.json else print("\n".join(member_lines(r.member)))
+
+
+def cmd_member_award(args):
+    from kopilka.v1 import members_pb2 as pb
+    with Client(args) as c:
+        r = c("Members.AwardAction", pb.AwardActionRequest(
+            operation_id=_operation_id(args, "award"),
+            name=_member_name(args.member, args.program), action=args.action))
+    if args.json:
+        return _print_json(r)
+    limit = f" of {r.limit}" if r.limit else ""
+    print(f"awarded {r.points} points to {r.member} for {args.action} "
+          f"({r.count}{limit}){' (replayed)' if r.replayed else ''}, lot "
+          f"{r.lot_number}, expires {day(r.expire_time, 'never')}")
+    print(f"  {balances(r.balances)}")
 
 
 # --- cards --------------------------------------------------------------------
