@@ -984,16 +984,20 @@ def _sweep(work, op):
 
 # --- coupons ------------------------------------------------------------------
 
-def _named_receipt(work, op, account_id):
-    """A coupon operation's `key`, when given: a receipt of the member."""
-    if not op.key:
-        return
-    if len(op.key) > MAX_OP_ID:
-        raise Rejected(Code.KEY_INVALID)
-    raw = work.state.get("ops", op.key)
-    receipt = Operation.decode(raw) if raw is not None else None
-    if receipt is None or receipt.kind not in REFUNDABLE or receipt.account != account_id:
-        raise Rejected(Code.OPERATION_NOT_FOUND)
+def _coupon_member(work, op):
+    """(account id, Account) a coupon operation names (by id, or the card
+    `key2`), usable; the receipt its `key` names, if any, must be theirs."""
+    account_id = work.resolve(op)
+    account = work.usable_account(account_id)
+    if op.key:
+        if len(op.key) > MAX_OP_ID:
+            raise Rejected(Code.KEY_INVALID)
+        raw = work.state.get("ops", op.key)
+        receipt = Operation.decode(raw) if raw is not None else None
+        if (receipt is None or receipt.kind not in REFUNDABLE
+                or receipt.account != account_id):
+            raise Rejected(Code.OPERATION_NOT_FOUND)
+    return account_id, account
 
 
 def _open_coupon(work, account_id, coupon, how):
@@ -1013,9 +1017,7 @@ def _issue_coupon(work, op):
     if op.amount <= 0:
         raise Rejected(Code.AMOUNT_INVALID)
     work.check_lot_times(op)
-    account_id = work.resolve(op)
-    account = work.usable_account(account_id)
-    _named_receipt(work, op, account_id)
+    account_id, account = _coupon_member(work, op)
     held = [c for c in account.coupons if c.state == CouponState.OPEN]
     if op.flags & COUPON_ONE_PER_CUSTOMER and any(
             op.business_time < c.expires_at for c in held):
@@ -1037,9 +1039,7 @@ def _redeem_coupon(work, op):
         raise Rejected(Code.FLAGS_INVALID)
     if op.amount <= 0:
         raise Rejected(Code.AMOUNT_INVALID)
-    account_id = work.resolve(op)
-    account = work.usable_account(account_id)
-    _named_receipt(work, op, account_id)
+    account_id, account = _coupon_member(work, op)
     coupon = next((c for c in account.coupons if c.number == op.amount2), None)
     if coupon is None or coupon.state == CouponState.REVOKED:
         raise Rejected(Code.COUPON_NOT_FOUND)

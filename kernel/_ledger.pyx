@@ -4,7 +4,8 @@
 A faithful port of `kopilka.core.twin` (the specification): same checks in
 the same order, same result codes, same bytes stored. A whole batch runs with
 the GIL released in one write transaction, committed durably. Each operation
-is worked out in scratch memory first and written only if it succeeds.
+(or chain of linked operations) is worked out in scratch memory first and
+written only if it succeeds.
 """
 
 cimport cython
@@ -2253,6 +2254,19 @@ cdef int named_receipt(Work *w, uint64_t account_id) noexcept nogil:
     return rc
 
 
+cdef int coupon_member(Work *w, Acct **a) noexcept nogil:
+    """The member a coupon operation names (by id, or the card `key2`),
+    usable, and the receipt it names, if any, theirs."""
+    cdef uint64_t account_id
+    cdef int rc = resolve(w, &account_id)
+    if rc:
+        return rc
+    rc = usable_account(w, account_id, a)
+    if rc:
+        return rc
+    return named_receipt(w, account_id)
+
+
 cdef int open_coupon(Work *w, Acct *a, CouponRec *coupon, int how) noexcept nogil:
     """Makes `coupon` the member's (open), dropping their closed ones."""
     cdef uint32_t i, j = 0
@@ -2286,7 +2300,6 @@ cdef int open_coupon(Work *w, Acct *a, CouponRec *coupon, int how) noexcept nogi
 
 cdef int op_issue_coupon(Work *w) noexcept nogil:
     cdef const OpHead *op = w.op
-    cdef uint64_t account_id
     cdef uint32_t i, held = 0
     cdef CouponRec coupon
     cdef Acct *a
@@ -2298,13 +2311,7 @@ cdef int op_issue_coupon(Work *w) noexcept nogil:
     rc = check_lot_times(w)
     if rc:
         return rc
-    rc = resolve(w, &account_id)
-    if rc:
-        return rc
-    rc = usable_account(w, account_id, &a)
-    if rc:
-        return rc
-    rc = named_receipt(w, account_id)
+    rc = coupon_member(w, &a)
     if rc:
         return rc
     for i in range(a.n_coupons):
@@ -2323,7 +2330,7 @@ cdef int op_issue_coupon(Work *w) noexcept nogil:
     a.h.next_coupon += 1
     rc = open_coupon(w, a, &coupon, COUPON_EARNED)
     w.rec.program = a.h.program
-    w.rec.account = account_id
+    w.rec.account = a.id
     w.rec.partner = op.partner
     w.rec.a = coupon.number
     w.rec.money = op.amount
@@ -2332,7 +2339,6 @@ cdef int op_issue_coupon(Work *w) noexcept nogil:
 
 cdef int op_redeem_coupon(Work *w) noexcept nogil:
     cdef const OpHead *op = w.op
-    cdef uint64_t account_id
     cdef uint32_t i
     cdef CouponRec *coupon = NULL
     cdef Acct *a
@@ -2341,13 +2347,7 @@ cdef int op_redeem_coupon(Work *w) noexcept nogil:
         return FLAGS_INVALID
     if op.amount <= 0:
         return AMOUNT_INVALID
-    rc = resolve(w, &account_id)
-    if rc:
-        return rc
-    rc = usable_account(w, account_id, &a)
-    if rc:
-        return rc
-    rc = named_receipt(w, account_id)
+    rc = coupon_member(w, &a)
     if rc:
         return rc
     for i in range(a.n_coupons):
@@ -2364,7 +2364,7 @@ cdef int op_redeem_coupon(Work *w) noexcept nogil:
     if op.amount > coupon.value:
         return AMOUNT_INVALID
     coupon.state = CP_REDEEMED
-    rc = event(w, E_COUPON_CLOSED, a.h.program, account_id, op.amount, CP_REDEEMED,
+    rc = event(w, E_COUPON_CLOSED, a.h.program, a.id, op.amount, CP_REDEEMED,
                coupon.number, NULL, 0)
     if rc:
         return rc
@@ -2379,7 +2379,7 @@ cdef int op_redeem_coupon(Work *w) noexcept nogil:
     w.consumed.items[0].issued_hour = 0
     w.consumed.n = 1
     w.rec.program = a.h.program
-    w.rec.account = account_id
+    w.rec.account = a.id
     w.rec.partner = op.partner
     w.rec.a = coupon.number
     w.rec.b = op.amount

@@ -283,3 +283,20 @@ def test_post_answers_each_capture_with_its_coupons(srv, pos):
         f"{member}-1", f"{member}-2")
     assert (second.coupon_issued.code, second.HasField("coupon_redeemed")) == (
         f"{other}-1", False)
+
+
+def test_a_receipt_the_coupon_pays_in_full(srv, pos):
+    """Nothing to pay and no points: the redemption alone records it, and a
+    retry gets its answer. (Such a receipt has no capture to refund.)"""
+    member = open_member(srv, 1, "c1", card="7001")
+    capture(pos, srv, "s42/l1/r1", 150_000)
+    srv.clock.advance(7 * DAY)
+    free = capture(pos, srv, "s42/l1/r2", 8_000)
+    assert (free.coupon_redeemed.code, free.coupon_redeemed.discount.minor_units,
+            free.paid.minor_units, free.earned_points) == (f"{member}-1", 8_000, 0, 0)
+    again = capture(pos, srv, "s42/l1/r2", 8_000)
+    assert again.replayed and again.coupon_redeemed == free.coupon_redeemed
+    assert coupons(srv, member) == [(f"{member}-1", REDEEMED)]
+    with pytest.raises(grpc.RpcError) as err:
+        refund(pos, "s42/l1/r2/ret", "s42/l1/r2")
+    assert error_info(err.value)[:2] == ("NOT_FOUND", "ORIGINAL_OPERATION_NOT_FOUND")
