@@ -241,6 +241,7 @@ cdef object _LineQuote = None, _LinePrice = None, _Priced = None, _LineShare = N
 cdef object _Reason = None, _CouponTerms = None, _CouponIssue = None
 cdef object _CouponRedemption = None, _Quote = None, _Settlement = None
 cdef object _Allocation = None, _Batch = None, _plan_of = None, _split = None
+cdef object _coupon_ops = None
 cdef object W_TIER_UNKNOWN, W_EXPIRED_ON_ARRIVAL, W_BEST, W_ADDITIVE, W_NOT_BEST
 cdef object W_NOT_YET_USABLE, W_EXPIRED, W_NOTHING_TO_COVER, W_REDEEMED, W_EARNED
 cdef object W_ALREADY_HELD, W_CAP, W_BALANCE, W_MIN_BALANCE, W_MIN_POINTS
@@ -259,7 +260,7 @@ LINE_FIELDS = ("number", "sku", "category", "quantity", "unit_price", "total", "
 RECEIPT_FIELDS = ("id", "store", "lane", "business_time", "lines")
 MEMBER_FIELDS = ("available", "tier", "newcomer", "regular", "coupon", "held",
                  "account", "card", "referrer", "enrolled_at")
-COUPON_FIELDS = ("code", "value", "usable_from", "expires_at")
+COUPON_FIELDS = ("code", "value", "usable_from", "expires_at", "number")
 cdef enum:
     L_NUMBER, L_SKU, L_CATEGORY, L_QUANTITY, L_UNIT_PRICE, L_TOTAL, L_FLAGS
 cdef enum:
@@ -268,11 +269,11 @@ cdef enum:
     M_AVAILABLE, M_TIER, M_NEWCOMER, M_REGULAR, M_COUPON, M_HELD, M_ACCOUNT, M_CARD
     M_REFERRER, M_ENROLLED_AT
 cdef enum:
-    C_CODE, C_VALUE, C_USABLE_FROM, C_EXPIRES_AT
+    C_CODE, C_VALUE, C_USABLE_FROM, C_EXPIRES_AT, C_NUMBER
 cdef Py_ssize_t LINE_AT[7]
 cdef Py_ssize_t RECEIPT_AT[5]
 cdef Py_ssize_t MEMBER_AT[10]
-cdef Py_ssize_t COUPON_AT[4]
+cdef Py_ssize_t COUPON_AT[5]
 cdef bint line_slots = False, receipt_slots = False, member_slots = False
 cdef bint coupon_slots = False
 
@@ -317,7 +318,7 @@ def bind(**names):
     receipt.py binds `Line` (for quick_lines), pricing.py the rest."""
     global _Line, _Receipt, _Member, _MemberCoupon, _LineQuote, _LinePrice, _Priced
     global _LineShare, _Reason, _CouponTerms, _CouponIssue, _CouponRedemption, _Quote
-    global _Settlement, _Allocation, _Batch, _plan_of, _split, DAY, CLOCK_SKEW
+    global _Settlement, _Allocation, _Batch, _plan_of, _split, _coupon_ops, DAY, CLOCK_SKEW
     global MAX_OP_ID, LONGEST_SUFFIX, BASIS, NEVER, EPOCH
     global W_TIER_UNKNOWN, W_EXPIRED_ON_ARRIVAL, W_BEST, W_ADDITIVE, W_NOT_BEST
     global W_NOT_YET_USABLE, W_EXPIRED, W_NOTHING_TO_COVER, W_REDEEMED, W_EARNED
@@ -338,6 +339,7 @@ def bind(**names):
     _CouponIssue, _CouponRedemption = names["CouponIssue"], names["CouponRedemption"]
     _Quote, _Settlement, _Allocation = names["Quote"], names["Settlement"], names["Allocation"]
     _Batch, _plan_of, _split = names["Batch"], names["plan"], names["split"]
+    _coupon_ops = names["coupon_ops"]
     DAY, CLOCK_SKEW, BASIS = names["DAY"], names["CLOCK_SKEW"], names["BASIS"]
     NEVER, EPOCH = names["NEVER"], names["EPOCH"]
     MAX_OP_ID = names["MAX_OP_ID"]
@@ -1011,7 +1013,9 @@ def quote(program, receipt, member, now):
         code, coupon_value = coupon_field(held, C_CODE), coupon_field(held, C_VALUE)
         usable_from = coupon_field(held, C_USABLE_FROM)
         coupon_expires = coupon_field(held, C_EXPIRES_AT)
+        coupon_number = coupon_field(held, C_NUMBER)
         if not (PyLong_CheckExact(coupon_value) and coupon_value >= 1
+                and PyLong_CheckExact(coupon_number) and coupon_number >= 0
                 and PyLong_CheckExact(usable_from) and PyLong_CheckExact(coupon_expires)
                 and code is not _UNSET):
             return None
@@ -1223,26 +1227,17 @@ def settle_quote(q, spend, op_id_prefix, hold, annotate):
     allocation = record(_Allocation, {"capture": capture, "referral_op": referral_op,
                                       "version": number, "lines": calc.shares(priced)})
     batch = _Batch()
+    data = (annotate(allocation, referral_data)
+            if annotate and (capture is not None or q.coupon) else b"")
     if capture is not None:
         batch.capture(capture, member.account, hold=hold or b"", spend=spend,
                       earn=earn, activates_at=q.activates_at,
                       expires_at=q.expires_at, money=paid, partner=partner,
                       version=number, business_time=bt, card=member.card,
-                      store=store, lane=lane,
-                      data=annotate(allocation, referral_data) if annotate else b"")
+                      store=store, lane=lane, data=data)
     issue = redemption = None
-    terms = q.coupon_earned
-    if terms is not None:
-        issue = kp_alloc(_CouponIssue, 4)
-        kp_put(issue, 0, op_id_prefix + "/coupon-issue")
-        kp_put(issue, 1, terms[0])
-        kp_put(issue, 2, terms[1])
-        kp_put(issue, 3, terms[2])
-    if q.coupon:
-        redemption = kp_alloc(_CouponRedemption, 3)
-        kp_put(redemption, 0, op_id_prefix + "/coupon-redeem")
-        kp_put(redemption, 1, member.coupon.code)
-        kp_put(redemption, 2, q.coupon)
+    if q.coupon or q.coupon_earned is not None:  # pricing._coupon_ops: rare, in Python
+        issue, redemption = _coupon_ops(batch, q, capture, op_id_prefix, data)
     return record(_Settlement, {"quote": q, "priced": priced, "batch": batch,
                                 "after": after, "allocation": allocation,
                                 "coupon_issue": issue, "coupon_redemption": redemption})

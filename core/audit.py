@@ -8,6 +8,8 @@ bonus counters (from the BONUS events); what the lots of each breakage
 cohort hold must not exceed its outstanding points. The member index must
 list exactly the members' tiers and birthdays (the journal never holds a
 birthday: its index is checked for consistency alone).
+Members' coupons are replayed from their COUPON_ISSUED and COUPON_CLOSED
+entries too, and must be what the accounts hold.
 """
 
 import hashlib
@@ -15,12 +17,13 @@ import struct
 from collections import defaultdict
 
 from . import aggregates
-from .codec import Account, JournalEntry, decode_lots
+from .codec import Account, Coupon, JournalEntry, decode_coupon_issued, decode_lots
 from .records import (AGG_COHORT, BIRTHDAY_OF_KEY, BIRTHDAY_VALUE, COHORT_KEY,
-                      COUNTER_VALUE, DAYS_IN_MONTH, EXPIRY_KEY, HASH_SIZE,
-                      HEAD, I64, IDX_BIRTHDAY, IDX_BIRTHDAY_OF, IDX_TIER,
+                      COUNTER_VALUE, COUPON_EARNED, COUPON_GIVEN_BACK,
+                      DAYS_IN_MONTH, EXPIRY_KEY, HASH_SIZE, HEAD, I64,
+                      IDX_BIRTHDAY, IDX_BIRTHDAY_OF, IDX_TIER, MAX_COUPONS,
                       MAX_HOLDS, MAX_LOTS, MEMBER_INDEX_KEY, META_HEAD, NEVER,
-                      SYSTEM, SYSTEM_KEY, U64, Entry)
+                      SYSTEM, SYSTEM_KEY, U64, CouponState, Entry)
 
 FIRST_POSTING = Entry.EARN
 # Postings that name the lots they touch (records.py): all of their points,
@@ -39,6 +42,7 @@ def audit(snap):
     programs_of = {}              # member account id -> program
     tiers = {}                    # member account id -> tier, from TIER_SET
     counters = {}                 # bonus_counters key -> [count, awards]
+    coupons = _Coupons()
     rebuilt = aggregates.Rebuild()
 
     seq, digest = 0, bytes(HASH_SIZE)
@@ -65,6 +69,8 @@ def audit(snap):
             if entry.amount2 != counter[0]:
                 problems.append(f"journal seq {entry.seq}: counter at "
                                 f"{entry.amount2}, the journal counts {counter[0]}")
+        elif entry.type in (Entry.COUPON_ISSUED, Entry.COUPON_CLOSED):
+            problems += coupons.add(entry)
         try:
             rebuilt.add(entry)
         except (struct.error, ValueError, IndexError):
@@ -129,6 +135,7 @@ def audit(snap):
             problems.append(f"{where}: too many lots or holds")
         if any(h.amount <= 0 for h in a.holds):
             problems.append(f"{where}: empty hold")
+        problems += coupons.check(account_id, a, where)
         if a.tier != tiers.get(account_id, 0):
             problems.append(f"{where}: tier {a.tier}, journal says "
                             f"{tiers.get(account_id, 0)}")
@@ -202,6 +209,61 @@ def _birthday_problems(where, program, account_id, raw, index):
                  None) is None:
         return [f"{where}: birthday {birthday} not in the member index"]
     return []
+
+
+class _Coupons:
+    """Members' coupons replayed from the journal (records.py): what each
+    account must hold, and the numbers issued."""
+
+    def __init__(self):
+        self.held = defaultdict(dict)   # account -> {number: Coupon}
+        self.issued = {}                # account -> highest number issued
+
+    def add(self, entry):
+        where = f"journal seq {entry.seq}"
+        held = self.held[entry.credit]
+        number = entry.ref
+        if entry.type == Entry.COUPON_CLOSED:
+            coupon = held.get(number)
+            if coupon is None or coupon.state != CouponState.OPEN:
+                return [f"{where}: closes coupon {number}, which is not open"]
+            if entry.amount2 not in (CouponState.REDEEMED, CouponState.REVOKED,
+                                     CouponState.EXPIRED):
+                return [f"{where}: closes coupon {number} as {entry.amount2}"]
+            coupon.state = entry.amount2
+            redeemed = entry.amount2 == CouponState.REDEEMED
+            if not (0 < entry.amount <= coupon.value if redeemed else entry.amount == 0):
+                return [f"{where}: coupon {number} took {entry.amount} off"]
+            return []
+        try:
+            usable_from, how = decode_coupon_issued(entry.data)
+        except (ValueError, IndexError):
+            return [f"{where}: coupon issued malformed"]
+        last = self.issued.get(entry.credit, 0)
+        if not (how == COUPON_EARNED and number == last + 1
+                or how == COUPON_GIVEN_BACK and 0 < number <= last):
+            return [f"{where}: coupon {number} issued out of order"]
+        if any(c.state == CouponState.OPEN and c.number == number for c in held.values()):
+            return [f"{where}: coupon {number} issued while open"]
+        if how == COUPON_EARNED:
+            self.issued[entry.credit] = number
+        self.held[entry.credit] = {n: c for n, c in held.items()
+                                   if c.state == CouponState.OPEN}
+        self.held[entry.credit][number] = Coupon(number, CouponState.OPEN, entry.amount,
+                                                 usable_from, entry.amount2)
+        return []
+
+    def check(self, account_id, account, where):
+        expected = sorted(self.held.get(account_id, {}).values(), key=lambda c: c.number)
+        problems = []
+        if account.coupons != expected:
+            problems.append(f"{where}: coupons {account.coupons}, journal says {expected}")
+        if account.next_coupon != self.issued.get(account_id, 0) + 1:
+            problems.append(f"{where}: next coupon {account.next_coupon}, journal says "
+                            f"{self.issued.get(account_id, 0) + 1}")
+        if sum(c.state == CouponState.OPEN for c in account.coupons) > MAX_COUPONS:
+            problems.append(f"{where}: too many open coupons")
+        return problems
 
 
 def _aggregate_problems(snap, expected):

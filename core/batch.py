@@ -7,8 +7,11 @@ same request always encodes to the same bytes (its idempotency digest).
 
 from dataclasses import dataclass
 
-from .records import (MAX_DATA, NEVER, OP, PROFILE_ERASE, REFUND_PROPORTIONAL,
-                      RESULT, RESULT_REPLAYED, TRANSFER_ALL, Code, Kind)
+from .records import (COUPON_ONE_PER_CUSTOMER, LINKED, MAX_DATA, NEVER, OP,
+                      PROFILE_ERASE, REFUND_PROPORTIONAL, RESULT, RESULT_REPLAYED,
+                      TRANSFER_ALL, Code, Kind)
+
+_LINK_AT = 5  # the `link` byte of records.OP
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class Batch:
     def __init__(self):
         self._buffer = bytearray()
         self.count = 0
+        self._last = None  # offset of the last operation added
 
     def __len__(self):
         return self.count
@@ -97,8 +101,9 @@ class Batch:
                 raise ValueError(f"{name} longer than 255 bytes")
         if len(data) > MAX_DATA:
             raise ValueError(f"data longer than {MAX_DATA} bytes")
+        self._last = len(self._buffer)
         self._buffer += OP.pack(
-            kind, flags, len(op_id), len(key), len(key2), len(data), program,
+            kind, flags, len(op_id), len(key), len(key2), 0, len(data), program,
             partner, version, reason, store, lane, account, account2, amount,
             amount2, money, activates_at, expires_at, business_time)
         self._buffer += op_id + key + key2 + data
@@ -107,8 +112,18 @@ class Batch:
 
     def extend(self, other):
         """Appends another batch's operations, in order."""
+        if other._last is not None:
+            self._last = len(self._buffer) + other._last
         self._buffer += other._buffer
         self.count += other.count
+        return self
+
+    def link(self):
+        """Chains the last operation added to the next one: they apply all
+        or nothing (records.py, chains). The next one must follow."""
+        if self._last is None:
+            raise ValueError("no operation to link")
+        self._buffer[self._last + _LINK_AT] |= LINKED
         return self
 
     def put_program(self, op_id, program, *, flags=0, data=b"",
@@ -226,6 +241,30 @@ class Batch:
         return self.add(Kind.SET_PROFILE, op_id, account=account, data=data,
                         key=external_id, flags=PROFILE_ERASE if erase else 0,
                         reason=_birthday(birthday))
+
+    # Coupons (records.py): money off a later purchase, kept per member.
+
+    def issue_coupon(self, op_id, account, value, *, usable_from, expires_at,
+                     one_per_customer=True, receipt=b"", partner=0, version=0,
+                     business_time=0, card=b"", store=0, lane=0, data=b""):
+        """A coupon worth `value` (money) usable from `usable_from` until
+        `expires_at`; `receipt`, the op id of the purchase that earned it."""
+        return self.add(Kind.ISSUE_COUPON, op_id, account=account, amount=value,
+                        activates_at=usable_from, expires_at=expires_at,
+                        flags=COUPON_ONE_PER_CUSTOMER if one_per_customer else 0,
+                        key=receipt, key2=card, partner=partner, version=version,
+                        business_time=business_time, store=store, lane=lane,
+                        data=data)
+
+    def redeem_coupon(self, op_id, account, number, amount, *, receipt=b"",
+                      partner=0, version=0, business_time=0, card=b"", store=0,
+                      lane=0, data=b""):
+        """Coupon `number` of the member takes `amount` (money) off the
+        purchase `receipt` (its op id), judged at `business_time`."""
+        return self.add(Kind.REDEEM_COUPON, op_id, account=account, amount=amount,
+                        amount2=number, key=receipt, key2=card, partner=partner,
+                        version=version, business_time=business_time,
+                        store=store, lane=lane, data=data)
 
     def set_tier(self, op_id, account, tier):
         """The member's tier (0: none, up to MAX_TIER), e.g. at a period's close."""

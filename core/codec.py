@@ -76,6 +76,15 @@ class Hold:
 
 
 @dataclass
+class Coupon:
+    number: int
+    state: int         # CouponState
+    value: int         # money off
+    usable_from: int   # usable while usable_from <= business time < expires_at
+    expires_at: int
+
+
+@dataclass
 class Account:
     program: int
     status: int = Status.ACTIVE
@@ -92,6 +101,8 @@ class Account:
     last_day: int = 0  # 1 + the local day of the last receipt; 0: none yet
     lots: list = field(default_factory=list)    # sorted by (expires_at, lot_no)
     holds: list = field(default_factory=list)   # sorted by hold_no
+    next_coupon: int = 1   # 1 until a coupon is issued: no coupon part stored
+    coupons: list = field(default_factory=list)  # Coupon, by number
 
     @classmethod
     def decode(cls, data):
@@ -115,9 +126,21 @@ class Account:
             i += 3
             holds.append(Hold(hold_no, (amount >> 1) ^ -(amount & 1),
                               (expires_at >> 1) ^ -(expires_at & 1)))
+        next_coupon, coupons = 1, []
+        if i < len(v):
+            next_coupon, n_coupons = v[i], v[i + 1]
+            i += 2
+            for _ in range(n_coupons):
+                number, state, value, usable_from, expires_at = v[i:i + 5]
+                i += 5
+                coupons.append(Coupon(number, state, (value >> 1) ^ -(value & 1),
+                                      (usable_from >> 1) ^ -(usable_from & 1),
+                                      (expires_at >> 1) ^ -(expires_at & 1)))
+        if i != len(v):
+            raise ValueError("account value of the wrong size")
         return cls(program, status, next_lot, next_hold, balance, debt, held,
                    earned, spent, expired, opened_at, tier, last_day, lots,
-                   holds)
+                   holds, next_coupon, coupons)
 
     def encode(self):
         out = bytearray()
@@ -142,6 +165,15 @@ class Account:
             _put_uv(out, hold.hold_no)
             _put_zz(out, hold.amount)
             _put_zz(out, hold.expires_at)
+        if self.next_coupon > 1:
+            _put_uv(out, self.next_coupon)
+            _put_uv(out, len(self.coupons))
+            for c in self.coupons:
+                _put_uv(out, c.number)
+                _put_uv(out, c.state)
+                _put_zz(out, c.value)
+                _put_zz(out, c.usable_from)
+                _put_zz(out, c.expires_at)
         return bytes(out)
 
 
@@ -174,6 +206,23 @@ def decode_lots(data):
     if len(v) % 3:
         raise ValueError("lots of a posting: not whole triples")
     return [tuple(v[i:i + 3]) for i in range(0, len(v), 3)]
+
+
+def encode_coupon_issued(usable_from, how):
+    """A COUPON_ISSUED entry's data (records.py)."""
+    out = bytearray()
+    _put_uv(out, usable_from)
+    _put_uv(out, how)
+    return bytes(out)
+
+
+def decode_coupon_issued(data):
+    """(usable_from, how) of a COUPON_ISSUED entry's data; ValueError or
+    IndexError when malformed."""
+    v = _varints(data)
+    if len(v) != 2:
+        raise ValueError("coupon issued: not two numbers")
+    return v[0], v[1]
 
 
 @dataclass
@@ -273,6 +322,7 @@ class Op:
     """One decoded operation from a batch, with its exact encoded bytes."""
     kind: int
     flags: int
+    link: int
     program: int
     partner: int
     version: int
@@ -301,8 +351,8 @@ def iter_ops(batch):
     while offset < len(view):
         if offset + OP.size > len(view):
             raise ValueError("truncated operation header")
-        (kind, flags, n_id, n_key, n_key2, n_data, program, partner, version,
-         reason, store, lane, account, account2, amount, amount2, money,
+        (kind, flags, n_id, n_key, n_key2, link, n_data, program, partner,
+         version, reason, store, lane, account, account2, amount, amount2, money,
          activates_at, expires_at, business_time) = OP.unpack_from(view, offset)
         end = offset + OP.size + n_id + n_key + n_key2 + n_data
         if end > len(view):
@@ -314,7 +364,7 @@ def iter_ops(batch):
         p += n_key
         key2 = bytes(view[p:p + n_key2])
         data = bytes(view[p + n_key2:end])
-        yield Op(kind, flags, program, partner, version, reason, store, lane,
+        yield Op(kind, flags, link, program, partner, version, reason, store, lane,
                  account, account2, amount, amount2, money, activates_at,
                  expires_at, business_time, op_id, key, key2, data,
                  bytes(view[offset:end]))

@@ -35,9 +35,9 @@ newcomer pays, within the referral window) is worked out the same way.
 
 `settle` prices with the very same code, so a quote and its settlement
 cannot disagree, and turns the result into kernel operations (a CAPTURE that
-spends and earns at once, the referrer's EARN), coupon data (the kernel has
-no coupon operation yet), and the per-line `Allocation` that refunds of
-single lines are computed from (`refund_lines`, in allocation.py).
+spends and earns at once; the member's coupon redeemed, chained to it; the
+coupon it earns; the referrer's EARN), and the per-line `Allocation` that
+refunds of single lines are computed from (`refund_lines`, in allocation.py).
 
 Earned points activate `activation_days` after the business time and expire
 by the program's lifetime rules for purchases (lifetimes.py); points that
@@ -745,10 +745,11 @@ class Settlement:
     any) succeeded, since the kernel applies a batch's operations
     independently and a refused capture must not leave the referrer paid.
 
-    The kernel has no coupon operation yet, so coupons issued and redeemed
-    are data here (`coupon_issue`, `coupon_redemption`) for the caller to
-    record, under their op ids, once the capture is committed. A refund does
-    not take an earned coupon back (nothing to reverse it with yet)."""
+    `batch` also holds the coupon operations (`_coupon_ops`):
+    `coupon_redemption` (REDEEM_COUPON, chained to the capture) and
+    `coupon_issue` (ISSUE_COUPON naming the capture), whose ids and figures
+    these are. A receipt its coupon pays in full has no capture: its batch
+    is the redemption alone, carrying the annotation."""
     quote: Quote
     priced: Priced
     batch: Batch
@@ -851,21 +852,48 @@ def _settle_quote(q, spend, op_id_prefix, hold, annotate):
                    store=receipt.store, lane=receipt.lane)
     allocation = Allocation(capture, referral_op, v.number, q._calc.shares(priced))
     batch = Batch()
+    data = (annotate(allocation, referral)
+            if annotate and (capture is not None or q.coupon) else b"")
     if capture is not None:
         # with no points either way it still records the visit and its money
         batch.capture(capture, member.account, hold=hold or b"", spend=spend,
                       earn=priced.earn, activates_at=q.activates_at,
                       expires_at=q.expires_at, money=priced.paid, partner=q.partner,
                       version=v.number, business_time=bt, card=member.card,
-                      store=receipt.store, lane=receipt.lane,
-                      data=annotate(allocation, referral) if annotate else b"")
-    issue = redemption = None
-    if q.coupon_earned is not None:
-        issue = CouponIssue(op_id_prefix + "/coupon-issue", *q.coupon_earned)
-    if q.coupon:
-        redemption = CouponRedemption(op_id_prefix + "/coupon-redeem",
-                                      member.coupon.code, q.coupon)
+                      store=receipt.store, lane=receipt.lane, data=data)
+    issue, redemption = _coupon_ops(batch, q, capture, op_id_prefix, data)
     return Settlement(q, priced, batch, after, allocation, issue, redemption)
+
+
+def _coupon_ops(batch, q, capture, prefix, data):
+    """Adds a settlement's coupon operations after its capture (both
+    engines call this): the member's coupon redeemed, chained to the
+    capture so that a coupon redeemed meanwhile (another till) refuses the
+    capture too; then the coupon this purchase earns, naming the capture
+    but not chained to it (held meanwhile, the purchase stands and earns
+    none). Without a capture (the coupon paid the receipt in full) the
+    redemption carries `data`. Returns (CouponIssue, CouponRedemption),
+    each None when there is none."""
+    member, receipt, v = q.member, q.receipt, q.version
+    where = dict(partner=q.partner, version=v.number,
+                 business_time=receipt.business_time, card=member.card,
+                 store=receipt.store, lane=receipt.lane)
+    issue = redemption = None
+    if q.coupon:
+        redemption = CouponRedemption(prefix + "/coupon-redeem", member.coupon.code,
+                                      q.coupon)
+        if capture is not None:
+            batch.link()
+        batch.redeem_coupon(redemption.op_id, member.account, member.coupon.number,
+                            q.coupon, receipt=capture or b"",
+                            data=b"" if capture is not None else data, **where)
+    if q.coupon_earned is not None:
+        issue = CouponIssue(prefix + "/coupon-issue", *q.coupon_earned)
+        batch.issue_coupon(issue.op_id, member.account, issue.value,
+                           usable_from=issue.usable_from, expires_at=issue.expires_at,
+                           one_per_customer=v.coupon.one_per_customer,
+                           receipt=capture, **where)
+    return issue, redemption
 
 
 def _bytes(value):
@@ -882,7 +910,8 @@ if _pricing is not None:
                   Quote=Quote, Settlement=Settlement, Allocation=Allocation,
                   Batch=Batch, plan=_plan, split=split, Why=Why, DAY=DAY,
                   CLOCK_SKEW=CLOCK_SKEW, BASIS=BASIS, MAX_OP_ID=MAX_OP_ID,
-                  SUFFIXES=SUFFIXES, NEVER=NEVER, EPOCH=EPOCH)
+                  SUFFIXES=SUFFIXES, NEVER=NEVER, EPOCH=EPOCH,
+                  coupon_ops=_coupon_ops)
 _compiled = _pricing   # the module `quote` and `settle_quote` ask first, or None
 # What `use` accepts here: "compiled" only when it is built.
 IMPLEMENTATIONS = ("compiled", "python") if _pricing is not None else ("python",)

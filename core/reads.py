@@ -15,7 +15,8 @@ from .records import (ACTIVITY_KEY, ACTIVITY_VALUE, AGG_ACTIVITY, AGG_COHORT,
                       I64, IDX_BIRTHDAY, IDX_TIER, MEMBER_DAY_VALUE,
                       MEMBER_INDEX_KEY, MEMBER_MONTH_KEY, MEMBER_MONTH_VALUE,
                       META_HEAD, META_NEXT_ACCOUNT, PROGRAM, SETTLEMENT_KEY,
-                      SYSTEM_KEY, U32, U64, CardStatus, external_key)
+                      SYSTEM_KEY, U32, U64, CardStatus, CouponState,
+                      external_key)
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,30 @@ def balances_of(account_id, account, now):
                     held, account.balance, account.debt,
                     account.earned, account.spent, account.expired,
                     account.tier)
+
+
+def coupon_state(coupon, now):
+    """A coupon's state as of `now`: an open one whose window has ended is
+    expired, though the ledger closes it only when it next touches the
+    account."""
+    if coupon.state == CouponState.OPEN and coupon.expires_at <= now:
+        return CouponState.EXPIRED
+    return coupon.state
+
+
+def offered_coupon(account, now):
+    """The member's coupon a checkout prices with (pricing takes one): of
+    the open ones not lapsed by `now`, the one usable now that expires
+    first, else the one usable soonest; with none open, the last one that
+    expired (for the quote to say so), else None."""
+    held = [c for c in account.coupons if coupon_state(c, now) == CouponState.OPEN]
+    usable = [c for c in held if c.usable_from <= now]
+    if usable:
+        return min(usable, key=lambda c: (c.expires_at, c.number))
+    if held:
+        return min(held, key=lambda c: (c.usable_from, c.number))
+    expired = [c for c in account.coupons if coupon_state(c, now) == CouponState.EXPIRED]
+    return max(expired, key=lambda c: c.number, default=None)
 
 
 @dataclass(frozen=True)

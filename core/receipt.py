@@ -84,6 +84,7 @@ class MemberCoupon:
     value: int               # money minor units off a purchase
     usable_from: int         # microseconds; usable while
     expires_at: int          # usable_from <= business time < expires_at
+    number: int = 0          # the ledger's number of it (REDEEM_COUPON names it)
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,7 +318,8 @@ def member_fine(m):
             and type(m.card) in (bytes, str)):
         return False
     return c is None or (type(c) is MemberCoupon and type(c.value) is int and c.value >= 1
-                         and type(c.usable_from) is int and type(c.expires_at) is int)
+                         and type(c.usable_from) is int and type(c.expires_at) is int
+                         and type(c.number) is int and c.number >= 0)
 
 
 def check_member(member):
@@ -346,5 +348,7 @@ def check_member(member):
                 problems.append(Problem("coupon.value", "must be a positive integer"))
             if not _int(c.usable_from) or not _int(c.expires_at):
                 problems.append(Problem("coupon", "times must be integer microseconds"))
+            if not _int(c.number) or c.number < 0:
+                problems.append(Problem("coupon.number", "must be an integer, not negative"))
     if problems:
         raise MemberError(problems)

@@ -18,6 +18,7 @@ INT64_MAX = (1 << 63) - 1
 INT64_MIN = -(1 << 63)
 MAX_LOTS = 2048  # per account; keeps an account's value well under 100 KiB
 MAX_HOLDS = 256
+MAX_COUPONS = 16  # open at once, per account (one_per_customer keeps it to one)
 SYSTEM = 1 << 63  # account ids with this bit are program system accounts
 
 
@@ -39,6 +40,8 @@ class Kind(IntEnum):
     SWEEP = 15
     SET_PROFILE = 16
     SET_TIER = 17
+    ISSUE_COUPON = 18
+    REDEEM_COUPON = 19
     AWARD = 20       # a bonus counted against a member's counter, up to a limit
     VISIT = 21       # a receipt counted as a visit; the Nth earns a bonus
 
@@ -77,7 +80,16 @@ class Code(IntEnum):
     TOO_MANY_HOLDS = 30
     STATUS_INVALID = 31
     DATA_TOO_LONG = 32   # a refund's data would overflow its receipt's record
-    LIMIT_REACHED = 40   # AWARD: the member's counter is at the limit
+    # 40-49: linked operations and coupons
+    LINKED_FAILED = 40   # another operation of its chain failed: nothing applied
+    LINK_OPEN = 41       # the batch ends inside a chain: nothing of it applied
+    COUPON_HELD = 42     # one per customer: the member holds an open coupon
+    COUPON_NOT_FOUND = 43  # no such coupon of the member's (or revoked)
+    COUPON_NOT_USABLE = 44  # its window has not started (business time)
+    COUPON_EXPIRED = 45  # its window has ended (business time), or it lapsed
+    COUPON_REDEEMED = 46  # redeemed already
+    TOO_MANY_COUPONS = 47
+    LIMIT_REACHED = 48   # AWARD: the member's counter is at the limit
 
 
 class Status(IntEnum):
@@ -97,6 +109,13 @@ class HoldState(IntEnum):
     OPEN = 1
     CAPTURED = 2
     VOIDED = 3
+
+
+class CouponState(IntEnum):
+    OPEN = 1       # the member's, to redeem within its window
+    REDEEMED = 2
+    REVOKED = 3    # the purchase that earned it was refunded below the threshold
+    EXPIRED = 4    # lapsed unused: closed when its account was next touched
 
 
 class Sys(IntEnum):
@@ -123,6 +142,14 @@ class Entry(IntEnum):
                      # ref 0 (so money and spend sum to the net)
     PROFILE_SET = 10  # amount = flags, no data: the journal never holds a profile
     TIER_SET = 11    # amount = new tier, amount2 = previous tier
+    COUPON_ISSUED = 12  # a coupon is the member's (open): amount = its value
+                     # (money), amount2 = expires_at, ref = its number; data
+                     # = unsigned LEB128 usable_from, then how (COUPON_EARNED:
+                     # issued, COUPON_GIVEN_BACK: a refund of the receipt that
+                     # redeemed it reopened it, same number and terms)
+    COUPON_CLOSED = 13  # a coupon stops being open: amount = the money it
+                     # took off (redeemed; 0 otherwise), amount2 = its new
+                     # CouponState, ref = its number
     BONUS = 14       # AWARD and VISIT: a member's counter counted one more;
                      # amount = points earned (0: none this time), amount2
                      # = the counter's count after, ref = the lot earned (0:
@@ -156,6 +183,13 @@ PROGRAM_ALLOW_DEBT = 1   # PUT_PROGRAM: a clawback may leave the member in debt
 REFUND_PROPORTIONAL = 1  # REFUND: derive points from money refunded / receipt money
 TRANSFER_ALL = 1         # TRANSFER: move every lot, pending included (card merge)
 PROFILE_ERASE = 1        # SET_PROFILE: also delete the external id mapping `key`
+COUPON_ONE_PER_CUSTOMER = 1  # ISSUE_COUPON: refused while the member holds an
+                             # open coupon unexpired at the business time
+LINKED = 1  # the OP header's `link`: this and the next operation are one chain
+
+# How a COUPON_ISSUED entry came about (its data).
+COUPON_EARNED = 1
+COUPON_GIVEN_BACK = 2
 
 # Hold release reasons (journal entry `amount2` of HOLD_RELEASED).
 RELEASE_CAPTURED = 1
@@ -168,11 +202,64 @@ def system_account(kind, partner=0):
 
 
 # --- operations (the batch format) ---------------------------------------
-# kind, flags, len(op_id), len(key), len(key2), pad, len(data), program,
+# kind, flags, len(op_id), len(key), len(key2), link, len(data), program,
 # partner, version, reason, store, lane, account, account2, amount, amount2,
 # money, activates_at, expires_at, business_time; then op_id, key, key2 and
 # data bytes. Data is opaque to the ledger: kept with the operation's record
 # (a profile for OPEN_ACCOUNT and SET_PROFILE: kept in `profiles` only).
+OP = struct.Struct("<BBBBBBHIIIIIIQQqqqqqq")
+
+# Chains (TigerBeetle's linked events). An operation whose `link` has LINKED
+# is chained to the next one; a chain ends at the first operation without
+# it. A chain applies all or nothing: its operations are worked out in
+# order, each seeing what the earlier ones did, and committed together only
+# if every one succeeds (a replay of an id seen before counts as success and
+# writes nothing). Otherwise nothing of it is kept: the failing operation
+# gets its own code, every other one LINKED_FAILED. A batch ending inside a
+# chain (its last operation has LINKED) applies nothing of that chain: the
+# last gets LINK_OPEN, the others LINKED_FAILED. Other bits of `link`:
+# FLAGS_INVALID. A checkout's capture and the coupon it redeems are one
+# chain, so that a coupon redeemed meanwhile refuses the capture too.
+#
+# Coupons: money off a later purchase, not points (no posting, no system
+# account: they leave the programs' zero sum alone). A member's coupons are
+# kept in their account value (below), numbered from 1 per account.
+# - ISSUE_COUPON: account, or the card `key2`; `amount` its value (money,
+#   > 0); `activates_at` usable_from, `expires_at` the end of its window
+#   (0 <= usable_from < expires_at, expires_at > now: else TIME_INVALID);
+#   `key`, when given, the receipt that earned it (an EARN, SPEND or CAPTURE
+#   of the same member, else OPERATION_NOT_FOUND); `flags`
+#   COUPON_ONE_PER_CUSTOMER. Refused with COUPON_HELD when that flag is set
+#   and the member holds an open coupon whose window has not ended at the
+#   operation's business time; TOO_MANY_COUPONS beyond MAX_COUPONS open.
+#   Result a = the coupon's number. Its record: a = number, money = value.
+# - REDEEM_COUPON: account or card; `amount2` the coupon's number, `amount`
+#   the money it takes off (1 to its value, else AMOUNT_INVALID); `key`,
+#   when given, the receipt it pays for (as ISSUE_COUPON's). Judged at the
+#   business time: COUPON_NOT_USABLE before usable_from, COUPON_EXPIRED from
+#   expires_at on (or lapsed), COUPON_REDEEMED when redeemed already,
+#   COUPON_NOT_FOUND when the member has no such coupon (or it was revoked).
+#   Result a = number, b = money taken off. Its record: a, b, money = b,
+#   and the coupon as its one `consumed` row (lot_no = number, amount =
+#   value, activates_at = usable_from, expires_at; partner, issued_hour 0),
+#   which a refund reopens it from.
+# - REFUND naming an ISSUE_COUPON revokes the coupon if it is still open
+#   (the earning purchase was refunded below the threshold; the server
+#   decides); one naming a REDEEM_COUPON gives the coupon back (the purchase
+#   that used it was refunded whole), reopened with its number and terms,
+#   if its window has not ended by now and the member holds no open coupon
+#   (one per customer). Either only once per coupon operation
+#   (REFUND_EXCEEDS_ORIGINAL after), with no amounts and no flags
+#   (AMOUNT_INVALID, FLAGS_INVALID); result a = the coupon's value when it
+#   changed, 0 when it did not (a coupon used, expired, or another held):
+#   such a refund never fails for the coupon's sake, so it can be chained
+#   to the receipt's own refund. The coupon operation's record is marked
+#   (refunded_money = its money) and takes the refund's data, as receipts do.
+# - A touch of an account (any operation that loads it to change it) closes
+#   its open coupons whose window has ended by now (EXPIRED, journaled with
+#   store 0, like expiring lots). Issuing or reopening a coupon drops the
+#   closed ones from the account (the journal keeps their story).
+#
 # OPEN_ACCOUNT and SET_PROFILE: `reason` is the member's birthday as month *
 # 100 + day (0: none; 229 is one), indexed in `member_index` so that a day's
 # birthdays are found without reading every account; SET_PROFILE replaces
@@ -185,7 +272,6 @@ def system_account(kind, partner=0):
 # the count (> 0) whose reaching earns `amount2` points (> 0), once per
 # counter. Both journal an EARN posting (when points are earned) and a BONUS
 # event; results: a = the lot (0: none), b = the counter's count after.
-OP = struct.Struct("<BBBBBxHIIIIIIQQqqqqqq")
 
 # code, flags, a, b
 RESULT = struct.Struct("<HH4xqq")
@@ -213,7 +299,13 @@ MAX_UTC_OFFSET = 1439  # minutes either way: less than a day
 #       operation that issued its points (EARN, a capture's earn, an ADJUST
 #       credit); a TRANSFER's new lots keep their source lot's, points a
 #       refund gives back go to their own lot, which keeps its hour,
-#   holds (by hold_no): hold_no u, amount z, expires_at z.
+#   holds (by hold_no): hold_no u, amount z, expires_at z,
+#   then, only once a coupon was ever issued to the member (so every other
+#   account's value ends with its holds):
+#   next_coupon u (the number of the next coupon, from 2), n_coupons u,
+#   coupons (by number): number u, state u (CouponState), value z,
+#     usable_from z, expires_at z. Open ones, and the ones closed since a
+#     coupon was last issued or reopened.
 # card: account, status
 CARD = struct.Struct("<QB")
 # operation: digest(16), kind, hold state, code, program, account, a, b,

@@ -17,24 +17,27 @@ import lmdb
 
 from . import aggregates
 from .batch import Results
-from .codec import (Account, Consumed, Hold, JournalEntry, Lot, Operation,
-                    encode_lots, iter_ops)
+from .codec import (Account, Consumed, Coupon, Hold, JournalEntry, Lot, Operation,
+                    encode_coupon_issued, encode_lots, iter_ops)
 from .reads import LedgerReads
 from .records import (BIRTHDAY_OF_KEY, BIRTHDAY_VALUE, CARD, COUNTER_VALUE,
+                      COUPON_EARNED, COUPON_GIVEN_BACK, COUPON_ONE_PER_CUSTOMER,
                       DATABASES, DAYS_IN_MONTH, DIGEST_SIZE, EXPIRY_KEY,
                       HASH_SIZE, HEAD, I64, IDX_BIRTHDAY, IDX_BIRTHDAY_OF,
-                      IDX_TIER, INT64_MAX, INT64_MIN, MAX_HOLDS, MAX_KEY,
+                      IDX_TIER, INT64_MAX, INT64_MIN, LINKED, MAX_COUPONS,
+                      MAX_HOLDS, MAX_KEY,
                       MAX_DATA, MAX_LOTS, MAX_OP_ID, MAX_TIER,
                       MAX_UTC_OFFSET, MEMBER_INDEX_KEY, META_HEAD,
                       META_NEXT_ACCOUNT, NEVER, PROFILE_ERASE, PROGRAM,
                       PROGRAM_ALLOW_DEBT, REFUND_PROPORTIONAL,
                       RELEASE_CAPTURED, RELEASE_EXPIRED, RELEASE_VOIDED,
                       RESULT, RESULT_REPLAYED, SYSTEM_KEY, TRANSFER_ALL, U32,
-                      U64, CardStatus, Code, Entry, HoldState, Kind,
+                      U64, CardStatus, Code, CouponState, Entry, HoldState, Kind,
                       LedgerError, MapFullError, Status, Sys, external_key,
                       system_account)
 
 REFUNDABLE = (Kind.EARN, Kind.SPEND, Kind.CAPTURE)
+COUPON_KINDS = (Kind.ISSUE_COUPON, Kind.REDEEM_COUPON)
 # Their data is a profile: kept in `profiles` only, not in the ops record,
 # so that deleting the profile leaves no copy of it in the ledger.
 PROFILE_KINDS = (Kind.OPEN_ACCOUNT, Kind.SET_PROFILE)
@@ -86,9 +89,18 @@ class Ledger(LedgerReads):
         try:
             with self._env.begin(write=True) as txn:
                 state = _BatchState(txn, self._dbs, now)
-                for op in ops:
-                    code, flags, a, b = state.apply(op)
-                    out += RESULT.pack(code, flags, a, b)
+                i = 0
+                while i < len(ops):
+                    end = i + 1  # a chain runs to its first op not linked
+                    while ops[end - 1].link & LINKED and end < len(ops):
+                        end += 1
+                    if end - i == 1 and not ops[i].link & LINKED:
+                        results = [state.apply(ops[i])]
+                    else:
+                        results = state.apply_chain(ops[i:end])
+                    for code, flags, a, b in results:
+                        out += RESULT.pack(code, flags, a, b)
+                    i = end
                 state.finish()
         except lmdb.MapFullError as exc:
             raise MapFullError(str(exc)) from None
@@ -150,44 +162,87 @@ class _BatchState:
 
     def apply(self, op):
         """Returns (code, flags, a, b) for one operation."""
+        work = _Work(self)
+        try:
+            replayed = self._step(work, op)
+        except Rejected as rejected:
+            return rejected.code, 0, 0, 0
+        if replayed is not None:
+            return replayed
+        work.commit()
+        return Code.OK, 0, work.record.a, work.record.b
+
+    def apply_chain(self, ops):
+        """A chain (records.py): all of it, or nothing and LINKED_FAILED.
+
+        Its operations share one `_Work`, so each sees what the earlier ones
+        changed; each claims its id as it succeeds (so a later one may name
+        it), and the claims are taken back if a later one fails."""
+        failed = [(Code.LINKED_FAILED, 0, 0, 0)] * len(ops)
+        if ops[-1].link & LINKED:
+            return failed[:-1] + [(Code.LINK_OPEN, 0, 0, 0)]
+        work, results, claimed = _Work(self), [], []
+        for i, op in enumerate(ops):
+            try:
+                replayed = self._step(work, op)
+            except Rejected as rejected:
+                for op_id in claimed:
+                    self.txn.delete(op_id, db=self.db["ops"])
+                failed[i] = (rejected.code, 0, 0, 0)
+                return failed
+            if replayed is not None:
+                results.append(replayed)
+                continue
+            self.txn.put(op.op_id, work.record.encode(), db=self.db["ops"])
+            claimed.append(op.op_id)
+            results.append((Code.OK, 0, work.record.a, work.record.b))
+        work.commit(records=False)
+        return results
+
+    def _step(self, work, op):
+        """Works out one operation into `work`: its first result when its
+        id was seen before, else None; Rejected when it is refused."""
         if not 1 <= len(op.op_id) <= MAX_OP_ID:
-            return Code.OP_ID_INVALID, 0, 0, 0
+            raise Rejected(Code.OP_ID_INVALID)
         digest = payload_digest(op.raw)
         stored = self.get("ops", op.op_id)
         if stored is not None:
             first = Operation.decode(stored)
             if first.digest != digest:
-                return Code.OP_ID_REUSED, 0, 0, 0
+                raise Rejected(Code.OP_ID_REUSED)
             return first.code, RESULT_REPLAYED, first.a, first.b
+        if op.link & ~LINKED:
+            raise Rejected(Code.FLAGS_INVALID)
         handler = _HANDLERS.get(op.kind)
         if handler is None:
-            return Code.KIND_INVALID, 0, 0, 0
-        work = _Work(self, op, digest)
-        try:
-            handler(work, op)
-            work.fold_aggregates()
-        except Rejected as rejected:
-            return rejected.code, 0, 0, 0
-        work.commit()
-        return Code.OK, 0, work.record.a, work.record.b
+            raise Rejected(Code.KIND_INVALID)
+        work.begin(op, digest)
+        handler(work, op)
+        work.fold_aggregates()
+        return None
 
 
 class _Work:
-    """Changes of one operation, kept in memory until it succeeds."""
+    """Changes of one operation (or one chain of them), kept in memory
+    until it succeeds."""
 
-    def __init__(self, state, op, digest):
+    def __init__(self, state):
         self.state = state
-        self.op = op
         self.now = state.now
-        self.record = Operation(
-            digest=digest, kind=op.kind, store=op.store,
-            data=b"" if op.kind in PROFILE_KINDS else op.data)
         self.accounts = {}
         self.puts = []       # (db, key, value)
         self.entries = []    # JournalEntry without seq and hash
+        self.folded = 0      # entries folded into the aggregates so far
         self.system = {}     # (program, kind, partner) -> new balance
         self.aggregates = {}  # key -> new row (list of ints; None: member day)
         self.next_account = state.next_account
+
+    def begin(self, op, digest):
+        """The operation in flight, and its record."""
+        self.op = op
+        self.record = Operation(
+            digest=digest, kind=op.kind, store=op.store,
+            data=b"" if op.kind in PROFILE_KINDS else op.data)
 
     # --- loading -----------------------------------------------------------
     def account(self, account_id):
@@ -288,6 +343,11 @@ class _Work:
             free = max(0, self.active_points(account) - account.held)
             paid = self.take_active(account, min(account.debt, free))
             account.debt -= sum(c.amount for c in paid)
+        for coupon in account.coupons:
+            if coupon.state == CouponState.OPEN and coupon.expires_at <= self.now:
+                coupon.state = CouponState.EXPIRED
+                self.event(Entry.COUPON_CLOSED, account.program, account_id,
+                           amount2=CouponState.EXPIRED, ref=coupon.number, store=0)
 
     def active_points(self, account):
         return sum(lot.remaining for lot in account.lots
@@ -444,7 +504,8 @@ class _Work:
     def fold_aggregates(self):
         """The operation's entries folded into the report rows, checked like
         any other sum: an overflow rejects the operation."""
-        for i, entry in enumerate(self.entries):
+        for i in range(self.folded, len(self.entries)):
+            entry = self.entries[i]
             entry.seq = self.state.seq + 1 + i  # its seq if the op commits
             if not aggregates.counted(entry):
                 continue
@@ -464,13 +525,16 @@ class _Work:
                         else [0] * aggregates.width(key))
                 row = self.aggregates[key]
                 row[index] = checked(row[index] + delta)
+        self.folded = len(self.entries)
 
     def utc_offset(self, program):
         raw = self.state.get("programs", U32.pack(program))
         return PROGRAM.unpack_from(raw)[3] if raw else 0
 
     # --- commit ------------------------------------------------------------
-    def commit(self):
+    def commit(self, records=True):
+        """Writes it all; `records`: the operation's record too (a chain's
+        were written as each succeeded)."""
         state, txn, db = self.state, self.state.txn, self.state.db
         for account_id, account in self.accounts.items():
             txn.put(U64.pack(account_id), account.encode(), db=db["accounts"])
@@ -490,7 +554,8 @@ class _Work:
             txn.put(U64.pack(entry.seq), entry.body() + state.hash,
                     db=db["journal"], append=True)
         state.next_account = self.next_account
-        txn.put(self.op.op_id, self.record.encode(), db=db["ops"])
+        if records:
+            txn.put(self.op.op_id, self.record.encode(), db=db["ops"])
 
 
 # --- operations --------------------------------------------------------------
@@ -768,6 +833,8 @@ def _refund(work, op):
     if raw is None:
         raise Rejected(Code.OPERATION_NOT_FOUND)
     original = Operation.decode(raw)
+    if original.kind in COUPON_KINDS:
+        return _refund_coupon(work, op, original)
     if original.kind not in REFUNDABLE:
         raise Rejected(Code.NOT_REFUNDABLE)
     if len(original.data) + len(op.data) > MAX_DATA:
@@ -1021,6 +1088,124 @@ def _visit(work, op):
     work.touch(account_id)
 
 
+# --- coupons ------------------------------------------------------------------
+
+def _coupon_member(work, op):
+    """(account id, Account) a coupon operation names (by id, or the card
+    `key2`), usable; the receipt its `key` names, if any, must be theirs."""
+    account_id = work.resolve(op)
+    account = work.usable_account(account_id)
+    if op.key:
+        if len(op.key) > MAX_OP_ID:
+            raise Rejected(Code.KEY_INVALID)
+        raw = work.state.get("ops", op.key)
+        receipt = Operation.decode(raw) if raw is not None else None
+        if (receipt is None or receipt.kind not in REFUNDABLE
+                or receipt.account != account_id):
+            raise Rejected(Code.OPERATION_NOT_FOUND)
+    return account_id, account
+
+
+def _open_coupon(work, account_id, coupon, how):
+    """Makes `coupon` the member's (open), dropping their closed ones."""
+    account = work.account(account_id)
+    account.coupons = [c for c in account.coupons if c.state == CouponState.OPEN]
+    account.coupons.append(coupon)
+    account.coupons.sort(key=lambda c: c.number)
+    work.event(Entry.COUPON_ISSUED, account.program, account_id,
+               amount=coupon.value, amount2=coupon.expires_at, ref=coupon.number,
+               data=encode_coupon_issued(coupon.usable_from, how))
+
+
+def _issue_coupon(work, op):
+    if op.flags & ~COUPON_ONE_PER_CUSTOMER:
+        raise Rejected(Code.FLAGS_INVALID)
+    if op.amount <= 0:
+        raise Rejected(Code.AMOUNT_INVALID)
+    work.check_lot_times(op)
+    account_id, account = _coupon_member(work, op)
+    held = [c for c in account.coupons if c.state == CouponState.OPEN]
+    if op.flags & COUPON_ONE_PER_CUSTOMER and any(
+            op.business_time < c.expires_at for c in held):
+        raise Rejected(Code.COUPON_HELD)
+    if len(held) >= MAX_COUPONS:
+        raise Rejected(Code.TOO_MANY_COUPONS)
+    number = account.next_coupon
+    account.next_coupon += 1
+    _open_coupon(work, account_id, Coupon(number, CouponState.OPEN, op.amount,
+                                          op.activates_at, op.expires_at),
+                 COUPON_EARNED)
+    record = work.record
+    record.program, record.account, record.partner = account.program, account_id, op.partner
+    record.a, record.money = number, op.amount
+
+
+def _redeem_coupon(work, op):
+    if op.flags:
+        raise Rejected(Code.FLAGS_INVALID)
+    if op.amount <= 0:
+        raise Rejected(Code.AMOUNT_INVALID)
+    account_id, account = _coupon_member(work, op)
+    coupon = next((c for c in account.coupons if c.number == op.amount2), None)
+    if coupon is None or coupon.state == CouponState.REVOKED:
+        raise Rejected(Code.COUPON_NOT_FOUND)
+    if coupon.state == CouponState.REDEEMED:
+        raise Rejected(Code.COUPON_REDEEMED)
+    if coupon.state == CouponState.EXPIRED or op.business_time >= coupon.expires_at:
+        raise Rejected(Code.COUPON_EXPIRED)
+    if op.business_time < coupon.usable_from:
+        raise Rejected(Code.COUPON_NOT_USABLE)
+    if op.amount > coupon.value:
+        raise Rejected(Code.AMOUNT_INVALID)
+    coupon.state = CouponState.REDEEMED
+    work.event(Entry.COUPON_CLOSED, account.program, account_id, amount=op.amount,
+               amount2=CouponState.REDEEMED, ref=coupon.number)
+    record = work.record
+    record.program, record.account, record.partner = account.program, account_id, op.partner
+    record.a = coupon.number
+    record.b = record.money = op.amount
+    record.consumed = [Consumed(coupon.number, 0, coupon.value, coupon.usable_from,
+                                coupon.expires_at, 0)]
+
+
+def _refund_coupon(work, op, original):
+    """A REFUND of a coupon operation: revoke the coupon it issued, or give
+    back the one it redeemed, where that still can be (records.py)."""
+    if op.flags:
+        raise Rejected(Code.FLAGS_INVALID)
+    if op.money or op.amount or op.amount2:
+        raise Rejected(Code.AMOUNT_INVALID)
+    if len(original.data) + len(op.data) > MAX_DATA:
+        raise Rejected(Code.DATA_TOO_LONG)
+    if original.refunded_money:
+        raise Rejected(Code.REFUND_EXCEEDS_ORIGINAL)
+    account_id = original.account
+    account = work.account(account_id)
+    work.touch(account_id)
+    changed = 0
+    if original.kind == Kind.ISSUE_COUPON:
+        for coupon in account.coupons:
+            if coupon.number == original.a and coupon.state == CouponState.OPEN:
+                coupon.state = CouponState.REVOKED
+                work.event(Entry.COUPON_CLOSED, account.program, account_id,
+                           amount2=CouponState.REVOKED, ref=coupon.number)
+                changed = coupon.value
+    else:
+        c = original.consumed[0]
+        if c.expires_at > work.now and not any(
+                x.state == CouponState.OPEN for x in account.coupons):
+            _open_coupon(work, account_id, Coupon(c.lot_no, CouponState.OPEN, c.amount,
+                                                  c.activates_at, c.expires_at),
+                         COUPON_GIVEN_BACK)
+            changed = c.amount
+    original.refunded_money = original.money
+    original.data += op.data
+    work.rewrite_operation(op.key, original)
+    record = work.record
+    record.program, record.account = account.program, account_id
+    record.partner, record.a = original.partner, changed
+
+
 _HANDLERS = {
     Kind.PUT_PROGRAM: _put_program,
     Kind.OPEN_ACCOUNT: _open_account,
@@ -1039,6 +1224,8 @@ _HANDLERS = {
     Kind.SWEEP: _sweep,
     Kind.SET_PROFILE: _set_profile,
     Kind.SET_TIER: _set_tier,
+    Kind.ISSUE_COUPON: _issue_coupon,
+    Kind.REDEEM_COUPON: _redeem_coupon,
     Kind.AWARD: _award,
     Kind.VISIT: _visit,
 }

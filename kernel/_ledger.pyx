@@ -4,7 +4,8 @@
 A faithful port of `kopilka.core.twin` (the specification): same checks in
 the same order, same result codes, same bytes stored. A whole batch runs with
 the GIL released in one write transaction, committed durably. Each operation
-is worked out in scratch memory first and written only if it succeeds.
+(or chain of linked operations) is worked out in scratch memory first and
+written only if it succeeds.
 """
 
 cimport cython
@@ -62,6 +63,7 @@ cdef enum:
     MAX_KEY = 128
     MAX_LOTS = 2048
     MAX_HOLDS = 256
+    MAX_COUPONS = 16
     HASH_SIZE = 32
     DIGEST_SIZE = 16
     MAX_TIER = 65535
@@ -115,6 +117,8 @@ cdef enum:
     K_SWEEP = 15
     K_SET_PROFILE = 16
     K_SET_TIER = 17
+    K_ISSUE_COUPON = 18
+    K_REDEEM_COUPON = 19
     K_AWARD = 20
     K_VISIT = 21
 
@@ -152,7 +156,15 @@ cdef enum:
     TOO_MANY_HOLDS = 30
     STATUS_INVALID = 31
     DATA_TOO_LONG = 32
-    LIMIT_REACHED = 40
+    LINKED_FAILED = 40
+    LINK_OPEN = 41
+    COUPON_HELD = 42
+    COUPON_NOT_FOUND = 43
+    COUPON_NOT_USABLE = 44
+    COUPON_EXPIRED = 45
+    COUPON_REDEEMED = 46
+    TOO_MANY_COUPONS = 47
+    LIMIT_REACHED = 48
     FATAL = -1  # LMDB or memory failure: the whole batch is aborted
 
     ST_ACTIVE = 1
@@ -179,6 +191,8 @@ cdef enum:
     E_RECEIPT = 9
     E_PROFILE_SET = 10
     E_TIER_SET = 11
+    E_COUPON_ISSUED = 12
+    E_COUPON_CLOSED = 13
     E_BONUS = 14
     E_EARN = 16
     E_SPEND = 17
@@ -191,6 +205,14 @@ cdef enum:
     REFUND_PROPORTIONAL = 1
     TRANSFER_ALL = 1
     PROFILE_ERASE = 1
+    COUPON_ONE_PER_CUSTOMER = 1
+    LINKED = 1
+    COUPON_EARNED = 1
+    COUPON_GIVEN_BACK = 2
+    CP_OPEN = 1
+    CP_REDEEMED = 2
+    CP_REVOKED = 3
+    CP_EXPIRED = 4
     RELEASE_CAPTURED = 1
     RELEASE_VOIDED = 2
     RELEASE_EXPIRED = 3
@@ -226,7 +248,7 @@ cdef enum:
 # --- stored layouts (little-endian, packed: records.py's struct formats) ---
 cdef packed struct OpHead:          # records.OP
     uint8_t kind, flags, n_id, n_key, n_key2
-    uint8_t pad
+    uint8_t link
     uint16_t n_data
     uint32_t program, partner, version, reason, store, lane
     uint64_t account, account2
@@ -245,6 +267,7 @@ cdef packed struct AccountHead:     # an account's scalars, in memory only
     uint32_t next_lot, next_hold
     int64_t balance, debt, held, earned, spent, expired, opened_at
     uint64_t tier, last_day
+    uint32_t next_coupon
 
 cdef packed struct LotRec:          # a lot, and records.CONSUMED
     uint32_t lot_no, partner
@@ -254,6 +277,11 @@ cdef packed struct LotRec:          # a lot, and records.CONSUMED
 cdef packed struct HoldRec:         # records.HOLD
     uint32_t hold_no, pad
     int64_t amount, expires_at
+
+cdef struct CouponRec:              # codec.Coupon, in memory only
+    uint32_t number
+    uint8_t state
+    int64_t value, usable_from, expires_at
 
 cdef packed struct CardRec:         # records.CARD
     uint64_t account
@@ -347,9 +375,12 @@ cdef struct Acct:
     LotBuf lots
     HoldRec *holds
     uint32_t n_holds, cap_holds
+    CouponRec *coupons
+    uint32_t n_coupons, cap_coupons
 
 cdef struct EntryRec:
     EntryHead h
+    const char *op_id    # of the operation that made it (a chain has several)
     const char *data     # an event's data (the operation's bytes), or
     uint32_t lots_off    # with `names_lots`: at w.lots_named + lots_off
     int names_lots
@@ -395,6 +426,9 @@ cdef struct Work:
     const char *data
     uint64_t next_account_op
     uint32_t entry_store # store on the entries being made (0 inside touch)
+    uint32_t folded      # entries folded into the aggregates (a chain's earlier ops')
+    int programs_changed # a PUT_PROGRAM is among the changes: offsets go stale
+    uint8_t coupon_data[20]  # a COUPON_ISSUED entry's data
     OperationRec rec
     LotBuf consumed      # rec's consumed lots
     LotBuf scratch_lots  # transfers' moved lots, loaded records' consumed
@@ -592,7 +626,8 @@ cdef Acct *new_slot(Work *w, uint64_t account_id) noexcept nogil:
     cdef Acct *a
     cdef LotBuf lots
     cdef HoldRec *holds
-    cdef uint32_t cap_holds
+    cdef CouponRec *coupons
+    cdef uint32_t cap_holds, cap_coupons
     if w.n_accts == w.n_slots:
         if grow(<void **>&w.accts, &w.cap_accts, w.n_slots + 1, sizeof(Acct)):
             return NULL
@@ -601,9 +636,11 @@ cdef Acct *new_slot(Work *w, uint64_t account_id) noexcept nogil:
     a = &w.accts[w.n_accts]
     w.n_accts += 1
     lots, holds, cap_holds = a.lots, a.holds, a.cap_holds
+    coupons, cap_coupons = a.coupons, a.cap_coupons
     memset(a, 0, sizeof(Acct))
     a.lots.items, a.lots.cap = lots.items, lots.cap
     a.holds, a.cap_holds = holds, cap_holds
+    a.coupons, a.cap_coupons = coupons, cap_coupons
     a.id = account_id
     return a
 
@@ -651,6 +688,7 @@ cdef inline int64_t get_zz(Reader *r) noexcept nogil:
 cdef int decode_account(Work *w, Acct *a, const void *data, size_t size) noexcept nogil:
     cdef Reader r
     cdef uint32_t i
+    cdef uint64_t n
     cdef uint64_t previous = 0, expires_at
     cdef LotRec *lot
     r.p = <const uint8_t *>data
@@ -693,13 +731,30 @@ cdef int decode_account(Work *w, Acct *a, const void *data, size_t size) noexcep
         a.holds[i].amount = get_zz(&r)
         a.holds[i].expires_at = get_zz(&r)
     a.n_holds = a.h.n_holds
+    a.h.next_coupon = 1
+    a.n_coupons = 0
+    if r.pos < size:  # a member who was ever issued a coupon
+        a.h.next_coupon = <uint32_t>get_uv(&r)
+        n = get_uv(&r)
+        if n > MAX_COUPONS or r.bad:  # never: open ones are capped
+            return fail(w, MDB_CORRUPTED)
+        if grow(<void **>&a.coupons, &a.cap_coupons, <uint32_t>n + 1, sizeof(CouponRec)):
+            return fail(w, 12)
+        for i in range(<uint32_t>n):
+            a.coupons[i].number = <uint32_t>get_uv(&r)
+            a.coupons[i].state = <uint8_t>get_uv(&r)
+            a.coupons[i].value = get_zz(&r)
+            a.coupons[i].usable_from = get_zz(&r)
+            a.coupons[i].expires_at = get_zz(&r)
+        a.n_coupons = <uint32_t>n
     if r.bad or r.pos != size:
         return fail(w, MDB_CORRUPTED)
     return OK
 
 
 cdef size_t encode_account(Acct *a, uint8_t *p) noexcept nogil:
-    """Needs 15 * 10 + 50 per lot (at most 45) + 30 per hold bytes at most."""
+    """Needs 15 * 10 + 50 per lot (at most 45) + 30 per hold + 20 + 50
+    per coupon bytes at most."""
     cdef size_t n = 0
     cdef uint32_t i
     cdef uint64_t previous = 0
@@ -732,6 +787,15 @@ cdef size_t encode_account(Acct *a, uint8_t *p) noexcept nogil:
         n += put_uv(p + n, a.holds[i].hold_no)
         n += put_zz(p + n, a.holds[i].amount)
         n += put_zz(p + n, a.holds[i].expires_at)
+    if a.h.next_coupon > 1:
+        n += put_uv(p + n, a.h.next_coupon)
+        n += put_uv(p + n, a.n_coupons)
+        for i in range(a.n_coupons):
+            n += put_uv(p + n, a.coupons[i].number)
+            n += put_uv(p + n, a.coupons[i].state)
+            n += put_zz(p + n, a.coupons[i].value)
+            n += put_zz(p + n, a.coupons[i].usable_from)
+            n += put_zz(p + n, a.coupons[i].expires_at)
     return n
 
 
@@ -848,6 +912,7 @@ cdef EntryRec *new_entry(Work *w, int type_, int sys, uint32_t program,
     e.h.amount2 = amount2
     e.h.ref = ref
     e.h.n_op = w.op.n_id
+    e.op_id = w.op_id
     return e
 
 
@@ -1085,6 +1150,13 @@ cdef int touch_account(Work *w, Acct *a) noexcept nogil:
             if rc:
                 return rc
             a.h.debt -= paid
+    for i in range(a.n_coupons):
+        if a.coupons[i].state == CP_OPEN and a.coupons[i].expires_at <= w.now:
+            a.coupons[i].state = CP_EXPIRED
+            rc = event(w, E_COUPON_CLOSED, a.h.program, a.id, 0, CP_EXPIRED,
+                       a.coupons[i].number, NULL, 0)
+            if rc:
+                return rc
     return OK
 
 
@@ -1425,7 +1497,7 @@ cdef int fold_aggregates(Work *w) noexcept nogil:
     cdef SettlementKey st
     cdef MemberDayKey md
     cdef MemberMonthKey mm
-    for i in range(w.n_entries):
+    for i in range(w.folded, w.n_entries):
         e = &w.entries[i].h
         index = counter_of(e.type)
         if index < 0:
@@ -1502,6 +1574,7 @@ cdef int fold_aggregates(Work *w) noexcept nogil:
         rc = fold_cohorts(w, &w.entries[i], act.hour)
         if rc:
             return rc
+    w.folded = w.n_entries
     return OK
 
 
@@ -1574,7 +1647,8 @@ cdef int commit_work(Work *w) noexcept nogil:
     cdef crypto_generichash_state hs
     for i in range(w.n_accts):
         a = &w.accts[i]
-        buf = need_buf(w, 15 * 10 + a.lots.n * 50 + a.n_holds * 30)
+        buf = need_buf(w, 15 * 10 + a.lots.n * 50 + a.n_holds * 30
+                       + 20 + a.n_coupons * 50)
         if buf == NULL:
             return fail(w, 12)
         size = encode_account(a, <uint8_t *>buf)
@@ -1604,8 +1678,8 @@ cdef int commit_work(Work *w) noexcept nogil:
         memcpy(w.agg_rows[w.agg_staged[i].row].v, w.agg_staged[i].v,
                sizeof(w.agg_staged[i].v))
         w.agg_rows[w.agg_staged[i].row].changed = 1
-    if w.op.kind == K_PUT_PROGRAM:
-        w.n_offsets = 0  # its UTC offset may have changed
+    if w.programs_changed:
+        w.n_offsets = 0  # a UTC offset may have changed
     for i in range(w.n_entries):
         e = &w.entries[i]
         w.seq += 1
@@ -1615,7 +1689,7 @@ cdef int commit_work(Work *w) noexcept nogil:
         if buf == NULL:
             return fail(w, 12)
         memcpy(buf, &e.h, sizeof(EntryHead))
-        memcpy(buf + sizeof(EntryHead), w.op_id, e.h.n_op)
+        memcpy(buf + sizeof(EntryHead), e.op_id, e.h.n_op)
         if e.h.n_data:
             memcpy(buf + sizeof(EntryHead) + e.h.n_op, entry_data(w, e), e.h.n_data)
         crypto_generichash_init(&hs, NULL, 0, HASH_SIZE)
@@ -1771,6 +1845,7 @@ cdef int op_put_program(Work *w) noexcept nogil:
     if rc:
         return rc
     rc = event(w, E_PROGRAM_PUT, op.program, 0, op.flags, utc_offset, 0, NULL, 0)
+    w.programs_changed = 1
     w.rec.program = op.program
     w.rec.a = op.program
     return rc
@@ -2302,6 +2377,222 @@ cdef int claw_back(Work *w, Acct *a, OperationRec *orig, int64_t claw) noexcept 
     return rc
 
 
+# --- coupons (records.py) --------------------------------------------------------
+cdef int named_receipt(Work *w, uint64_t account_id) noexcept nogil:
+    """A coupon operation's `key`, when given: a receipt of the member."""
+    cdef OperationRec receipt
+    cdef int rc
+    if w.op.n_key == 0:
+        return OK
+    if w.op.n_key > MAX_OP_ID:
+        return KEY_INVALID
+    rc = load_operation(w, w.key, w.op.n_key, &receipt, NULL, NULL)
+    if rc == 1 or (rc == 0 and (receipt.kind != K_EARN and receipt.kind != K_SPEND
+                                and receipt.kind != K_CAPTURE
+                                or receipt.account != account_id)):
+        return OPERATION_NOT_FOUND
+    return rc
+
+
+cdef int coupon_member(Work *w, Acct **a) noexcept nogil:
+    """The member a coupon operation names (by id, or the card `key2`),
+    usable, and the receipt it names, if any, theirs."""
+    cdef uint64_t account_id
+    cdef int rc = resolve(w, &account_id)
+    if rc:
+        return rc
+    rc = usable_account(w, account_id, a)
+    if rc:
+        return rc
+    return named_receipt(w, account_id)
+
+
+cdef int open_coupon(Work *w, Acct *a, CouponRec *coupon, int how) noexcept nogil:
+    """Makes `coupon` the member's (open), dropping their closed ones."""
+    cdef uint32_t i, j = 0
+    cdef size_t n
+    for i in range(a.n_coupons):
+        if a.coupons[i].state == CP_OPEN:
+            a.coupons[j] = a.coupons[i]
+            j += 1
+    if grow(<void **>&a.coupons, &a.cap_coupons, j + 1, sizeof(CouponRec)):
+        return fail(w, 12)
+    i = j  # by number: a new one goes last, one given back where it was
+    while i > 0 and a.coupons[i - 1].number > coupon.number:
+        a.coupons[i] = a.coupons[i - 1]
+        i -= 1
+    a.coupons[i] = coupon[0]
+    a.n_coupons = j + 1
+    n = put_uv(w.coupon_data, <uint64_t>coupon.usable_from)
+    n += put_uv(w.coupon_data + n, how)
+    if grow(<void **>&w.lots_named.p, &w.lots_named.cap, w.lots_named.n + <uint32_t>n, 1):
+        return fail(w, 12)
+    memcpy(w.lots_named.p + w.lots_named.n, w.coupon_data, n)
+    if new_entry(w, E_COUPON_ISSUED, 0, a.h.program, w.op.partner, 0, 0, a.id,
+                 coupon.value, coupon.expires_at, coupon.number) == NULL:
+        return FATAL
+    w.entries[w.n_entries - 1].names_lots = 1  # its data is kept with the named lots'
+    w.entries[w.n_entries - 1].lots_off = w.lots_named.n
+    w.entries[w.n_entries - 1].h.n_data = <uint16_t>n
+    w.lots_named.n += <uint32_t>n
+    return OK
+
+
+cdef int op_issue_coupon(Work *w) noexcept nogil:
+    cdef const OpHead *op = w.op
+    cdef uint32_t i, held = 0
+    cdef CouponRec coupon
+    cdef Acct *a
+    cdef int rc
+    if op.flags & ~COUPON_ONE_PER_CUSTOMER:
+        return FLAGS_INVALID
+    if op.amount <= 0:
+        return AMOUNT_INVALID
+    rc = check_lot_times(w)
+    if rc:
+        return rc
+    rc = coupon_member(w, &a)
+    if rc:
+        return rc
+    for i in range(a.n_coupons):
+        if a.coupons[i].state == CP_OPEN:
+            held += 1
+            if (op.flags & COUPON_ONE_PER_CUSTOMER
+                    and op.business_time < a.coupons[i].expires_at):
+                return COUPON_HELD
+    if held >= MAX_COUPONS:
+        return TOO_MANY_COUPONS
+    coupon.number = a.h.next_coupon
+    coupon.state = CP_OPEN
+    coupon.value = op.amount
+    coupon.usable_from = op.activates_at
+    coupon.expires_at = op.expires_at
+    a.h.next_coupon += 1
+    rc = open_coupon(w, a, &coupon, COUPON_EARNED)
+    w.rec.program = a.h.program
+    w.rec.account = a.id
+    w.rec.partner = op.partner
+    w.rec.a = coupon.number
+    w.rec.money = op.amount
+    return rc
+
+
+cdef int op_redeem_coupon(Work *w) noexcept nogil:
+    cdef const OpHead *op = w.op
+    cdef uint32_t i
+    cdef CouponRec *coupon = NULL
+    cdef Acct *a
+    cdef int rc
+    if op.flags:
+        return FLAGS_INVALID
+    if op.amount <= 0:
+        return AMOUNT_INVALID
+    rc = coupon_member(w, &a)
+    if rc:
+        return rc
+    for i in range(a.n_coupons):
+        if <int64_t>a.coupons[i].number == op.amount2:
+            coupon = &a.coupons[i]
+    if coupon == NULL or coupon.state == CP_REVOKED:
+        return COUPON_NOT_FOUND
+    if coupon.state == CP_REDEEMED:
+        return COUPON_REDEEMED
+    if coupon.state == CP_EXPIRED or op.business_time >= coupon.expires_at:
+        return COUPON_EXPIRED
+    if op.business_time < coupon.usable_from:
+        return COUPON_NOT_USABLE
+    if op.amount > coupon.value:
+        return AMOUNT_INVALID
+    coupon.state = CP_REDEEMED
+    rc = event(w, E_COUPON_CLOSED, a.h.program, a.id, op.amount, CP_REDEEMED,
+               coupon.number, NULL, 0)
+    if rc:
+        return rc
+    # the coupon, as the record's consumed row, for a refund to reopen it
+    if grow(<void **>&w.consumed.items, &w.consumed.cap, 1, sizeof(LotRec)):
+        return fail(w, 12)
+    w.consumed.items[0].lot_no = coupon.number
+    w.consumed.items[0].partner = 0
+    w.consumed.items[0].remaining = coupon.value
+    w.consumed.items[0].activates_at = coupon.usable_from
+    w.consumed.items[0].expires_at = coupon.expires_at
+    w.consumed.items[0].issued_hour = 0
+    w.consumed.n = 1
+    w.rec.program = a.h.program
+    w.rec.account = a.id
+    w.rec.partner = op.partner
+    w.rec.a = coupon.number
+    w.rec.b = op.amount
+    w.rec.money = op.amount
+    return OK
+
+
+cdef int refund_coupon(Work *w, OperationRec *orig) noexcept nogil:
+    """A REFUND of a coupon operation: revoke the coupon it issued, or give
+    back the one it redeemed, where that still can be (records.py)."""
+    cdef const OpHead *op = w.op
+    cdef Acct *a
+    cdef uint32_t i
+    cdef int64_t changed = 0
+    cdef bint open_one = False
+    cdef CouponRec coupon
+    cdef LotRec *c
+    cdef int rc
+    if op.flags:
+        return FLAGS_INVALID
+    if op.money or op.amount or op.amount2:
+        return AMOUNT_INVALID
+    if <size_t>w.loaded_data.n + op.n_data > MAX_DATA:
+        return DATA_TOO_LONG
+    if orig.refunded_money:
+        return REFUND_EXCEEDS_ORIGINAL
+    rc = load_account(w, orig.account, &a)
+    if rc:
+        return rc
+    rc = touch(w, a)
+    if rc:
+        return rc
+    if orig.kind == K_ISSUE_COUPON:
+        for i in range(a.n_coupons):
+            if <int64_t>a.coupons[i].number == orig.a and a.coupons[i].state == CP_OPEN:
+                a.coupons[i].state = CP_REVOKED
+                rc = event(w, E_COUPON_CLOSED, a.h.program, a.id, 0, CP_REVOKED,
+                           a.coupons[i].number, NULL, 0)
+                if rc:
+                    return rc
+                changed = a.coupons[i].value
+    else:
+        if w.scratch_lots.n != 1:  # never: a redemption names its coupon
+            return fail(w, MDB_CORRUPTED)
+        c = &w.scratch_lots.items[0]
+        for i in range(a.n_coupons):
+            if a.coupons[i].state == CP_OPEN:
+                open_one = True
+        if c.expires_at > w.now and not open_one:
+            coupon.number = c.lot_no
+            coupon.state = CP_OPEN
+            coupon.value = c.remaining
+            coupon.usable_from = c.activates_at
+            coupon.expires_at = c.expires_at
+            rc = open_coupon(w, a, &coupon, COUPON_GIVEN_BACK)
+            if rc:
+                return rc
+            changed = c.remaining
+    orig.refunded_money = orig.money
+    if op.n_data:  # the refund's data is appended to the operation's
+        if grow(<void **>&w.loaded_data.p, &w.loaded_data.cap,
+                w.loaded_data.n + op.n_data, 1):
+            return fail(w, 12)
+        memcpy(w.loaded_data.p + w.loaded_data.n, w.data, op.n_data)
+        w.loaded_data.n += op.n_data
+    rc = queue_operation(w, w.key, op.n_key, orig, &w.scratch_lots, &w.loaded_data)
+    w.rec.program = a.h.program
+    w.rec.account = orig.account
+    w.rec.partner = orig.partner
+    w.rec.a = changed
+    return rc
+
+
 cdef int op_refund(Work *w) noexcept nogil:
     cdef const OpHead *op = w.op
     cdef OperationRec orig
@@ -2321,6 +2612,8 @@ cdef int op_refund(Work *w) noexcept nogil:
         return OPERATION_NOT_FOUND
     if rc:
         return rc
+    if orig.kind == K_ISSUE_COUPON or orig.kind == K_REDEEM_COUPON:
+        return refund_coupon(w, &orig)
     if orig.kind != K_EARN and orig.kind != K_SPEND and orig.kind != K_CAPTURE:
         return NOT_REFUNDABLE
     if <size_t>w.loaded_data.n + op.n_data > MAX_DATA:
@@ -2707,6 +3000,8 @@ cdef int op_visit(Work *w) noexcept nogil:
 
 cdef int dispatch(Work *w) noexcept nogil:
     cdef uint8_t kind = w.op.kind
+    if w.op.link & ~LINKED:
+        return FLAGS_INVALID
     if kind == K_EARN or kind == K_SPEND or kind == K_CAPTURE:
         return op_receipt(w)
     if kind == K_HOLD:
@@ -2737,6 +3032,10 @@ cdef int dispatch(Work *w) noexcept nogil:
         return op_set_profile(w)
     if kind == K_SET_TIER:
         return op_set_tier(w)
+    if kind == K_ISSUE_COUPON:
+        return op_issue_coupon(w)
+    if kind == K_REDEEM_COUPON:
+        return op_redeem_coupon(w)
     if kind == K_AWARD:
         return op_award(w)
     if kind == K_VISIT:
@@ -2744,44 +3043,56 @@ cdef int dispatch(Work *w) noexcept nogil:
     return KIND_INVALID
 
 
-cdef void reset_op(Work *w) noexcept nogil:
+cdef void reset_changes(Work *w) noexcept nogil:
+    """Forget what the last operation (or chain) worked out."""
     w.n_accts = 0
     w.n_entries = 0
+    w.folded = 0
     w.n_puts = 0
     w.arena_len = 0
     w.n_sys = 0
     w.n_agg_staged = 0
+    w.lots_named.n = 0
+    w.programs_changed = 0
+    w.next_account_op = w.next_account
+
+
+cdef void begin_op(Work *w, const OpHead *op) noexcept nogil:
+    """The operation in flight: its fields, and a fresh record."""
+    cdef const char *p = <const char *>op + sizeof(OpHead)
+    w.op = op
+    w.op_id = p
+    w.key = p + op.n_id
+    w.key2 = p + op.n_id + op.n_key
+    w.data = w.key2 + op.n_key2
     w.consumed.n = 0
     w.scratch_lots.n = 0
     w.loaded_data.n = 0
-    w.lots_named.n = 0
-    w.next_account_op = w.next_account
     memset(&w.rec, 0, sizeof(OperationRec))
+    w.entry_store = op.store
+    w.rec.store = op.store
+    w.rec.kind = op.kind
+    crypto_generichash(w.rec.digest, DIGEST_SIZE, <const unsigned char *>op,
+                       sizeof(OpHead) + op.n_id + op.n_key + op.n_key2 + op.n_data,
+                       NULL, 0)
+
+
+cdef inline size_t op_size(const OpHead *op) noexcept nogil:
+    return sizeof(OpHead) + op.n_id + op.n_key + op.n_key2 + op.n_data
 
 
 cdef int apply_op(Work *w, const OpHead *op, ResultRec *out) noexcept nogil:
     """Apply one operation; FATAL aborts the batch."""
-    cdef const char *p = <const char *>op + sizeof(OpHead)
     cdef OperationRec first
     cdef int rc, found
     memset(out, 0, sizeof(ResultRec))
     if op.n_id < 1 or op.n_id > MAX_OP_ID:
         out.code = OP_ID_INVALID
         return OK
-    w.op = op
-    w.op_id = p
-    w.key = p + op.n_id
-    w.key2 = p + op.n_id + op.n_key
-    w.data = w.key2 + op.n_key2
-    reset_op(w)
-    w.entry_store = op.store
-    w.rec.store = op.store
-    crypto_generichash(w.rec.digest, DIGEST_SIZE, <const unsigned char *>op,
-                       sizeof(OpHead) + op.n_id + op.n_key + op.n_key2 + op.n_data,
-                       NULL, 0)
+    reset_changes(w)
+    begin_op(w, op)
     # Worked out first, written only if it succeeds; an id applied before
     # wins either way (its first result, or OP_ID_REUSED), as in the twin.
-    w.rec.kind = op.kind
     rc = dispatch(w)
     if rc == OK:
         rc = fold_aggregates(w)
@@ -2805,6 +3116,77 @@ cdef int apply_op(Work *w, const OpHead *op, ResultRec *out) noexcept nogil:
     return OK
 
 
+cdef int apply_chain(Work *w, const char *start, uint32_t n, bint open_,
+                     ResultRec *out) noexcept nogil:
+    """A chain of `n` operations (records.py): all of them, or nothing and
+    LINKED_FAILED. They share the scratch changes, so each sees what the
+    earlier ones did; each claims its id as it succeeds (a later one may
+    name it), and the claims are deleted again if a later one fails. An id
+    seen before is checked first: its replay writes nothing."""
+    cdef const OpHead *op
+    cdef const char *p = start
+    cdef OperationRec first
+    cdef MDB_val k
+    cdef uint32_t i, failed = n
+    cdef int rc = OK, found
+    memset(out, 0, n * sizeof(ResultRec))
+    if open_:
+        for i in range(n):
+            out[i].code = LINKED_FAILED
+        out[n - 1].code = LINK_OPEN
+        return OK
+    reset_changes(w)
+    for i in range(n):
+        op = <const OpHead *>p
+        p += op_size(op)
+        if op.n_id < 1 or op.n_id > MAX_OP_ID:
+            rc = OP_ID_INVALID
+            failed = i
+            break
+        begin_op(w, op)
+        found = load_operation(w, w.op_id, op.n_id, &first, NULL, NULL)
+        if found == FATAL:
+            return FATAL
+        if found == 0:
+            replay(w, &first, &out[i])
+            if out[i].code == OP_ID_REUSED:
+                rc = OP_ID_REUSED
+                failed = i
+                break
+            continue
+        rc = dispatch(w)
+        if rc == OK:
+            rc = fold_aggregates(w)
+        if rc == FATAL or w.fatal:
+            return FATAL
+        if rc != OK:
+            failed = i
+            break
+        if claim_op_id(w, &first) != 0:  # 1 never: its id was looked up
+            return fail(w, MDB_CORRUPTED)
+        out[i].a = w.rec.a
+        out[i].b = w.rec.b
+    if failed == n:
+        return commit_work(w)
+    p = start
+    for i in range(failed):  # take back the ids its operations claimed
+        op = <const OpHead *>p
+        p += op_size(op)
+        if out[i].flags & RESULT_REPLAYED:
+            continue
+        k.mv_size = op.n_id
+        k.mv_data = <void *>(<const char *>op + sizeof(OpHead))
+        found = mdb_del(w.txn, w.dbi[DB_OPS], &k, NULL)
+        if found != MDB_SUCCESS:
+            return fail(w, found)
+    for i in range(n):
+        out[i].code = LINKED_FAILED
+        out[i].flags = 0
+        out[i].a = out[i].b = 0
+    out[failed].code = rc
+    return OK
+
+
 cdef int replay(Work *w, OperationRec *first, ResultRec *out) noexcept nogil:
     if memcmp(first.digest, w.rec.digest, DIGEST_SIZE) != 0:
         out.code = OP_ID_REUSED
@@ -2821,6 +3203,7 @@ cdef void free_work(Work *w) noexcept nogil:
     for i in range(w.n_slots):
         free(w.accts[i].lots.items)
         free(w.accts[i].holds)
+        free(w.accts[i].coupons)
     free(w.accts)
     free(w.entries)
     free(w.puts)
@@ -2848,7 +3231,9 @@ cdef int run_batch(MDB_env *env, MDB_dbi *dbi, const char *batch, size_t size,
     cdef uint64_t next_be
     cdef size_t offset = 0
     cdef const OpHead *op
-    cdef uint32_t i = 0
+    cdef uint32_t i = 0, n
+    cdef size_t end
+    cdef bint chained
     cdef int rc
     memset(&w, 0, sizeof(Work))
     w.dbi = dbi
@@ -2880,9 +3265,23 @@ cdef int run_batch(MDB_env *env, MDB_dbi *dbi, const char *batch, size_t size,
         fail(&w, rc)
     while offset < size and w.fatal == 0:
         op = <const OpHead *>(batch + offset)
+        if op.link & LINKED:  # a chain: to its first operation not linked
+            end = offset
+            n = 0
+            while True:
+                chained = (<const OpHead *>(batch + end)).link & LINKED
+                end += op_size(<const OpHead *>(batch + end))
+                n += 1
+                if not chained or end >= size:
+                    break
+            if apply_chain(&w, batch + offset, n, chained, &results[i]):
+                break
+            offset = end
+            i += n
+            continue
         if apply_op(&w, op, &results[i]):
             break
-        offset += sizeof(OpHead) + op.n_id + op.n_key + op.n_key2 + op.n_data
+        offset += op_size(op)
         i += 1
     if w.fatal == 0:
         write_batch_sys(&w)

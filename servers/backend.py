@@ -16,9 +16,10 @@ import hashlib
 import json
 
 from kopilka.core.batch import Batch
-from kopilka.core.reads import balances_of
-from kopilka.core.receipt import Member
-from kopilka.core.records import DAY, MAX_OP_ID, CardStatus, Code, MapFullError
+from kopilka.core.reads import balances_of, coupon_state, offered_coupon
+from kopilka.core.receipt import Member, MemberCoupon
+from kopilka.core.records import (DAY, MAX_OP_ID, CardStatus, Code, CouponState,
+                                  MapFullError)
 
 from . import convert, profiles
 from .status import ApiError, from_kernel, invalid, server
@@ -42,6 +43,16 @@ def id_base(op_id, suffix):
 def derived_id(op_id, suffix):
     """The id of a follow-up operation of the client's `op_id`."""
     return id_base(op_id, suffix) + suffix.encode()
+
+
+def main_result(results):
+    """The result a request's operations answer by: the first's, or when
+    they were a chain that failed (records.py), the code of the one that
+    failed (the others say only LINKED_FAILED)."""
+    first = results[0]
+    if first.code != Code.LINKED_FAILED:
+        return first
+    return next((r for r in results if r.code != Code.LINKED_FAILED), first)
 
 
 def pack(answer):
@@ -181,7 +192,8 @@ class Backend:
 
         A referral matters only within its window after enrolment, so the
         profile (with the referrer) is read only then: the newcomer's first
-        purchase takes the newcomer discount, and the referrer earns a share."""
+        purchase takes the newcomer discount, and the referrer earns a share.
+        The coupon is the one a checkout prices with (`reads.offered_coupon`)."""
         now = self.clock() if now is None else now
         at = now if at is None else at
         b = balances_of(account_id, account, now)
@@ -194,7 +206,18 @@ class Backend:
             referral = None
         if referral is not None and at < account.opened_at + referral.window_days * DAY:
             referrer = profiles.decode(self.ledger.profile(account_id)).referrer
+        c = offered_coupon(account, now) if account.coupons else None
+        coupon = None
+        if c is not None:
+            window = (c.usable_from, c.expires_at)
+            if coupon_state(c, now) == CouponState.EXPIRED:
+                # lapsed by now: expired for any business time, a late
+                # upload's too, as the ledger closes it whatever the receipt
+                window = (0, 0)
+            coupon = MemberCoupon(convert.coupon_code(account_id, c.number), c.value,
+                                  *window, c.number)
         return Member(available=b.available, held=held, account=account_id,
                       card=card, tier=tier, referrer=referrer,
                       newcomer=bool(referrer) and account.last_day == 0,
-                      enrolled_at=account.opened_at if referrer else None)
+                      enrolled_at=account.opened_at if referrer else None,
+                      coupon=coupon)

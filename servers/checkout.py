@@ -17,6 +17,7 @@ from kopilka.core.records import Code
 from kopilka.v1 import checkout_pb2, checkout_pb2_grpc
 
 from . import auth, convert, receipts
+from .backend import main_result
 from .checkout_ops import (capture_id, prepare_capture, prepare_hold, prepare_refund,
                            prepare_void)
 from .status import ApiError, invalid, ok_proto
@@ -71,7 +72,7 @@ class Checkout(checkout_pb2_grpc.CheckoutServicer):
     async def _one(self, prepare, request, context):
         prepared = prepare(self.backend, request)
         if prepared.answer is None:
-            result = (await self.backend.apply(prepared.batch, context))[0]
+            result = main_result(await self.backend.apply(prepared.batch, context))
             if result.code != Code.OK:
                 prepared = _raced(prepare, self.backend, request, "", result, prepared)
                 if prepared.answer is None:
@@ -110,10 +111,10 @@ class Checkout(checkout_pb2_grpc.CheckoutServicer):
         seen = set()
 
         async def flush():
-            outcome = await b.apply(batch, context)
-            first = 0   # a prepared batch's first operation is the request's
+            outcome, at = list(await b.apply(batch, context)), 0
             for i, which, prepared in pending:
-                result, first = outcome[first], first + len(prepared.batch)
+                result = main_result(outcome[at:at + len(prepared.batch)])
+                at += len(prepared.batch)
                 if result.code == Code.OK:
                     results[i] = _result(which, prepared.finish(result))
                     follow.extend(prepared.follow_up)

@@ -3,8 +3,11 @@ committed by whoever holds them (one unary RPC, or many in one `Post`).
 
 `prepare_*` does everything that can fail before the ledger is asked
 (names, scope, pricing, the idempotency check) and returns a `Prepared`:
-either an answer already known (a retry: the first answer, rebuilt) or one
-kernel operation to commit and a `finish(result)` that builds the response.
+either an answer already known (a retry: the first answer, rebuilt) or the
+kernel operations to commit (one, or a chain: a capture and the coupon it
+redeems, a refund and the coupon it revokes or gives back, applied all or
+nothing; the coupon a capture earns follows it, refused alone when one is
+held meanwhile) and a `finish(result)` that builds the response.
 `follow_up` holds the referral share a capture pays, or the referrer's
 clawback a refund takes: applied only once the main operation succeeded,
 since the kernel applies a batch's operations independently.
@@ -19,7 +22,9 @@ one after the other. A refund takes neither the visit nor its bonus back (a
 returned purchase was still a visit to the store).
 
 Stored with each operation (its data, see backend.py): the request digest,
-and what the answer and later refunds need. A refund also appends its data
+and what the answer and later refunds need (a capture's coupons: the one it
+redeemed, the one it earns with the threshold and its lines' dues, so that
+a refund knows when the purchase falls below the threshold). A refund also appends its data
 to the capture's, so the capture's data lists, in commit order, every line
 returned so far: that is what the next per-line refund prices against.
 """
@@ -34,7 +39,7 @@ from kopilka.core.batch import Batch
 from kopilka.core.bonuses import visit_counter
 from kopilka.core.lifetimes import lot_times
 from kopilka.core.pricing import SpendError, quote, settle_quote
-from kopilka.core.records import Code, HoldState
+from kopilka.core.records import Code, HoldState, Kind
 from kopilka.v1 import checkout_pb2
 
 from . import auth, convert, receipts
@@ -48,7 +53,8 @@ MAX_HOLD_SECONDS = 24 * 3600
 @dataclass
 class Prepared:
     answer: object = None                 # a response known already (replay)
-    batch: Batch | None = None            # the operation, then its VISIT if any
+    batch: Batch | None = None            # the main operation first, then
+                                          # its VISIT if any
     finish: Callable | None = None        # (result) -> response
     follow_up: Batch = field(default_factory=Batch)
     field_of: Callable | None = None      # kernel code -> field path
@@ -62,6 +68,12 @@ def receipt_prefix(op_id):
 
 def capture_id(op_id):
     return (receipt_prefix(op_id) + SUFFIX).encode()
+
+
+def redeem_id(op_id):
+    """A receipt's coupon redemption: its record, when its coupon paid for
+    all of it and nothing else was recorded (no capture)."""
+    return (receipt_prefix(op_id) + "/coupon-redeem").encode()
 
 
 def _fields(**names):
@@ -126,7 +138,8 @@ def _hold_answer(backend, record, answer, replayed):
 
 def prepare_capture(backend, request, prefix=""):
     store, lane, op_id, digest, first = _begin(backend, request, prefix, capture_id)
-    kernel_id = capture_id(op_id)
+    if first is None and backend.ledger.operation(redeem_id(op_id)) is not None:
+        first = backend.stored(redeem_id(op_id), digest)  # paid by its coupon
     if first is not None:
         record, answer = first
         return Prepared(answer=_capture_answer(backend, _Figures.of(record), answer,
@@ -152,6 +165,7 @@ def prepare_capture(backend, request, prefix=""):
     answer = {"rq": digest, "t": now, "cur": program.currency, "held": held,
               "disc": q.discount + q.coupon, "act": q.activates_at,
               "exp": q.expires_at}
+    answer.update(_coupons(q, receipt_prefix(op_id)))
 
     def annotate(allocation, referral):
         answer["al"] = allocation_data(allocation)
@@ -169,6 +183,9 @@ def prepare_capture(backend, request, prefix=""):
                        settlement.earn, settlement.paid)
     batch = Batch().extend(settlement.batch).extend(
         _visit(program, q, settlement.paid, receipt_prefix(op_id), now))
+    # its record: the capture's, or the redemption's when the coupon paid it all
+    kernel_id = (settlement.allocation.capture
+                 or settlement.coupon_redemption.op_id).encode()
 
     def finish(result):
         if result.replayed:  # a racing copy of this request committed first
@@ -219,8 +236,27 @@ class _Figures(NamedTuple):
 
     @classmethod
     def of(cls, record):
+        if record.kind == Kind.REDEEM_COUPON:  # a receipt its coupon paid in full
+            return cls(record.program, record.account, record.partner, 0, 0, 0)
         return cls(record.program, record.account, record.partner, record.spent,
                    record.earned, record.money)
+
+
+def _coupons(q, prefix):
+    """What a capture stores of its coupons: the member's it redeems (chained
+    to it: redeemed if the capture is), and the one it earns (the ledger may
+    refuse that one alone: the answer reads whether it was issued), with
+    what refunds need to tell when the purchase falls below the threshold."""
+    out = {}
+    if q.coupon:
+        out["cpr"] = {"op": prefix + "/coupon-redeem", "code": q.member.coupon.code,
+                      "off": q.coupon}
+    if q.coupon_earned is not None:
+        value, usable_from, expires_at = q.coupon_earned
+        out["cpi"] = {"op": prefix + "/coupon-issue", "v": value, "u": usable_from,
+                      "e": expires_at, "th": q.version.coupon.threshold,
+                      "du": [line.due for line in q.lines]}
+    return out
 
 
 def allocation_data(allocation):
@@ -298,6 +334,17 @@ def _capture_answer(backend, f, answer, replayed, allocation=None):
     if allocation.capture:
         visit = backend.ledger.operation(visit_id(allocation.capture.encode()))
         out.visit_bonus_points = visit.earned if visit is not None else 0
+    redeemed, earned = answer.get("cpr"), answer.get("cpi")
+    if redeemed:
+        out.coupon_redeemed.code = redeemed["code"]
+        out.coupon_redeemed.discount.CopyFrom(convert.money(redeemed["off"], cur))
+    issued = backend.ledger.operation(earned["op"].encode()) if earned else None
+    if issued is not None:
+        out.coupon_issued.code = convert.coupon_code(f.account, issued.a)
+        terms = out.coupon_issued.terms
+        terms.value.CopyFrom(convert.money(earned["v"], cur))
+        convert.set_time(terms, "usable_time", earned["u"])
+        convert.set_time(terms, "expire_time", earned["e"])
     if f.earned:
         convert.set_time(out, "earn_activate_time", answer["act"])
         convert.set_time(out, "earn_expire_time", answer["exp"])
@@ -397,6 +444,7 @@ def prepare_refund(backend, request, prefix=""):
             raise invalid(problems)
     lines = _refunded_lines(allocation, returns, already)
     answer = {"rq": digest, "r": returns, "cur": capture["cur"], "lines": lines}
+    answer.update(_coupon_refunds(backend, op_id, capture, allocation, returns, already))
     if referral and allocation.referral_op:
         answer["claw"] = {"op": derived_id(op_id, "/referral").decode(),
                           "original": allocation.referral_op, "points": referral,
@@ -406,11 +454,44 @@ def prepare_refund(backend, request, prefix=""):
                            version=allocation.version, business_time=business_time,
                            store=store, lane=lane,
                            data=b"\n" + pack(answer))  # a line of the receipt's data
+    for name in ("rv", "gb"):  # all or nothing with the refund; never refused
+        if name in answer:     # for the coupon's sake (records.py)
+            batch.link().refund(answer[name][0], answer[name][1], store=store, lane=lane)
 
     def finish(result):
         record = backend.ledger.operation(op_id)
         return _refund_answer(backend, record, unpack(record.data), bool(result.replayed))
     return Prepared(batch=batch, finish=finish, follow_up=_clawback(answer))
+
+
+def _coupon_refunds(backend, op_id, capture, allocation, returns, already):
+    """The coupon operations a refund reverses, as {"rv": revoke, "gb": give
+    back} pairs of (refund op id, coupon op id): the coupon the receipt
+    earned once what is left of the purchase (its lines' dues, each less its
+    returned units' share, as refund_lines reckons) is below the threshold
+    that earned it; the coupon it redeemed when every line has come back.
+    Each once: a coupon operation refunded before is left alone."""
+    after = dict(already)
+    for number, quantity in returns:
+        after[number] = after.get(number, 0) + quantity
+    out = {}
+    earned, redeemed = capture.get("cpi"), capture.get("cpr")
+    if earned and not _refunded(backend, earned["op"]):
+        kept = sum(due - due * after.get(s.number, 0) // s.quantity
+                   for due, s in zip(earned["du"], allocation.lines))
+        if kept < earned["th"]:
+            out["rv"] = (derived_id(op_id, "/coupon-revoke").decode(), earned["op"])
+    whole = all(after.get(s.number, 0) == s.quantity for s in allocation.lines)
+    if redeemed and whole and not _refunded(backend, redeemed["op"]):
+        out["gb"] = (derived_id(op_id, "/coupon-back").decode(), redeemed["op"])
+    return out
+
+
+def _refunded(backend, coupon_op):
+    """Whether a coupon operation is gone or was refunded already (issued:
+    the ledger may have refused it)."""
+    record = backend.ledger.operation(coupon_op.encode())
+    return record is None or record.refunded_money != 0
 
 
 def _refunded_lines(allocation, returns, already):
@@ -433,7 +514,15 @@ def _clawback(answer):
 def _refund_answer(backend, record, answer, replayed):
     cur = answer["cur"]
     balances = backend.balances(record.account)
+    coupons = {}
+    for name in ("rv", "gb"):  # changed: the coupon refund's result a, its value
+        if name in answer:
+            done = backend.ledger.operation(answer[name][0].encode())
+            coupon = backend.ledger.operation(answer[name][1].encode())
+            if done is not None and done.a:
+                coupons[name] = convert.coupon_code(record.account, coupon.a)
     return checkout_pb2.RefundResponse(
+        coupon_revoked=coupons.get("rv", ""), coupon_given_back=coupons.get("gb", ""),
         member=convert.member_name(record.program, record.account),
         returned_points=record.a, clawed_back_points=record.b,
         refunded=convert.money(record.money, cur),

@@ -9,6 +9,7 @@ import re
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from kopilka.core.reads import coupon_state
 from kopilka.core.records import NEVER
 from kopilka.v1 import common_pb2
 
@@ -65,6 +66,11 @@ def partner_name(program, partner):
 
 def version_name(program, version):
     return f"programs/{program}/versions/{version}"
+
+
+def coupon_code(account, number):
+    """A member's coupon as the customer sees it (receipt, app): "42-3"."""
+    return f"{account}-{number}"
 
 
 def lane_name(store, lane):
@@ -125,6 +131,16 @@ def parse_time(ts, field, problems):
     if ts.seconds <= 0 or not 0 <= ts.nanos < 1_000_000_000:
         problems.append((field, "must be a time after 1970"))
     return micros
+
+
+def member_coupon(account, coupon, currency, now):
+    """common.MemberCoupon of a `core.codec.Coupon` of `account`'s, as of now."""
+    out = common_pb2.MemberCoupon(
+        code=coupon_code(account, coupon.number), coupon_number=coupon.number,
+        state=coupon_state(coupon, now), value=money(coupon.value, currency))
+    set_time(out, "usable_time", coupon.usable_from)
+    set_time(out, "expire_time", coupon.expires_at)
+    return out
 
 
 def balances(b, now):

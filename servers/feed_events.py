@@ -8,7 +8,9 @@ to `credit`, one side a program system account, `ref` the lot concerned.
 Entry types the API does not know yet pass through as their number.
 """
 
-from kopilka.core.records import PROGRAM_ALLOW_DEBT, SYSTEM, Entry
+from kopilka.core.codec import decode_coupon_issued
+from kopilka.core.records import (COUPON_GIVEN_BACK, PROGRAM_ALLOW_DEBT, SYSTEM,
+                                  CouponState, Entry)
 from kopilka.v1 import common_pb2, feed_pb2
 
 from . import convert
@@ -67,6 +69,18 @@ def _details(event, entry, currency):
         d = event.bonus
         d.counter, d.count = _text(entry.data), entry.amount2
         d.points, d.lot_number = entry.amount, entry.ref
+    elif t == Entry.COUPON_ISSUED:
+        d = event.coupon_issued
+        usable_from, how = decode_coupon_issued(entry.data)
+        d.coupon_number, d.given_back = entry.ref, how == COUPON_GIVEN_BACK
+        d.value.CopyFrom(convert.money(entry.amount, currency))
+        convert.set_time(d, "usable_time", usable_from)
+        convert.set_time(d, "expire_time", entry.amount2)
+    elif t == Entry.COUPON_CLOSED:
+        d = event.coupon_closed
+        d.coupon_number, d.state = entry.ref, entry.amount2
+        if entry.amount2 == CouponState.REDEEMED:
+            d.discount.CopyFrom(convert.money(entry.amount, currency))
 
 
 def journal_event(entry, currency="", raw=False):

@@ -165,6 +165,10 @@ class Members(members_pb2_grpc.MembersServicer):
         convert.set_time(out, "enrol_time", account.opened_at)
         if profile.erased_at:
             convert.set_time(out, "erase_time", profile.erased_at)
+        if account.coupons:
+            currency = self._currency(program)
+            out.coupons.extend(convert.member_coupon(account_id, c, currency, now)
+                               for c in account.coupons)
         if view == FULL:
             for lot in account.lots:
                 if lot.remaining > 0 and lot.expires_at > now:
@@ -178,6 +182,10 @@ class Members(members_pb2_grpc.MembersServicer):
                     pb = out.holds.add(hold_number=hold.hold_no, points=hold.amount)
                     convert.set_time(pb, "expire_time", hold.expires_at)
         return out
+
+    def _currency(self, program_id):
+        entry = self.backend.registry.get(program_id)
+        return entry.program.currency if entry is not None else ""
 
     # --- enrolment ----------------------------------------------------------
     async def EnrolMember(self, request, context):

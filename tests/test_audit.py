@@ -246,3 +246,23 @@ def test_the_member_index_and_bonus_counters_are_checked(path):
         f"member index {MEMBER_INDEX_KEY.pack(IDX_TIER, 1, 5, 2)!r}: names no member so",
         "bonus counter b'\\x00\\x00\\x00\\x00\\x00\\x00\\x00\\x01action/x': stored "
         "[0, 0], journal says [1, 1]"]
+
+
+def test_a_coupon_edited_or_reopened_is_found(tmp_path):
+    """Coupons are replayed from their entries: an account claiming a coupon
+    open that the journal redeemed, or worth more, is found."""
+    with twin.Ledger(tmp_path, sync=False) as ledger:
+        ledger.apply(Batch().put_program("p", 1).open_account("a1", 1, "m1")
+                     .issue_coupon("c1", 1, 10_000, usable_from=DAY, expires_at=9 * DAY)
+                     .redeem_coupon("r1", 1, 1, 500, business_time=2 * DAY)
+                     .issue_coupon("c2", 1, 10_000, usable_from=DAY, expires_at=9 * DAY),
+                     DAY)
+        assert ledger.audit() == []
+
+    def change(txn):
+        account = Account.decode(txn.get(U64.pack(1)))
+        account.coupons[0].value += 1
+        txn.put(U64.pack(1), account.encode())
+    tamper(tmp_path, b"accounts", change)
+    (problem,) = audit(tmp_path, twin.Ledger)
+    assert problem.startswith("account 1: coupons [Coupon(number=2, state=1, value=10001")

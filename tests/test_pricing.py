@@ -25,9 +25,11 @@ from kopilka.core.pricing import (Allocation, CouponIssue, CouponRedemption,
                                   MemberError, Problem, Reason, Receipt,
                                   ReceiptError, Refund, SpendError, Why,
                                   quote, refund_lines, refund_referral, settle,
+                                  settle_quote,
                                   split)
 from kopilka.core.program import load_program, parse_program, to_micros
-from kopilka.core.records import NEVER, Code
+from kopilka.core.codec import iter_ops
+from kopilka.core.records import NEVER, Code, Kind
 
 EXAMPLE = pathlib.Path(__file__).parent.parent / "examples" / "programs" / "example.toml"
 RUB = 100
@@ -69,10 +71,10 @@ def receipt(*lines, t=V1, store=42, lane=1, id="r-1"):
 
 
 def capture_of(settlement):
-    """The capture's fields, decoded back from the batch bytes."""
+    """The capture's fields, decoded back from the batch bytes (its first
+    operation; coupon operations follow it)."""
     from kopilka.core.codec import iter_ops
-    (op,) = iter_ops(bytes(settlement.batch))
-    return op
+    return next(iter_ops(bytes(settlement.batch)))
 
 
 def small(**sections):
@@ -127,6 +129,11 @@ def test_design_next_order_of_2000_spends_all_150_cap_200_pays_1850(example):
         "s42/l1/r-1/capture", 1, spend=150, earn=129, activates_at=V1 + 14 * DAY,
         expires_at=micros("2026-01-01T00:00:00+03:00"), money=185_000, partner=1,
         version=1, business_time=V1, store=42, lane=1)
+    # a purchase of 1,850 earns a coupon too, naming the capture
+    c = s.coupon_issue
+    expected.issue_coupon("s42/l1/r-1/coupon-issue", 1, 10_000, usable_from=V1 + 7 * DAY,
+                          expires_at=c.expires_at, receipt="s42/l1/r-1/capture",
+                          partner=1, version=1, business_time=V1, store=42, lane=1)
     assert bytes(s.batch) == bytes(expected)
     # a quote of 2,000 with enough points: the cap binds at 200
     q = quote(example, r, Member(available=1000), V1)
@@ -140,7 +147,7 @@ def test_design_earn_then_spend_in_the_ledger(ledger, open_program, example):
     (account,) = open_program(program=1, members=1)
     first = settle(example, receipt(line(1, price=3000 * RUB), id="r-1"),
                    Member(account=account), 0, V1, "s42/l1/r-1")
-    assert [r.code for r in ledger.apply(first.batch, V1)] == [Code.OK]
+    assert [r.code for r in ledger.apply(first.batch, V1)] == [Code.OK, Code.OK]
     assert ledger.balances(account, V1).pending == 150
     later = V1 + 15 * DAY
     available = ledger.balances(account, later).available
@@ -149,7 +156,10 @@ def test_design_earn_then_spend_in_the_ledger(ledger, open_program, example):
                              t=later, id="r-2")
     second = settle(example, second_receipt, Member(available=available, account=account),
                     150, later, "s42/l1/r-2")
-    assert [r.code for r in ledger.apply(second.batch, later)] == [Code.OK]
+    # it would earn a coupon too, but the first one is held (one per
+    # customer: the ledger refuses it, the purchase stands)
+    assert [r.code for r in ledger.apply(second.batch, later)] == [Code.OK,
+                                                                  Code.COUPON_HELD]
     b = ledger.balances(account, later)
     assert (b.available, b.pending) == (0, 129)
     # the customer returns the books, then the groceries in two steps
@@ -312,6 +322,31 @@ def test_design_coupon_1500_earns_100(example):
     assert quote(example, receipt(line(1, price=149_999)), Member(), V1).coupon_earned is None
     # the threshold is on the purchase after discounts (1,500 - 2% = 1,470)
     assert quote(example, r, Member(regular=True), V1).coupon_earned is None
+
+
+def test_settle_chains_the_redemption_to_the_capture_and_names_it(example):
+    """The ledger operations of a checkout with a coupon: the capture, the
+    coupon redeemed (chained: both or neither), the coupon earned (naming
+    the capture; refused alone when one is held meanwhile)."""
+    coupon = MemberCoupon("42-3", 10_000, V1, V1 + 90 * DAY, number=3)
+    later = V1 + 8 * DAY
+    r = receipt(line(1, price=1600 * RUB), t=later)
+    s = settle(example, r, Member(coupon=coupon, account=42), 0, later, "p")
+    capture, redeem, issue = iter_ops(bytes(s.batch))
+    assert (capture.kind, capture.link, redeem.link, issue.link) == (Kind.CAPTURE, 1, 0, 0)
+    assert (redeem.kind, redeem.op_id, redeem.account, redeem.amount2, redeem.amount,
+            redeem.key, redeem.business_time) == (
+        Kind.REDEEM_COUPON, b"p/coupon-redeem", 42, 3, 10_000, b"p/capture", later)
+    assert (issue.kind, issue.op_id, issue.amount, issue.key, issue.flags,
+            issue.activates_at) == (Kind.ISSUE_COUPON, b"p/coupon-issue", 10_000,
+                                    b"p/capture", 1, later + 7 * DAY)
+    # a receipt the coupon pays in full: the redemption alone, annotated
+    small = receipt(line(1, price=80 * RUB), t=later)
+    q = quote(example, small, Member(coupon=coupon, account=42), later)
+    s = settle_quote(q, 0, "p", annotate=lambda allocation, referral: b"kept")
+    (op,) = iter_ops(bytes(s.batch))
+    assert (op.kind, op.amount, op.key, op.data) == (Kind.REDEEM_COUPON, 8_000, b"", b"kept")
+    assert (s.allocation.capture, s.coupon_redemption.amount) == (None, 8_000)
 
 
 def test_coupon_one_per_customer_and_redeemed_on_a_later_purchase(example):
@@ -842,6 +877,13 @@ def test_property_quote_and_settle_agree(p, r, member, rnd):
         assert (op.amount, op.amount2, op.money, op.version, op.business_time) == (
             spend, s.earn, s.paid, 1, V1)
         assert (op.activates_at, op.expires_at) == (V1 + 7 * DAY, NEVER)
+        # then the coupon redeemed (chained to it) and the one earned
+        kinds = [o.kind for o in iter_ops(bytes(s.batch))][1:]
+        assert kinds == [Kind.REDEEM_COUPON] * bool(q.coupon) + [
+            Kind.ISSUE_COUPON] * (q.coupon_earned is not None)
+    elif q.coupon:   # the coupon paid for it all: the redemption alone
+        (op,) = iter_ops(bytes(s.batch))
+        assert (op.kind, op.amount, op.key) == (Kind.REDEEM_COUPON, q.coupon, b"")
     else:
         assert len(s.batch) == 0
     with pytest.raises(SpendError):

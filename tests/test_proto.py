@@ -365,6 +365,7 @@ def _values(enums, name):
     ("SystemAccountKind", records.Sys, True),
     ("MemberState", records.Status, True),
     ("CardState", records.CardStatus, True),
+    ("CouponState", records.CouponState, True),
     ("PricingReasonCode", pricing.Why, False),
 ])
 def test_enums_mirror_the_python_side(enums, proto, python, numbers):

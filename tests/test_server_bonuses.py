@@ -104,14 +104,17 @@ def test_a_month_close_places_members_by_net_spend_and_quote_prices_by_the_tier(
     assert srv.call(Scheduler(srv.server.backend, 0).close_tiers(
         srv.server.registry.get(1).program, srv.clock.now)) == 0
     assert len(entries(srv, Entry.TIER_SET)) == 5
-    # the tier prices: gold earns 1 point per 10 rubles and takes 3% off
+    # the tier prices: gold earns 1 point per 10 rubles and takes 3% off;
+    # February's big receipts also earned gold a 100-ruble coupon, usable now
     quote = pos.Quote(checkout_pb2.QuoteRequest(lane=LANE, member=name(gold),
                                                 receipt=receipt(srv, 100_000)))
     assert quote.tier == "gold" and quote.discount.minor_units == 3_000
-    assert quote.earn_points == 97
+    assert quote.coupon_discount.minor_units == 10_000
+    assert quote.earn_points == 87                  # on 1,000 - 30 - 100 rubles
     quote = pos.Quote(checkout_pb2.QuoteRequest(lane=LANE, member=name(silver),
                                                 receipt=receipt(srv, 150_000)))
-    assert quote.tier == "silver" and quote.earn_points == 100   # 1 per 15 rubles
+    assert quote.tier == "silver" and quote.coupon_discount.minor_units == 10_000
+    assert quote.earn_points == 93                  # 1 per 15 rubles of 1,400
     quote = pos.Quote(checkout_pb2.QuoteRequest(lane=LANE, member=name(idle),
                                                 receipt=receipt(srv, 150_000)))
     assert quote.tier == "base" and quote.earn_points == 150     # 10 per 100 rubles

@@ -9,7 +9,9 @@ deleted and erased with their external ids; tiers change and stay; programs
 change their UTC offset (local days of the aggregates) now and then;
 members get birthdays (indexed), bonuses counted against limits and visits
 counted towards a bonus. The long sequences must produce breakage cohorts
-that saw issue, spend, expiry and clawback.
+that saw issue, spend, expiry and clawback. Coupons are issued, redeemed,
+lapse and are refunded; operations are chained now and then (all or
+nothing), chains fail and batches end inside them.
 """
 
 import collections
@@ -46,6 +48,7 @@ RECEIPT_KINDS = (Kind.EARN, Kind.SPEND, Kind.CAPTURE)
 # birthdays (month * 100 + day), some no date; bonus counters' names
 BIRTHDAYS = [0, 0, 0, 229, 1231, 101, 1015, 230, 1301, 0x10101, 2**32 - 1]
 COUNTERS = ["visits/a", "visits/b", "action/x", "", "c" * 129]
+COUPON_KINDS = (Kind.ISSUE_COUPON, Kind.REDEEM_COUPON)
 
 small = st.integers(1, 60)
 amounts = st.one_of(*[small] * 8, st.integers(0, 400), st.sampled_from(EDGE))
@@ -72,7 +75,11 @@ def operations(draw):
                              st.sampled_from(["", "", "nohold", "r1"])))
     elif kind == Kind.REFUND:
         key = draw(st.one_of(*[st.tuples(st.just(Kind.EARN), st.integers(0, 99))] * 3,
+                             st.tuples(st.just(Kind.ISSUE_COUPON), st.integers(0, 99)),
                              st.sampled_from(["h0", "nothing", "", "k" * 129])))
+    elif kind in COUPON_KINDS:
+        key = draw(st.one_of(st.tuples(st.just(Kind.EARN), st.integers(0, 99)),
+                             st.sampled_from(["", "", "nothing"])))
     fields = dict(
         kind=kind, op_id=op_id, flags=draw(mostly_zero),
         program=draw(st.sampled_from([1, 1, 2, 0, 3])),
@@ -84,6 +91,7 @@ def operations(draw):
         activates_at=draw(offsets), expires_at=draw(offsets),
         key=key, key2=draw(st.sampled_from(CARDS)),
         data=draw(st.sampled_from(DATA)),
+        link=draw(st.sampled_from([0] * 8 + [1, 1, 2])),
     )
     if kind in (Kind.EARN, Kind.ADJUST, Kind.CAPTURE):
         fields["expires_at"] = draw(st.sampled_from([NEVER, fields["activates_at"] + DAY]))
@@ -118,6 +126,14 @@ def operations(draw):
     if kind == Kind.VISIT:
         fields["key2"] = draw(st.one_of(st.tuples(st.just(Kind.EARN), st.integers(0, 99)),
                                         st.sampled_from(["", "nothing", "h0"])))
+    if kind == Kind.ISSUE_COUPON:
+        fields["flags"] = draw(st.sampled_from([0, 1, 1, 2]))
+        fields["business_time"] = draw(offsets)
+    if kind == Kind.REDEEM_COUPON:
+        fields["amount2"] = draw(st.integers(0, 4))
+        fields["business_time"] = draw(offsets)
+    if kind == Kind.REFUND and draw(st.integers(0, 3)) == 0:
+        fields["amount"] = fields["amount2"] = fields["money"] = fields["flags"] = 0
     return fields
 
 
@@ -146,17 +162,28 @@ def build(ops, base, history):
         else:
             f = dict(f)
             for name in ("key", "key2"):
-                if isinstance(f[name], tuple):
-                    kinds = RECEIPT_KINDS if f[name][0] == Kind.EARN else (Kind.HOLD,)
+                if isinstance(f.get(name), tuple):
+                    kinds = {Kind.EARN: RECEIPT_KINDS, Kind.HOLD: (Kind.HOLD,),
+                             Kind.ISSUE_COUPON: COUPON_KINDS}[f[name][0]]
                     earlier = [h["op_id"] for h in history if h["kind"] in kinds]
                     f[name] = earlier[f[name][1] % len(earlier)] if earlier else "none"
-            for name in ("activates_at", "expires_at"):
-                if f[name] != NEVER:
+            for name in ("activates_at", "expires_at", "business_time"):
+                if f.get(name, 0) != NEVER and name in f:
                     f[name] = max(0, base + f[name])
             history.append(f)
         fields = dict(f)
+        link = fields.pop("link", 0)
         batch.add(fields.pop("kind"), fields.pop("op_id"), **fields)
+        if link:
+            set_link(batch, link)
     return batch
+
+
+def set_link(batch, link):
+    """Sets the last operation's `link` byte (LINKED, or a bad bit)."""
+    batch.link()
+    if link != 1:
+        batch._buffer[batch._last + 5] = link
 
 
 @settings(max_examples=150, deadline=None, derandomize=True,
@@ -186,8 +213,10 @@ def random_operation(rng, history):
     """One operation with a realistic mix: mostly valid, references to
     operations applied earlier (`history`), some edge values and garbage."""
     kind = rng.choices(list(Kind),
-                       weights=[1, 3, 1, 2, 1, 1, 12, 6, 6, 6, 3, 6, 3, 3, 2, 2, 2, 3, 4])[0]
+                       weights=[1, 3, 1, 2, 1, 1, 12, 6, 6, 6, 3, 6, 3, 3, 2, 2, 2,
+                                5, 6, 3, 4])[0]
     receipts = [h["op_id"] for h in history if h["kind"] in RECEIPT_KINDS]
+    coupon_ops = [h["op_id"] for h in history if h["kind"] in COUPON_KINDS]
     holds = [h["op_id"] for h in history if h["kind"] == Kind.HOLD]
     edge = rng.random() < 0.03
     points = rng.choice(EDGE) if edge else rng.randint(1, 80)
@@ -219,6 +248,8 @@ def random_operation(rng, history):
             f["key"] = ""
     elif kind == Kind.VOID:
         f["key"] = rng.choice(holds) if holds and rng.random() < 0.9 else "nohold"
+    elif kind == Kind.REFUND and coupon_ops and rng.random() < 0.2:
+        f.update(key=rng.choice(coupon_ops), money=0)  # revoke, or give back
     elif kind == Kind.REFUND:
         f["key"] = rng.choice(receipts) if receipts and rng.random() < 0.9 else "none"
         if rng.random() < 0.5:
@@ -253,17 +284,42 @@ def random_operation(rng, history):
             f.update(account=rng.choice([0, 0, 0, f["account"]]),
                      key2=rng.choice(receipts) if receipts and rng.random() < 0.9
                      else rng.choice(["none", ""] + holds[:1]))
+    elif kind == Kind.ISSUE_COUPON:  # windows relative to now, like lots
+        f.update(amount=rng.choice([1_000, 10_000, points]), flags=rng.choice([0, 1, 1]),
+                 activates_at=rng.choice([0, rng.randint(DAY, 4 * DAY)]),
+                 expires_at=rng.randint(1, 20 * DAY), business_time=rng.randint(-DAY, 0),
+                 key=_receipt_of(rng, history, f["account"]))
+    elif kind == Kind.REDEEM_COUPON:
+        issued = [h["_number"] for h in history[-40:] if "_number" in h
+                  and h["account"] == f["account"]]
+        f.update(amount=rng.choice([1, 500, 10_000, points]),
+                 amount2=rng.choice(issued) if issued and rng.random() < 0.8
+                 else rng.randint(0, 3),
+                 business_time=rng.randint(-DAY, 3 * DAY),
+                 key=_receipt_of(rng, history, f["account"]))
     if kind in (Kind.OPEN_ACCOUNT, Kind.SET_PROFILE):
         f["reason"] = rng.choice(BIRTHDAYS)
     if kind not in (Kind.SET_PROFILE,) and rng.random() < 0.15:
         f["data"] = rng.randbytes(rng.choice([1, 16, 2000]))
-    if kind in (Kind.EARN, Kind.SPEND, Kind.HOLD, Kind.CAPTURE) and rng.random() < 0.3:
+    if rng.random() < 0.08:
+        f["link"] = rng.choice([1, 1, 1, 1, 2])
+    if kind in (Kind.EARN, Kind.SPEND, Kind.HOLD, Kind.CAPTURE, *COUPON_KINDS) and rng.random() < 0.3:
         f.update(account=rng.choice([0, 0, 1]), key2=rng.choice(CARDS))  # by card
     elif kind not in (Kind.REPLACE_CARD, Kind.VISIT):
         f["key2"] = ""
     if rng.random() < 0.05 and history:  # a retry, or an id reused with another payload
         f = dict(rng.choice(history)) if rng.random() < 0.7 else dict(f, op_id=rng.choice(history)["op_id"])
     return f
+
+
+def _receipt_of(rng, history, account):
+    """What a coupon operation names as its receipt: mostly none, else one
+    of the member's receipts, now and then anyone's."""
+    if rng.random() < 0.6:
+        return ""
+    receipts = [h["op_id"] for h in history if h["kind"] in RECEIPT_KINDS
+                and (h["account"] == account or rng.random() < 0.1)]
+    return rng.choice(receipts) if receipts else ""
 
 
 SEEDS = range(12)
@@ -295,15 +351,23 @@ def run_sequence(seed, path, codes):
                 for name in ("activates_at", "expires_at"):
                     if f[name] != NEVER and not f.get("_abs"):
                         f[name] += now
+                if f["kind"] in COUPON_KINDS and not f.get("_abs"):
+                    f["business_time"] = max(0, f["business_time"] + now)
                 f["_abs"] = True
                 ops.append(f)
             batch = Batch()
             for f in ops:
-                fields = {k: v for k, v in f.items() if k not in ("kind", "op_id", "_abs")}
+                fields = {k: v for k, v in f.items()
+                          if k not in ("kind", "op_id", "_abs", "link", "_number")}
                 batch.add(f["kind"], f["op_id"], **fields)
+                if f.get("link"):
+                    set_link(batch, f["link"])
             expected, got = list(left.apply(batch, now)), list(right.apply(batch, now))
             assert got == expected, f"seed {seed} step {step}"
             codes.update((label(f, r), r.code.name) for f, r in zip(ops, expected))
+            for f, r in zip(ops, expected):
+                if r.ok and f["kind"] == Kind.ISSUE_COUPON and not r.replayed:
+                    f["_number"] = r.a  # for redemptions to name
             history += [f for f, r in zip(ops, expected) if r.ok]
         assert left.dump() == right.dump(), f"seed {seed}"
         assert left.audit() == [] and right.audit() == [], f"seed {seed}"
@@ -339,5 +403,7 @@ def test_kernel_matches_twin_long_sequences(tmp_path):
         assert codes[(kind, "OK")] > 0, (kind, codes)
     for code in ("INSUFFICIENT_POINTS", "HOLD_EXPIRED", "HOLD_CAPTURED", "CARD_BLOCKED",
                  "REFUND_EXCEEDS_ORIGINAL", "OP_ID_REUSED", "TIME_INVALID",
-                 "LIMIT_REACHED"):
+                 "LIMIT_REACHED", "LINKED_FAILED", "LINK_OPEN", "COUPON_HELD",
+                 "COUPON_NOT_USABLE", "COUPON_EXPIRED", "COUPON_REDEEMED",
+                 "COUPON_NOT_FOUND"):
         assert any(c == code for _, c in codes), code
