@@ -9,7 +9,7 @@ from google.protobuf.duration_pb2 import Duration
 from kopilka.v1 import checkout_pb2 as pb
 from kopilka.v1 import checkout_pb2_grpc, common_pb2
 
-from server_harness import (DAY, RunningServer, error_info, install_program,
+from server_harness import (RunningServer, error_info, install_program,
                             open_member)
 
 LANE = "stores/42/lanes/1"

@@ -247,6 +247,7 @@ def test_welcome_bonus_and_referral(server):
     new = crm.EnrolMember(members_pb2.EnrolMemberRequest(
         operation_id="enrol/new", parent="programs/1", external_id="new",
         card_number="7002", referrer=old.member.name))
+    assert new.member.referrer == old.member.name
     r = till.receipt(("groceries", 200_000))
     q = till.quote("7002", r)
     assert q.discount.minor_units == 20_000
