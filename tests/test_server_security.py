@@ -664,3 +664,36 @@ def test_logs_are_json_and_never_hold_a_card_number_or_a_secret(tmp_path, log_te
     for token in list(srv.tokens.values()) + [wrong]:
         secret = token.split("_", 2)[2]
         assert secret not in text and secret[:16] not in text
+
+
+# --- malformed requests --------------------------------------------------------------
+
+@pytest.mark.parametrize("path, bad_utf8", [
+    ("/kopilka.v1.Checkout/Hold", b"\x0a\x03\xff\xfeA"),           # operation_id
+    ("/kopilka.v1.Feed/Subscribe", b"\x12\x03\xff\xfeA"),          # program
+    ("/kopilka.v1.Store/StreamCardReads", b"\x0a\x05\x0a\x03\xff\xfeA"),  # reads[0].read_id
+])
+def test_a_malformed_request_is_invalid_argument_once_authenticated(shared, path,
+                                                                    bad_utf8):
+    """Bytes that are no message (invalid UTF-8 in a string, a corrupt wire
+    format): gRPC's own parsing said UNKNOWN, and before authentication."""
+    method = next(m for m in RPCS if path_of(m) == path)
+    kind = ("stream" if method.client_streaming else "unary") + "_" + (
+        "stream" if method.server_streaming else "unary")
+    call = getattr(shared.channel(), kind)(path, request_serializer=bytes,
+                                           response_deserializer=bytes)
+    head = shared.server.ledger.head()
+    for raw in (bad_utf8, b"\x08\xff\xff"):        # then a truncated varint
+        for metadata, want in (((), UNAUTHENTICATED),
+                               (bearer(shared.tokens["admin"]),
+                                ("INVALID_ARGUMENT", "REQUEST_INVALID"))):
+            argument = iter([raw]) if method.client_streaming else raw
+            try:
+                answer = call(argument, metadata=metadata, timeout=WAIT)
+                if method.server_streaming:
+                    next(answer)
+                got = "OK"
+            except grpc.RpcError as err:
+                got = error_info(err)[:2]
+            assert got == want, (raw, metadata)
+    assert shared.server.ledger.head() == head
