@@ -149,6 +149,26 @@ def error_info(error):
     return error.code().name, reason, fields
 
 
+def rpcs():
+    """Every RPC of the API (method descriptors), from the generated modules,
+    so a new RPC is covered the day it is added."""
+    import importlib
+    import pkgutil
+
+    import kopilka.v1
+    found = []
+    for module in pkgutil.iter_modules(kopilka.v1.__path__):
+        if module.name.endswith("_pb2"):
+            descriptor = importlib.import_module(f"kopilka.v1.{module.name}").DESCRIPTOR
+            for service in descriptor.services_by_name.values():
+                found.extend(service.methods)
+    return found
+
+
+def path_of(method):
+    return f"/{method.containing_service.full_name}/{method.name}"
+
+
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "programs",
                        "example.toml")
 

@@ -7,13 +7,11 @@ what the logs may never contain.
 
 import asyncio
 import datetime
-import importlib
 import io
 import ipaddress
 import json
 import logging
 import os
-import pkgutil
 import secrets
 import threading
 
@@ -23,7 +21,6 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-import kopilka.v1
 from kopilka.servers import auth, logs
 from kopilka.servers.app import Config, Server
 from kopilka.v1 import (admin_pb2, admin_pb2_grpc, checkout_pb2, checkout_pb2_grpc,
@@ -31,7 +28,7 @@ from kopilka.v1 import (admin_pb2, admin_pb2_grpc, checkout_pb2, checkout_pb2_gr
                         store_pb2_grpc)
 
 from server_harness import (Clock, Monotonic, RunningServer, error_info,
-                            install_program, open_member)
+                            install_program, open_member, path_of, rpcs)
 
 WAIT = 10
 LANE42 = "stores/42/lanes/1"
@@ -42,21 +39,7 @@ UNKNOWN_CARD = "2900000123456"       # an EAN-13 loyalty card nobody has
 
 # --- every RPC, from the descriptors ----------------------------------------------
 
-def _rpcs():
-    found = []
-    for module in pkgutil.iter_modules(kopilka.v1.__path__):
-        if module.name.endswith("_pb2"):
-            descriptor = importlib.import_module(f"kopilka.v1.{module.name}").DESCRIPTOR
-            for service in descriptor.services_by_name.values():
-                found.extend(service.methods)
-    return found
-
-
-RPCS = _rpcs()
-
-
-def path_of(method):
-    return f"/{method.containing_service.full_name}/{method.name}"
+RPCS = rpcs()
 
 
 def invoke(channel, method, metadata=(), request=None):

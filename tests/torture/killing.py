@@ -230,18 +230,27 @@ def check_feed(feed, world, head):
 
 def check_backups(backups, world):
     """Each acknowledged backup: a sound ledger whose journal is a prefix of
-    the live one. A backup cut short by a kill left no ledger file where the
-    backup goes."""
+    the live one. A backup cut short by a kill left an empty folder, or, when
+    the kill came after the copy was renamed in, a whole backup."""
     with world.ledger() as live:
         entries = w.journal(live)
-    for path, cursor, digest in backups.taken:
+
+    def sound(path, cursor=None, digest=None):
         with Ledger(path, map_size=w.MAP_SIZE) as copy:
             assert copy.audit() == [], path
-            assert copy.head() == (cursor, digest)
+            head = copy.head()
             copied = w.journal(copy)
-        assert copied == entries[:cursor], path
-    for path in backups.interrupted:     # an empty folder at most
-        assert not os.path.exists(path) or os.listdir(path) == [], path
+        assert cursor is None or head == (cursor, digest), path
+        assert copied == entries[:head[0]], path
+
+    for path, cursor, digest in backups.taken:
+        sound(path, cursor, digest)
+    whole = 0
+    for path in backups.interrupted:
+        if os.path.exists(path) and os.listdir(path):
+            sound(path)
+            whole += 1
+    return whole
 
 
 def check_logs(world):

@@ -35,7 +35,7 @@ def test_sigkill_under_load_loses_nothing_and_doubles_nothing(tmp_path):
         feed, backups, head = run.go()
         figures = w.verify(run.world, run.answers(), str(tmp_path), run.members)
         check_feed(feed, run.world, head)
-        check_backups(backups, run.world)
+        whole = check_backups(backups, run.world)
         check_logs(run.world)
     except BaseException as exc:
         raise AssertionError(f"torture seed {seed}: {exc!r}") from exc
@@ -59,7 +59,8 @@ def test_sigkill_under_load_loses_nothing_and_doubles_nothing(tmp_path):
         f"feed: {len(feed.events)} events, each once and in order, "
         f"{feed.resumes} resumes from the cursor",
         f"backups: {len(backups.taken)} verified (audit clean, journal a prefix); "
-        f"{len(backups.interrupted)} cut short by a kill (no ledger file left)",
+        f"{len(backups.interrupted)} cut short by a kill ({whole} had finished the copy: "
+        "sound; the rest left no ledger file)",
     ]
     SUMMARIES.append(("torture: SIGKILL under load", lines))
     assert run.kill_during["kills"] == run.kills
