@@ -105,6 +105,8 @@ def shared(tmp_path_factory):
     srv.monotonic.offset += 1.5
     assert invoke(channel, get_stats, bearer(removed)) == UNAUTHENTICATED
     srv.removed = removed
+    srv.expired = tokens.add("admin", note="expired",
+                             expires=srv.clock.now // 1_000_000 - 1)
     yield srv
     srv.stop()
 
@@ -132,6 +134,7 @@ def _bad_credentials(srv):
         "secret of another token": bearer(
             f"kop_{token_id}_{srv.tokens['pos'].split('_', 2)[2]}"),
         "removed": bearer(srv.removed),
+        "expired": bearer(srv.expired),
     }
 
 
@@ -238,6 +241,23 @@ def test_a_client_streaming_rpc_would_be_authenticated_too(tmp_path):
         return context.status
     status = asyncio.run(call())
     assert status.code == grpc.StatusCode.UNAUTHENTICATED and not called
+
+
+def test_a_token_works_until_its_expiry_by_the_servers_clock(tmp_path):
+    srv = RunningServer(tmp_path / "data")
+    try:
+        tokens = auth.TokenFile(os.path.join(srv.data, "tokens.json"))
+        token = tokens.add("admin", expires=srv.clock.now // 1_000_000 + 60)
+        srv.monotonic.offset += 1.5          # the server rereads the file
+        channel = srv.channel()
+        assert outcome(lambda: stats(channel, bearer(token))) == "OK"
+        srv.clock.advance(59_000_000)
+        assert outcome(lambda: stats(channel, bearer(token))) == "OK"
+        srv.clock.advance(1_000_000)
+        assert outcome(lambda: stats(channel, bearer(token))) == UNAUTHENTICATED
+        assert outcome(lambda: stats(channel, bearer(srv.tokens["admin"]))) == "OK"
+    finally:
+        srv.stop()
 
 
 # --- store scoping ----------------------------------------------------------------
