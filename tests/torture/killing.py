@@ -28,12 +28,14 @@ def env_int(name, default):
 
 
 class Feed(threading.Thread):
-    """A subscriber that resumes from its cursor whenever its stream breaks,
+    """A subscriber that resumes from its cursor whenever its stream breaks
+    (the server killed) or it hangs up itself (now and then, at random),
     checking that every event comes exactly once and in order."""
 
-    def __init__(self, world):
+    def __init__(self, world, rng):
         super().__init__(daemon=True)
-        self.world = world
+        self.world, self.rng = world, rng
+        self.hangups = 0
         self.cursor = 0
         self.events = []           # (cursor, type, operation id)
         self.resumes = 0
@@ -67,6 +69,9 @@ class Feed(threading.Thread):
                             self.events.append((event.cursor, event.type,
                                                 event.operation_id))
                         if self.done.is_set():
+                            break
+                        if self.rng.random() < 0.03:
+                            self.hangups += 1
                             break
                 except grpc.RpcError as err:
                     if err.code() not in (grpc.StatusCode.UNAVAILABLE,
@@ -173,8 +178,8 @@ class Run:
     def go(self):
         started = time.monotonic()
         self.world.start()
-        feed, backups = Feed(self.world), Backups(self.world,
-                                                  os.path.join(self.root, "backups"))
+        feed = Feed(self.world, w.rng_for(self.seed + 1))
+        backups = Backups(self.world, os.path.join(self.root, "backups"))
         threads = [threading.Thread(target=self.till, args=(p,), daemon=True)
                    for p in self.tills]
         for t in threads + [feed, backups]:

@@ -57,7 +57,7 @@ def test_sigkill_under_load_loses_nothing_and_doubles_nothing(tmp_path):
         f"lost {figures['lost']}, duplicated {figures['duplicated']}, "
         f"applied without an answer {figures['ghosts']}; journal {head} entries",
         f"feed: {len(feed.events)} events, each once and in order, "
-        f"{feed.resumes} resumes from the cursor",
+        f"{feed.resumes} resumes from the cursor ({feed.hangups} after hanging up)",
         f"backups: {len(backups.taken)} verified (audit clean, journal a prefix); "
         f"{len(backups.interrupted)} cut short by a kill ({whole} had finished the copy: "
         "sound; the rest left no ledger file)",
