@@ -14,15 +14,18 @@ stored request digest too.
 
 import hashlib
 import json
+import logging
 
 from kopilka.core.batch import Batch
 from kopilka.core.reads import balances_of
 from kopilka.core.receipt import Member
-from kopilka.core.records import MAX_OP_ID, CardStatus, Code, MapFullError
+from kopilka.core.records import MAX_OP_ID, CardStatus, Code, LedgerError, MapFullError
 
 from . import convert
 from .status import ApiError, from_kernel, invalid, server
 from .writer import DeadlineExceeded, WriterClosed
+
+log = logging.getLogger("kopilka.backend")
 
 
 def request_digest(request):
@@ -80,6 +83,11 @@ class Backend:
         except MapFullError:
             raise server("STORE_FULL", "the ledger's storage is full; nothing was "
                          "written") from None
+        except LedgerError as exc:     # the disk refused the commit (ENOSPC, EIO)
+            log.error("commit failed: nothing written", extra={"fields": {
+                "error": str(exc)}})
+            raise server("STORE_WRITE_FAILED", "the ledger could not write to its "
+                         "disk; nothing was written") from None
 
     def stored(self, op_id, digest):
         """The stored answer of an earlier request with this id, or None;

@@ -1,10 +1,15 @@
 """Promise 5, the full disk: when the LMDB map fills, writes are refused with
 RESOURCE_EXHAUSTED (STORE_FULL) and change nothing, reads go on being
 served, the audit stays clean; a restart with a larger map resumes, and the
-refused request, retried with its id, then goes through once.
+refused request, retried with its id, then goes through once. When the disk
+itself fills, a commit is refused UNAVAILABLE (STORE_WRITE_FAILED), nothing
+written, and writes resume as soon as there is space again.
 (Backups under load: test_kill.py.)"""
 
+import subprocess
+
 import grpc
+import pytest
 
 from kopilka.v1 import (admin_pb2, admin_pb2_grpc, checkout_pb2, checkout_pb2_grpc,
                         common_pb2, members_pb2, members_pb2_grpc)
@@ -17,8 +22,8 @@ CARD = "7700000000000001"
 SMALL = 1 << 20
 
 
-def captures(srv, first, count):
-    """A Post of `count` captures with money (no points spent)."""
+def captures(srv, first, count, cards=(CARD,)):
+    """A Post of `count` captures with money (no points spent), by `cards` in turn."""
     operations = []
     for i in range(first, first + count):
         receipt = checkout_pb2.Receipt(receipt_id=f"r{i}")
@@ -27,7 +32,8 @@ def captures(srv, first, count):
         receipt.lines.add(line_number=1, sku=f"sku{i}", category="groceries",
                           quantity=1, unit_price=price, total=price)
         operations.append(checkout_pb2.PostOperation(capture=checkout_pb2.CaptureRequest(
-            operation_id=f"fill/{i}", lane=LANE, card_number=CARD, receipt=receipt)))
+            operation_id=f"fill/{i}", lane=LANE, card_number=cards[i % len(cards)],
+            receipt=receipt)))
     return checkout_pb2.PostRequest(operations=operations)
 
 
@@ -124,6 +130,62 @@ def test_a_full_map_refuses_writes_serves_reads_and_a_larger_one_resumes(tmp_pat
             done = srv.stub(members_pb2_grpc.MembersStub).EnrolMember(unfinished,
                                                                       timeout=WAIT)
             assert done.replayed and done.welcome_points > 0
+        assert srv.server.ledger.audit() == []
+    finally:
+        srv.stop()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 4 MiB filesystem (tmpfs), where mounting one is allowed (root)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+                          capture_output=True)
+    if done.returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_refuses_commits_and_writes_resume_once_space_is_freed(small_disk):
+    ballast = small_disk / "ballast"
+    ballast.write_bytes(b"\0" * (1 << 20))
+    srv = RunningServer(small_disk / "data", map_size=256 << 20)
+    try:
+        install_program(srv)
+        member = open_member(srv, 1, "m1", card=CARD, points=1_000)
+        cards = [f"77000000001{i:05d}" for i in range(50)]
+        for i, card in enumerate(cards):
+            open_member(srv, 1, f"f{i}", card=card)
+        pos = srv.stub(checkout_pb2_grpc.CheckoutStub, "pos")
+        n = 0
+        while True:
+            try:
+                answer = pos.Post(captures(srv, n, 200, cards), timeout=WAIT)
+            except grpc.RpcError as err:
+                refusal = error_info(err)
+                break
+            n += 200
+            refused = [r for r in answer.results if r.status.code != 0]
+            if refused:
+                refusal = ("UNAVAILABLE", None, [])
+                assert refused[0].status.code == grpc.StatusCode.UNAVAILABLE.value[0]
+                break
+            assert n < 100_000, "the disk never filled"
+        assert refusal[:1] == ("UNAVAILABLE",) and refusal[1] in (None, "STORE_WRITE_FAILED")
+        head = srv.server.ledger.head()
+        assert srv.server.ledger.audit() == []
+        got = srv.stub(members_pb2_grpc.MembersStub).GetMember(
+            members_pb2.GetMemberRequest(name=f"programs/1/members/{member}"),
+            timeout=WAIT)
+        assert got.member.balances.balance_points >= 1_000
+        hold = checkout_pb2.HoldRequest(operation_id="after/hold", lane=LANE,
+                                        card_number=CARD, points=1)
+        ballast.unlink()                  # space again: writes resume, no restart
+        assert pos.Hold(hold, timeout=WAIT).held_points == 1
+        assert srv.server.ledger.head()[0] > head[0]
+        assert codes(pos.Post(captures(srv, n, 50, cards), timeout=WAIT)) == {0}
         assert srv.server.ledger.audit() == []
     finally:
         srv.stop()
