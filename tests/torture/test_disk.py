@@ -11,6 +11,7 @@ import subprocess
 import grpc
 import pytest
 
+from kopilka.kernel import Ledger
 from kopilka.v1 import (admin_pb2, admin_pb2_grpc, checkout_pb2, checkout_pb2_grpc,
                         common_pb2, members_pb2, members_pb2_grpc)
 
@@ -187,5 +188,21 @@ def test_a_full_disk_refuses_commits_and_writes_resume_once_space_is_freed(small
         assert srv.server.ledger.head()[0] > head[0]
         assert codes(pos.Post(captures(srv, n, 50, cards), timeout=WAIT)) == {0}
         assert srv.server.ledger.audit() == []
+        head = srv.server.ledger.head()
+        fill(ballast)                     # full again: a stop must still be clean
     finally:
         srv.stop()
+    ballast.unlink()
+    with Ledger(small_disk / "data" / "ledger", map_size=256 << 20) as ledger:
+        assert ledger.head() == head and ledger.audit() == []
+
+
+def fill(path):
+    """Writes `path` until the disk is full."""
+    with open(path, "wb") as f:
+        try:
+            while True:
+                f.write(b"\0" * 65_536)
+                f.flush()
+        except OSError:
+            pass
