@@ -48,11 +48,14 @@ def test_a_full_map_refuses_writes_serves_reads_and_a_larger_one_resumes(tmp_pat
     try:
         install_program(srv)
         member = open_member(srv, 1, "m1", card=CARD, points=1_000)
+        cards = [CARD] + [f"77000000001{i:05d}" for i in range(9)]
+        for i, card in enumerate(cards[1:]):
+            open_member(srv, 1, f"f{i}", card=card)
         pos = srv.stub(checkout_pb2_grpc.CheckoutStub, "pos")
         n = 0
-        while True:       # fill it, in Posts of one commit per operation (one card)
+        while True:       # fill it, in Posts of 20 commits (a card comes back every 10)
             try:
-                answer = pos.Post(captures(srv, n, 200), timeout=WAIT)
+                answer = pos.Post(captures(srv, n, 200, cards), timeout=WAIT)
             except grpc.RpcError as err:     # its first commit refused: nothing written
                 assert error_info(err) == ("RESOURCE_EXHAUSTED", "STORE_FULL", [])
                 break
@@ -62,7 +65,7 @@ def test_a_full_map_refuses_writes_serves_reads_and_a_larger_one_resumes(tmp_pat
                 assert (written is None) == (i in full), i
             n += 200
             if full:       # once full, every later commit of the Post is refused too
-                assert full == list(range(full[0], 200))
+                assert full == list(range(full[0] // 10 * 10, 200))
                 assert {r.status.code for r in answer.results[full[0]:]} == {
                     grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]}
                 assert "STORE_FULL" in str(answer.results[full[0]].status.details[0].value)
@@ -126,7 +129,7 @@ def test_a_full_map_refuses_writes_serves_reads_and_a_larger_one_resumes(tmp_pat
         first = pos.Hold(hold, timeout=WAIT)
         assert (first.held_points, first.replayed) == (1, False)
         assert pos.Hold(hold, timeout=WAIT).replayed
-        assert codes(pos.Post(captures(srv, n, 200), timeout=WAIT)) == {0}
+        assert codes(pos.Post(captures(srv, n, 200, cards), timeout=WAIT)) == {0}
         if unfinished is not None:       # the same request again completes it
             done = srv.stub(members_pb2_grpc.MembersStub).EnrolMember(unfinished,
                                                                       timeout=WAIT)
