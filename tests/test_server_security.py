@@ -27,6 +27,7 @@ from kopilka.v1 import (admin_pb2, admin_pb2_grpc, checkout_pb2, checkout_pb2_gr
                         common_pb2, members_pb2, members_pb2_grpc, store_pb2,
                         store_pb2_grpc)
 
+import server_harness
 from server_harness import (Clock, Monotonic, RunningServer, error_info,
                             install_program, open_member, path_of, rpcs)
 
@@ -43,31 +44,10 @@ RPCS = rpcs()
 
 
 def invoke(channel, method, metadata=(), request=None):
-    """Calls `method` with an empty request (or `request`): "OK" or
-    (code name, ErrorInfo reason). A stream counts as answered at its
-    first message (or its clean end)."""
-    request_class = message_factory.GetMessageClass(method.input_type)
-    response_class = message_factory.GetMessageClass(method.output_type)
-    request = request if request is not None else request_class()
-    kind = ("stream" if method.client_streaming else "unary") + "_" + (
-        "stream" if method.server_streaming else "unary")
-    callable_ = getattr(channel, kind)(
-        path_of(method), request_serializer=request_class.SerializeToString,
-        response_deserializer=response_class.FromString)
-    argument = iter([request]) if method.client_streaming else request
-    call = None
-    try:
-        if method.server_streaming:
-            call = callable_(argument, metadata=metadata, timeout=WAIT)
-            next(call, None)
-        else:
-            callable_(argument, metadata=metadata, timeout=WAIT)
-        return "OK"
-    except grpc.RpcError as err:
-        return error_info(err)[:2]
-    finally:
-        if call is not None:
-            call.cancel()
+    """Calls `method` with an empty request (or `request`)."""
+    if request is None:
+        request = message_factory.GetMessageClass(method.input_type)()
+    return server_harness.invoke(channel, method, request, metadata, WAIT)
 
 
 def bearer(token):
@@ -681,22 +661,11 @@ def test_a_malformed_request_is_invalid_argument_once_authenticated(shared, path
     """Bytes that are no message (invalid UTF-8 in a string, a corrupt wire
     format): gRPC's own parsing said UNKNOWN, and before authentication."""
     method = next(m for m in RPCS if path_of(m) == path)
-    kind = ("stream" if method.client_streaming else "unary") + "_" + (
-        "stream" if method.server_streaming else "unary")
-    call = getattr(shared.channel(), kind)(path, request_serializer=bytes,
-                                           response_deserializer=bytes)
     head = shared.server.ledger.head()
     for raw in (bad_utf8, b"\x08\xff\xff"):        # then a truncated varint
         for metadata, want in (((), UNAUTHENTICATED),
                                (bearer(shared.tokens["admin"]),
                                 ("INVALID_ARGUMENT", "REQUEST_INVALID"))):
-            argument = iter([raw]) if method.client_streaming else raw
-            try:
-                answer = call(argument, metadata=metadata, timeout=WAIT)
-                if method.server_streaming:
-                    next(answer)
-                got = "OK"
-            except grpc.RpcError as err:
-                got = error_info(err)[:2]
+            got = server_harness.invoke(shared.channel(), method, raw, metadata, WAIT)
             assert got == want, (raw, metadata)
     assert shared.server.ledger.head() == head

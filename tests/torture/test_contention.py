@@ -23,7 +23,8 @@ from kopilka.core.codec import iter_ops
 from kopilka.v1 import (admin_pb2, admin_pb2_grpc, checkout_pb2, checkout_pb2_grpc,
                         common_pb2, members_pb2, members_pb2_grpc)
 
-from server_harness import RunningServer, error_info, install_program, open_member
+from server_harness import (RunningServer, error_info, install_program, open_member,
+                            reason_of)
 
 from .conftest import SUMMARIES
 
@@ -132,7 +133,7 @@ class Till:
             answer = self.call(self.checkout.Post, checkout_pb2.PostRequest(
                 operations=holds))
             for op, result in zip(holds, answer.results if answer else ()):
-                self.outcomes.append(_reason(result.status))
+                self.outcomes.append(reason_of(result.status) or "OK")
                 if result.status.code == 0:
                     shared["holds"].append((op.hold.operation_id, op.hold.card_number,
                                             op.hold.points))
@@ -159,16 +160,6 @@ def _with_balances(response):
               if r.WhichOneof("result")] if hasattr(response, "results") else [response])
     return [p for p in parts
             if "balances" in p.DESCRIPTOR.fields_by_name and p.HasField("balances")]
-
-
-def _reason(status):
-    from google.rpc import error_details_pb2
-    for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
-            return info.reason
-    return "OK" if status.code == 0 else str(status.code)
 
 
 def test_racing_checkouts_never_double_spend_and_equal_a_sequential_replay(tmp_path):
