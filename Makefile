@@ -13,10 +13,17 @@ KOPILKA := $(BIN)/kopilka
 DATA ?= ./data
 LISTEN ?= 127.0.0.1:50051
 
-.PHONY: test bench serve demo system-deps build proto clean
+.PHONY: test torture bench serve demo system-deps build proto clean
 
 test: build
 	$(BIN)/python -m pytest tests
+
+# The long torture runs (minutes): at least 20 SIGKILLs under load, bigger
+# contention and fuzzing runs; a summary at the end. KOPILKA_TORTURE_SEED,
+# KOPILKA_TORTURE_KILLS, KOPILKA_TORTURE_TILLS tune them.
+torture: build
+	KOPILKA_TORTURE=long $(BIN)/python -m pytest tests/torture -p no:cacheprovider \
+		$(TORTURE_ARGS)
 
 bench: build
 	$(BIN)/python -m pytest benchmarks --benchmark-enable --benchmark-only \

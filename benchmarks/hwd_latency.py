@@ -65,7 +65,7 @@ import urllib.request
 from collections import deque
 
 from benchlib import percentile
-from procs import Process, Server, commit_of, free_port
+from procs import Process, commit_of, free_port, kopilka_server
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -76,15 +76,6 @@ STORE = 42
 SEED_POINTS = 1_000
 WATCH_QUEUE = 32      # servers/lanes.py: events a watcher may have waiting
 
-SERVER = r"""
-import asyncio, sys
-from kopilka.servers import logs
-from kopilka.servers.app import Config, serve
-logs.configure("WARNING")
-config = Config(data=sys.argv[1], listen=sys.argv[2], insecure=True,
-                metrics_port=int(sys.argv[3]))
-asyncio.run(serve(config, lambda s: print(f"READY {s.port}", flush=True)))
-"""
 
 
 # --- seeding -----------------------------------------------------------------
@@ -575,9 +566,9 @@ def main(argv=None):
               flush=True)
         tokens = seed(data, cards)
         args.server_metrics, args.hwd_metrics = free_port(), free_port()
-        server = Server("the server", [PYTHON, "-c", SERVER, data, "127.0.0.1:0",
-                                        str(args.server_metrics)],
-                         os.path.join(work, "server.log"))
+        server = kopilka_server("the server", os.path.join(work, "server.log"),
+                                log_level="WARNING", data=data, listen="127.0.0.1:0",
+                                metrics_port=args.server_metrics)
         for _ in range(args.readers):
             master, slave = os.openpty()
             ptys.append((master, os.ttyname(slave)))

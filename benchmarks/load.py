@@ -60,7 +60,7 @@ import time
 from collections import Counter, defaultdict
 
 from benchlib import percentile
-from procs import Server, commit_of
+from procs import Server, commit_of, kopilka_server
 
 import grpc
 
@@ -150,16 +150,6 @@ def seed(data, members, chunk=50_000):
 
 
 # --- server processes --------------------------------------------------------
-
-SERVER = r"""
-import asyncio, sys
-from kopilka.servers import logs
-from kopilka.servers.app import Config, serve
-logs.configure("INFO")
-config = Config(data=sys.argv[1], listen=sys.argv[2], insecure=True)
-asyncio.run(serve(config, lambda s: print(f"READY {s.port}", flush=True)))
-"""
-
 
 class External:
     """A server started elsewhere (`--server`)."""
@@ -815,9 +805,8 @@ async def run(args, log_dir, server_info):
             server = External(args.server)
         else:
             print("starting the server ...", flush=True)
-            server = Server("kopilka server", [PYTHON, "-c", SERVER, server_info["data"],
-                                                "127.0.0.1:0"],
-                             os.path.join(log_dir, "server.log"))
+            server = kopilka_server("kopilka server", os.path.join(log_dir, "server.log"),
+                                    data=server_info["data"], listen="127.0.0.1:0")
             print(f"  server pid {server.pid} on {server.address}", flush=True)
         try:
             if args.mode in ("unary", "all"):

@@ -1,11 +1,14 @@
-"""Child processes for the benchmark scripts (load.py, hwd_latency.py): start
-one, wait for the line that says it is ready, measure its CPU, stop it."""
+"""Child processes for the benchmark scripts (load.py, hwd_latency.py) and
+the torture tests: start one, wait for the line that says it is ready,
+measure its CPU, stop it."""
 
+import json
 import os
 import select
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,3 +87,20 @@ class Server(Process):
         super().__init__(name, argv, log_path, ready="READY ", timeout=timeout)
         self.port = int(self.line.split()[1])
         self.address = f"127.0.0.1:{self.port}"
+
+
+SERVER = r"""
+import asyncio, json, sys
+from kopilka.servers import logs
+from kopilka.servers.app import Config, serve
+logs.configure(sys.argv[2])
+config = Config(insecure=True, **json.loads(sys.argv[1]))
+asyncio.run(serve(config, lambda s: print(f"READY {s.port}", flush=True)))
+"""
+
+
+def kopilka_server(name, log_path, *, log_level="INFO", timeout=60.0, **config):
+    """The real server (`kopilka.servers.app.serve`) in its own process,
+    without TLS (loopback); `config` are `Config` fields (data, listen, ...)."""
+    return Server(name, [sys.executable, "-c", SERVER, json.dumps(config), log_level],
+                  log_path, timeout=timeout)

@@ -111,7 +111,8 @@ class Server:
         self.backend.server = self
         self.metrics.watch_writer(self.writer)
         self.metrics.on_ledger(self.ledger.info())
-        self.tokens = TokenFile(c.tokens_path, monotonic=c.monotonic)
+        self.tokens = TokenFile(c.tokens_path, monotonic=c.monotonic,
+                                clock=lambda: self.clock() / 1e6)
         authenticator = Authenticator(self.tokens,
                                       client_certificates=bool(c.client_ca))
         self._server = grpc.aio.server(

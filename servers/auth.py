@@ -6,7 +6,9 @@ subject's OU is the role, `store-<n>` entries among its OUs scope it). Tokens
 are kept hashed (SHA-256 of the secret; a secret is 256 random bits, so no
 slow hash is needed) in a JSON file the `kopilka token create` command
 writes; the server rereads it when it changes, so a new token works without
-a restart. Secrets are compared in constant time.
+a restart. A token may carry an expiry (`expires`, Unix seconds, by the
+server's clock); past it, it is refused like a wrong one. Secrets are
+compared in constant time.
 
 Roles: `admin` (everything), `pos` and `hwd` (scoped to their stores),
 `integration` (the feed, reports and action bonuses). `ALLOWED` lists, per RPC, the roles
@@ -97,8 +99,9 @@ def _digest(secret):
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def new_token(role, stores=(), note=""):
-    """(token text to hand out once, record to store)."""
+def new_token(role, stores=(), note="", expires=None):
+    """(token text to hand out once, record to store); `expires` (Unix
+    seconds) ends its use."""
     if role not in ROLES:
         raise ValueError(f"role must be one of {', '.join(ROLES)}")
     if role in ("pos", "hwd") and not stores:
@@ -106,22 +109,25 @@ def new_token(role, stores=(), note=""):
     token_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
     record = {"id": token_id, "role": role, "stores": sorted(set(stores)),
               "sha256": _digest(secret), "note": note, "created": int(time.time())}
+    if expires is not None:
+        record["expires"] = int(expires)
     return f"kop_{token_id}_{secret}", record
 
 
 class TokenFile:
     """The hashed tokens, reread when the file changes (checked once a second)."""
 
-    def __init__(self, path, *, monotonic=time.monotonic):
+    def __init__(self, path, *, monotonic=time.monotonic, clock=time.time):
         self.path = os.fspath(path)
         self._monotonic = monotonic
+        self._clock = clock          # seconds, for expiries
         self._checked = -1e9
         self._stamp = None
         self._tokens = {}
 
-    def add(self, role, stores=(), note=""):
+    def add(self, role, stores=(), note="", expires=None):
         """Creates a token, stores its hash; returns the token text."""
-        text, record = new_token(role, stores, note)
+        text, record = new_token(role, stores, note, expires)
         records = self._read()
         records.append(record)
         tmp = self.path + ".tmp"
@@ -184,6 +190,8 @@ class TokenFile:
         record = self._tokens.get(parts[1])
         if record is None or not hmac.compare_digest(record["sha256"], _digest(parts[2])):
             return None
+        if record.get("expires") is not None and self._clock() >= record["expires"]:
+            return None
         return Principal(record["role"], frozenset(record["stores"]), record["id"])
 
 
@@ -200,7 +208,10 @@ def _usable(record):
             and _SHA256.fullmatch(record["sha256"]) is not None
             and isinstance(record.get("stores"), list)
             and all(isinstance(s, int) and not isinstance(s, bool)
-                    for s in record["stores"]))
+                    for s in record["stores"])
+            and (record.get("expires") is None
+                 or (isinstance(record["expires"], int)
+                     and not isinstance(record["expires"], bool))))
 
 
 def subject_attributes(subject):

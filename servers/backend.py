@@ -14,16 +14,19 @@ stored request digest too.
 
 import hashlib
 import json
+import logging
 
 from kopilka.core.batch import Batch
 from kopilka.core.reads import balances_of, coupon_state, offered_coupon
 from kopilka.core.receipt import Member, MemberCoupon
 from kopilka.core.records import (DAY, MAX_OP_ID, CardStatus, Code, CouponState,
-                                  MapFullError)
+                                  LedgerError, MapFullError)
 
 from . import convert, profiles
 from .status import ApiError, from_kernel, invalid, server
 from .writer import DeadlineExceeded, WriterClosed
+
+log = logging.getLogger("kopilka.backend")
 
 
 def request_digest(request):
@@ -91,6 +94,11 @@ class Backend:
         except MapFullError:
             raise server("STORE_FULL", "the ledger's storage is full; nothing was "
                          "written") from None
+        except LedgerError as exc:     # the disk refused the commit (ENOSPC, EIO)
+            log.error("commit failed: nothing written", extra={"fields": {
+                "error": str(exc)}})
+            raise server("STORE_WRITE_FAILED", "the ledger could not write to its "
+                         "disk; nothing was written") from None
 
     def stored(self, op_id, digest):
         """The stored answer of an earlier request with this id, or None;

@@ -5,10 +5,17 @@ keeps serving. The destination must not exist: it is created here with
 `mkdir`, which fails if anything is there, so a retried or concurrent backup
 can never overwrite or mix into another copy. A failed copy removes what it
 created. Blocking: run it on a worker thread.
+
+The ledger file is written in a hidden sibling folder, synced, and only then
+renamed into the destination: a server killed mid-copy leaves an empty
+destination and a `.<name>.partial-*` folder, never a truncated `data.mdb`
+where a backup is expected (LMDB opens one without complaint, then the
+process dies of SIGBUS on the first page past its end).
 """
 
 import os
 import shutil
+import tempfile
 
 import lmdb
 
@@ -45,15 +52,34 @@ def copy(ledger, path):
         raise _unusable(path, "has no parent directory") from None
     except OSError as exc:
         raise _unusable(path, f"cannot be created ({exc.strerror})") from None
+    partial = None
     try:
-        ledger.copy(path, compact=True)
+        parent, name = os.path.split(path)
+        partial = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+        ledger.copy(partial, compact=True)
+        for entry in os.scandir(partial):
+            _sync(entry.path)
+            os.rename(entry.path, os.path.join(path, entry.name))
+        _sync(path)
+        os.rmdir(partial)
         size = sum(entry.stat().st_size for entry in os.scandir(path)
                    if entry.is_file())
         seq, digest = head_of(path)
     except (LedgerError, OSError, lmdb.Error) as exc:
         shutil.rmtree(path, ignore_errors=True)
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
         raise _unusable(path, f"could not be written ({exc})") from None
     return size, seq, digest
+
+
+def _sync(path):
+    """fsync a file or a folder (its entries)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def head_of(path):

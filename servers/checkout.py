@@ -20,7 +20,7 @@ from . import auth, convert, receipts
 from .backend import main_result
 from .checkout_ops import (capture_id, prepare_capture, prepare_hold, prepare_refund,
                            prepare_void)
-from .status import ApiError, invalid, ok_proto
+from .status import ApiError, invalid, ok_proto, unfinished
 
 MAX_POST = 10_000
 
@@ -86,8 +86,13 @@ class Checkout(checkout_pb2_grpc.CheckoutServicer):
     async def _follow_up(self, batch, context):
         """A referral share or clawback: idempotent by its own id, so a retry
         of the main request applies it again harmlessly. A refusal here (the
-        referrer closed meanwhile) does not undo the checkout."""
-        await self.backend.apply(batch, context)
+        referrer closed meanwhile) does not undo the checkout; a commit refused
+        whole is told as such, the checkout being written already."""
+        try:
+            await self.backend.apply(batch, context)
+        except ApiError as err:
+            raise unfinished(err, "the operation was committed",
+                             "the referral share or clawback it pays") from None
 
     async def Post(self, request, context):
         """Every operation prepared, then one commit for all, results in order.
@@ -95,7 +100,10 @@ class Checkout(checkout_pb2_grpc.CheckoutServicer):
         An operation that depends on one still pending (a capture or void of
         a hold, a refund of a receipt, or any operation of a member, placed
         earlier in this request) is prepared only after what is pending is
-        committed, so the request applies as if one by one."""
+        committed, so the request applies as if one by one. A commit refused
+        whole (the store full, the deadline passed, the server stopping)
+        refuses the request while nothing of it is written; once a commit of
+        it is, each operation of the refused commit gets that refusal."""
         if not 1 <= len(request.operations) <= MAX_POST:
             raise invalid([("operations", f"must hold 1 to {MAX_POST} operations")])
         refunded = [op.refund.original_operation_id for op in request.operations
@@ -109,10 +117,21 @@ class Checkout(checkout_pb2_grpc.CheckoutServicer):
         pending, batch, follow = [], Batch(), Batch()
         touched = set()  # what the pending operations change
         seen = set()
+        written = False   # a commit of this request is on disk
 
         async def flush():
-            outcome, at = list(await b.apply(batch, context)), 0
-            for i, which, prepared in pending:
+            nonlocal written
+            try:
+                outcome = list(await b.apply(batch, context))
+                written = True
+            except ApiError as err:
+                if not written:
+                    raise
+                outcome = []
+                for i, _, _ in pending:
+                    results[i] = checkout_pb2.PostResult(status=err.to_proto())
+            at = 0
+            for i, which, prepared in (pending if outcome else ()):
                 result = main_result(outcome[at:at + len(prepared.batch)])
                 at += len(prepared.batch)
                 if result.code == Code.OK:

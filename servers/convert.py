@@ -126,10 +126,17 @@ def set_time(message, field, micros):
         getattr(message, field).CopyFrom(ts)
 
 
+# google.protobuf.Timestamp's own range ends with the year 9999; past it a
+# time has no calendar date to print or price by.
+MAX_SECONDS = 253_402_300_799
+
+
 def parse_time(ts, field, problems):
     micros = ts.seconds * 1_000_000 + ts.nanos // 1000
     if ts.seconds <= 0 or not 0 <= ts.nanos < 1_000_000_000:
         problems.append((field, "must be a time after 1970"))
+    elif ts.seconds > MAX_SECONDS:
+        problems.append((field, "must be a time before the year 10000"))
     return micros
 
 

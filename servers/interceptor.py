@@ -6,12 +6,18 @@ rather than deciding from the method name alone. A handler raises
 `ApiError` for a refusal; anything else escaping a handler is a server bug,
 logged with its traceback (masked, see logs.py) and answered INTERNAL with
 a message that says nothing of it.
+
+Requests reach the wrapped handler as bytes and are parsed there, after
+authentication: gRPC's own parsing would answer a malformed message (bad
+wire format, invalid UTF-8 in a string) with UNKNOWN, before the caller is
+even known; here it is INVALID_ARGUMENT, and only for a known caller.
 """
 
 import logging
 import time
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_status import rpc_status
 
 from . import auth
@@ -30,26 +36,23 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or details.method.startswith(auth.PUBLIC):
             return handler
         method = details.method
+        parse = handler.request_deserializer
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, handler.unary_unary),
-                request_deserializer=handler.request_deserializer,
+                self._unary(method, handler.unary_unary, parse),
                 response_serializer=handler.response_serializer)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
-                self._stream(method, handler.unary_stream),
-                request_deserializer=handler.request_deserializer,
+                self._stream(method, handler.unary_stream, parse),
                 response_serializer=handler.response_serializer)
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(
-                self._stream(method, handler.stream_stream),
-                request_deserializer=handler.request_deserializer,
+                self._stream(method, handler.stream_stream, _each(parse)),
                 response_serializer=handler.response_serializer)
         # client streaming: none in the API yet, but never let one through
         # unauthenticated (a handler returned as it is would skip _Call)
         return grpc.stream_unary_rpc_method_handler(
-            self._unary(method, handler.stream_unary),
-            request_deserializer=handler.request_deserializer,
+            self._unary(method, handler.stream_unary, _each(parse)),
             response_serializer=handler.response_serializer)
 
     def _enter(self, method, context):
@@ -58,16 +61,16 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         auth.bind(principal)
         return principal
 
-    def _unary(self, method, behavior):
+    def _unary(self, method, behavior, parse):
         async def wrapped(request, context):
             async with _Call(self, method, context):
-                return await behavior(request, context)
+                return await behavior(_parsed(parse, request), context)
         return wrapped
 
-    def _stream(self, method, behavior):
+    def _stream(self, method, behavior, parse):
         async def wrapped(request, context):
             async with _Call(self, method, context):
-                async for response in behavior(request, context):
+                async for response in behavior(_parsed(parse, request), context):
                     yield response
         return wrapped
 
@@ -118,6 +121,31 @@ class _Call:
         finally:
             self.interceptor._count(self.method, code, self.started)
         return False
+
+
+def _parsed(parse, raw):
+    """The request message of `raw` bytes; a malformed one is the caller's
+    mistake (no field can be named: the message did not parse)."""
+    if parse is None:
+        return raw
+    try:
+        return parse(raw)
+    except DecodeError as err:
+        raise ApiError("INVALID_ARGUMENT", "REQUEST_INVALID",
+                       f"the request is not a well-formed message: {err}") from None
+
+
+def _each(parse):
+    """A stream's messages parsed one by one, as the handler reads them."""
+    if parse is None:
+        return None
+
+    def parse_stream(raws):
+        async def messages():
+            async for raw in raws:
+                yield _parsed(parse, raw)
+        return messages()
+    return parse_stream
 
 
 def _code_of(exc, context):

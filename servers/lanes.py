@@ -20,9 +20,13 @@ seconds ago is of no use to it any more), and the reader stream goes on.
 """
 
 import asyncio
+import contextlib
 import json
+import logging
 import os
 from collections import OrderedDict, deque
+
+log = logging.getLogger("kopilka.lanes")
 
 WEEK = 7 * 86_400_000_000
 MAX_REMEMBERED = 1_000_000
@@ -51,11 +55,18 @@ class SeenReads:
             return
         self._expire()
         tmp = self._path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump([[k[0], k[1], t] for k, t in self._seen.items()], f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump([[k[0], k[1], t] for k, t in self._seen.items()], f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self._path)
+        except OSError as exc:   # a full disk must not stop the server's stop
+            log.warning("card reads taken could not be saved: an hwd resending "
+                        "them after the restart is not told DUPLICATE",
+                        extra={"fields": {"path": self._path, "error": str(exc)}})
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
     def __len__(self):
         return len(self._seen)

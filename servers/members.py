@@ -45,7 +45,7 @@ from kopilka.v1 import common_pb2, members_pb2, members_pb2_grpc
 
 from . import awards, convert, profiles
 from .backend import derived_id, pack, request_digest
-from .status import ApiError, Checks, from_kernel, invalid, server
+from .status import ApiError, Checks, from_kernel, invalid, server, unfinished
 
 BASIC, FULL = members_pb2.MEMBER_VIEW_BASIC, members_pb2.MEMBER_VIEW_FULL
 UPDATABLE = ("state", "birthday", "referrer")
@@ -266,7 +266,14 @@ class Members(members_pb2_grpc.MembersServicer):
                            expires_at=expires_at, version=version, business_time=at)
                 fields.append(None)
         if len(batch):
-            for result, field in zip(await b.apply(batch, context), fields):
+            try:
+                results = await b.apply(batch, context)
+            except ApiError as err:
+                raise unfinished(err, "the member was enrolled as "
+                                 f"{convert.member_name(program, account)}",
+                                 " and ".join("the card" if f else "the welcome bonus"
+                                              for f in fields)) from None
+            for result, field in zip(results, fields):
                 if result.code != Code.OK:
                     raise from_kernel(result.code, field, message=(
                         f"the member was enrolled as "

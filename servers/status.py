@@ -80,6 +80,17 @@ class Checks:
             raise invalid(self.fields, self.reason)
 
 
+def unfinished(err, done, rest):
+    """`err`, a commit refused whole (the store full, the deadline passed, the
+    server stopping), told truly when an earlier commit of the same request
+    was written: what was (`done`), what was not (`rest`), and that the same
+    request again (its operation id) completes it."""
+    return ApiError(err.status, err.reason,
+                    f"{done}; {rest}: not written ({err.reason}); the same "
+                    "request again completes it",
+                    fields=err.fields, metadata={**err.metadata, "unfinished": "true"})
+
+
 def server(reason, message, **metadata):
     """A refusal of the server's own (see errors.SERVER)."""
     return ApiError(errors.SERVER[reason], reason, message, metadata=metadata)

@@ -133,20 +133,79 @@ class _Details(grpc.ClientCallDetails):
 
 def error_info(error):
     """(status code name, ErrorInfo reason, BadRequest field paths) of an RpcError."""
-    from google.rpc import error_details_pb2
     from grpc_status import rpc_status
     status = rpc_status.from_call(error)
-    reason, fields = None, []
-    for detail in status.details if status else ():
+    return (error.code().name, reason_of(status) if status else None,
+            fields_of(status) if status else [])
+
+
+def reason_of(status):
+    """The ErrorInfo reason of a google.rpc.Status (a call's, a PostResult's)."""
+    from google.rpc import error_details_pb2
+    for detail in status.details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             info = error_details_pb2.ErrorInfo()
             detail.Unpack(info)
-            reason = info.reason
-        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            return info.reason
+    return None
+
+
+def fields_of(status):
+    """The BadRequest field paths of a google.rpc.Status."""
+    from google.rpc import error_details_pb2
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
             bad = error_details_pb2.BadRequest()
             detail.Unpack(bad)
-            fields = [v.field for v in bad.field_violations]
-    return error.code().name, reason, fields
+            return [v.field for v in bad.field_violations]
+    return []
+
+
+def rpcs():
+    """Every RPC of the API (method descriptors), from the generated modules,
+    so a new RPC is covered the day it is added."""
+    import importlib
+    import pkgutil
+
+    import kopilka.v1
+    found = []
+    for module in pkgutil.iter_modules(kopilka.v1.__path__):
+        if module.name.endswith("_pb2"):
+            descriptor = importlib.import_module(f"kopilka.v1.{module.name}").DESCRIPTOR
+            for service in descriptor.services_by_name.values():
+                found.extend(service.methods)
+    return found
+
+
+def path_of(method):
+    return f"/{method.containing_service.full_name}/{method.name}"
+
+
+def invoke(channel, method, request, metadata=(), timeout=10):
+    """Calls `method` with `request` (a message, or its bytes as they are):
+    "OK" or (code name, ErrorInfo reason). A stream counts as answered at
+    its first message (or its clean end)."""
+    from google.protobuf import message_factory
+    response_class = message_factory.GetMessageClass(method.output_type)
+    serialize = bytes if isinstance(request, bytes) else type(request).SerializeToString
+    kind = ("stream" if method.client_streaming else "unary") + "_" + (
+        "stream" if method.server_streaming else "unary")
+    callable_ = getattr(channel, kind)(path_of(method), request_serializer=serialize,
+                                       response_deserializer=response_class.FromString)
+    argument = iter([request]) if method.client_streaming else request
+    call = None
+    try:
+        if method.server_streaming:
+            call = callable_(argument, metadata=metadata, timeout=timeout)
+            next(call, None)
+        else:
+            callable_(argument, metadata=metadata, timeout=timeout)
+        return "OK"
+    except grpc.RpcError as err:
+        return error_info(err)[:2]
+    finally:
+        if call is not None:
+            call.cancel()
 
 
 EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "programs",

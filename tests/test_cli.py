@@ -103,6 +103,23 @@ def test_token_create_prints_a_working_scoped_token(tmp_path, capsys):
     assert code == 1 and "kopilka init" in err
 
 
+def test_token_create_with_an_expiry(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    code, out, err = kopilka(capsys, "token", "create", "--role", "integration",
+                             "--expires-in", "2h", "--data", data)
+    assert code == 0 and " until 20" in err
+    token = out.strip()
+    now = time.time()
+    assert TokenFile(data / "tokens.json", clock=lambda: now).verify(token)
+    later = TokenFile(data / "tokens.json", clock=lambda: now + 2 * 3600 + 5)
+    assert later.verify(token) is None
+    for bad in ("0h", "2w", "h", "-1d"):
+        with pytest.raises(SystemExit):
+            kopilka(capsys, "token", "create", "--role", "admin", "--expires-in", bad,
+                    "--data", data)
+
+
 def test_client_needs_a_token_and_a_server(tmp_path, capsys):
     code, _, err = kopilka(capsys, "stats", "--data", tmp_path)
     assert code == 1 and "no token" in err and "kopilka init" in err

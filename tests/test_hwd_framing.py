@@ -586,3 +586,23 @@ def test_events_do_not_depend_on_how_input_is_split(framing, data, cuts):
     one_by_one = Parser(framing, POLICY)
     assert [e for b in data for e in one_by_one.feed(bytes([b]))] + one_by_one.flush() \
         == expected
+
+
+@PROPERTY
+@given(st.data())
+def test_no_read_is_invented_from_damaged_frames_in_hostile_bytes(data):
+    """Frames cut, with a byte changed, among bytes that matter to framings:
+    every card number read is one the input spells out, digit for digit."""
+    framing = data.draw(st.sampled_from(FRAMINGS))
+    frame, _ = data.draw(card_frames(framing))
+    frame = bytearray(frame)
+    if data.draw(st.booleans()):
+        frame[data.draw(st.integers(0, len(frame) - 1))] = data.draw(DANGEROUS)
+    frame = bytes(frame[data.draw(st.integers(0, len(frame) // 2)):])
+    around = [bytes(data.draw(st.lists(DANGEROUS, max_size=60))) for _ in range(2)]
+    stream = around[0] + frame + around[1]
+    p = Parser(framing, POLICY)
+    events = feed_in_pieces(p, stream, data.draw(st.lists(st.integers(0, 200)))) \
+        + p.flush()
+    for read in reads(events):
+        assert read.card_number.encode() in stream

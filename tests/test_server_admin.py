@@ -1,6 +1,11 @@
 """The Admin service end to end: adjustments, audit, hot backup and stats,
 through a real server on a loopback port."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -145,6 +150,37 @@ def test_backup_is_a_sound_copy_and_never_overwrites(srv, admin, tmp_path):
         admin.Backup(pb.BackupRequest(path=""))
     assert error_info(caught.value) == ("INVALID_ARGUMENT", "REQUEST_INVALID", ["path"])
     assert not (tmp_path / "data" / "ledger" / "inside").exists()
+
+
+# The server dies (SIGKILL) the moment the ledger's bytes are written, before
+# anything else of the backup happens.
+KILLED_MID_BACKUP = textwrap.dedent("""
+    import os, signal, sys
+    from kopilka.core.batch import Batch
+    from kopilka.kernel import Ledger
+    from kopilka.servers import backup
+    ledger = Ledger(sys.argv[1], map_size=1 << 24, sync=False)
+    ledger.apply(Batch().put_program("p", 1).open_account("a", 1, "m"), 1)
+    real = ledger.copy
+    def copy_then_die(path, compact=True):
+        real(path, compact)
+        os.kill(os.getpid(), signal.SIGKILL)
+    ledger.copy = copy_then_die
+    backup.copy(ledger, sys.argv[2])
+""")
+
+
+def test_a_backup_cut_short_leaves_no_ledger_file_where_the_backup_goes(tmp_path):
+    """A truncated data.mdb opens, then kills its reader with SIGBUS: what a
+    killed backup leaves must never look like a backup."""
+    destination = tmp_path / "backups" / "b1"
+    destination.parent.mkdir()
+    child = subprocess.run([sys.executable, "-c", KILLED_MID_BACKUP,
+                            str(tmp_path / "live"), str(destination)], timeout=60)
+    assert child.returncode == -9
+    assert os.listdir(destination) == []
+    partial = [p.name for p in destination.parent.iterdir() if p.name != "b1"]
+    assert len(partial) == 1 and partial[0].startswith(".b1.partial-")
 
 
 def test_stats(srv, admin):

@@ -107,6 +107,22 @@ def test_bad_receipt_names_fields(srv, pos):
     assert srv.server.ledger.operation(b"x1/capture") is None
 
 
+@pytest.mark.parametrize("seconds", [253_402_300_800, 2**40, 2**63 - 1])
+def test_a_business_time_past_the_year_9999_is_invalid(srv, pos, seconds):
+    """Once INTERNAL: the refusal's own message failed to print the time."""
+    open_member(srv, 1, "c1", card="7001")
+    r = receipt(srv, ("groceries", 1, 50_000))
+    r.business_time.seconds = seconds
+    for call in (lambda: pos.Quote(pb.QuoteRequest(lane=LANE, card_number="7001",
+                                                   receipt=r)),
+                 lambda: pos.Capture(pb.CaptureRequest(
+                     operation_id="x1", lane=LANE, card_number="7001", receipt=r))):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert error_info(err.value) == ("INVALID_ARGUMENT", "REQUEST_INVALID",
+                                         ["receipt.business_time"])
+
+
 def test_spend_above_limit_and_store_scope(srv, pos):
     open_member(srv, 1, "c1", card="7001", points=1_000)
     r = receipt(srv, ("groceries", 1, 100_000))

@@ -7,13 +7,11 @@ what the logs may never contain.
 
 import asyncio
 import datetime
-import importlib
 import io
 import ipaddress
 import json
 import logging
 import os
-import pkgutil
 import secrets
 import threading
 
@@ -23,15 +21,15 @@ from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-import kopilka.v1
 from kopilka.servers import auth, logs
 from kopilka.servers.app import Config, Server
 from kopilka.v1 import (admin_pb2, admin_pb2_grpc, checkout_pb2, checkout_pb2_grpc,
                         common_pb2, members_pb2, members_pb2_grpc, store_pb2,
                         store_pb2_grpc)
 
+import server_harness
 from server_harness import (Clock, Monotonic, RunningServer, error_info,
-                            install_program, open_member)
+                            install_program, open_member, path_of, rpcs)
 
 WAIT = 10
 LANE42 = "stores/42/lanes/1"
@@ -42,49 +40,14 @@ UNKNOWN_CARD = "2900000123456"       # an EAN-13 loyalty card nobody has
 
 # --- every RPC, from the descriptors ----------------------------------------------
 
-def _rpcs():
-    found = []
-    for module in pkgutil.iter_modules(kopilka.v1.__path__):
-        if module.name.endswith("_pb2"):
-            descriptor = importlib.import_module(f"kopilka.v1.{module.name}").DESCRIPTOR
-            for service in descriptor.services_by_name.values():
-                found.extend(service.methods)
-    return found
-
-
-RPCS = _rpcs()
-
-
-def path_of(method):
-    return f"/{method.containing_service.full_name}/{method.name}"
+RPCS = rpcs()
 
 
 def invoke(channel, method, metadata=(), request=None):
-    """Calls `method` with an empty request (or `request`): "OK" or
-    (code name, ErrorInfo reason). A stream counts as answered at its
-    first message (or its clean end)."""
-    request_class = message_factory.GetMessageClass(method.input_type)
-    response_class = message_factory.GetMessageClass(method.output_type)
-    request = request if request is not None else request_class()
-    kind = ("stream" if method.client_streaming else "unary") + "_" + (
-        "stream" if method.server_streaming else "unary")
-    callable_ = getattr(channel, kind)(
-        path_of(method), request_serializer=request_class.SerializeToString,
-        response_deserializer=response_class.FromString)
-    argument = iter([request]) if method.client_streaming else request
-    call = None
-    try:
-        if method.server_streaming:
-            call = callable_(argument, metadata=metadata, timeout=WAIT)
-            next(call, None)
-        else:
-            callable_(argument, metadata=metadata, timeout=WAIT)
-        return "OK"
-    except grpc.RpcError as err:
-        return error_info(err)[:2]
-    finally:
-        if call is not None:
-            call.cancel()
+    """Calls `method` with an empty request (or `request`)."""
+    if request is None:
+        request = message_factory.GetMessageClass(method.input_type)()
+    return server_harness.invoke(channel, method, request, metadata, WAIT)
 
 
 def bearer(token):
@@ -122,6 +85,8 @@ def shared(tmp_path_factory):
     srv.monotonic.offset += 1.5
     assert invoke(channel, get_stats, bearer(removed)) == UNAUTHENTICATED
     srv.removed = removed
+    srv.expired = tokens.add("admin", note="expired",
+                             expires=srv.clock.now // 1_000_000 - 1)
     yield srv
     srv.stop()
 
@@ -149,6 +114,7 @@ def _bad_credentials(srv):
         "secret of another token": bearer(
             f"kop_{token_id}_{srv.tokens['pos'].split('_', 2)[2]}"),
         "removed": bearer(srv.removed),
+        "expired": bearer(srv.expired),
     }
 
 
@@ -257,6 +223,23 @@ def test_a_client_streaming_rpc_would_be_authenticated_too(tmp_path):
         return context.status
     status = asyncio.run(call())
     assert status.code == grpc.StatusCode.UNAUTHENTICATED and not called
+
+
+def test_a_token_works_until_its_expiry_by_the_servers_clock(tmp_path):
+    srv = RunningServer(tmp_path / "data")
+    try:
+        tokens = auth.TokenFile(os.path.join(srv.data, "tokens.json"))
+        token = tokens.add("admin", expires=srv.clock.now // 1_000_000 + 60)
+        srv.monotonic.offset += 1.5          # the server rereads the file
+        channel = srv.channel()
+        assert outcome(lambda: stats(channel, bearer(token))) == "OK"
+        srv.clock.advance(59_000_000)
+        assert outcome(lambda: stats(channel, bearer(token))) == "OK"
+        srv.clock.advance(1_000_000)
+        assert outcome(lambda: stats(channel, bearer(token))) == UNAUTHENTICATED
+        assert outcome(lambda: stats(channel, bearer(srv.tokens["admin"]))) == "OK"
+    finally:
+        srv.stop()
 
 
 # --- store scoping ----------------------------------------------------------------
@@ -700,3 +683,25 @@ def test_logs_are_json_and_never_hold_a_card_number_or_a_secret(tmp_path, log_te
     for token in list(srv.tokens.values()) + [wrong]:
         secret = token.split("_", 2)[2]
         assert secret not in text and secret[:16] not in text
+
+
+# --- malformed requests --------------------------------------------------------------
+
+@pytest.mark.parametrize("path, bad_utf8", [
+    ("/kopilka.v1.Checkout/Hold", b"\x0a\x03\xff\xfeA"),           # operation_id
+    ("/kopilka.v1.Feed/Subscribe", b"\x12\x03\xff\xfeA"),          # program
+    ("/kopilka.v1.Store/StreamCardReads", b"\x0a\x05\x0a\x03\xff\xfeA"),  # reads[0].read_id
+])
+def test_a_malformed_request_is_invalid_argument_once_authenticated(shared, path,
+                                                                    bad_utf8):
+    """Bytes that are no message (invalid UTF-8 in a string, a corrupt wire
+    format): gRPC's own parsing said UNKNOWN, and before authentication."""
+    method = next(m for m in RPCS if path_of(m) == path)
+    head = shared.server.ledger.head()
+    for raw in (bad_utf8, b"\x08\xff\xff"):        # then a truncated varint
+        for metadata, want in (((), UNAUTHENTICATED),
+                               (bearer(shared.tokens["admin"]),
+                                ("INVALID_ARGUMENT", "REQUEST_INVALID"))):
+            got = server_harness.invoke(shared.channel(), method, raw, metadata, WAIT)
+            assert got == want, (raw, metadata)
+    assert shared.server.ledger.head() == head

@@ -203,7 +203,22 @@ def _add_token(sub, data):
     p.add_argument("--store", type=int, action="extend", nargs="+", default=[],
                    help="store(s) a pos or hwd token may use (required for them)")
     p.add_argument("--note", default="", help="who it is for (kept with the hash)")
+    p.add_argument("--expires-in", type=_duration, default=None, metavar="DURATION",
+                   help="refused after this long, e.g. 90d, 12h, 30m (default: never)")
     p.set_defaults(run=cmd_token_create)
+
+
+def _duration(text):
+    """`90d`, `12h`, `30m`, `45s`: seconds."""
+    units = {"d": 86_400, "h": 3_600, "m": 60, "s": 1}
+    text = text.strip().lower()
+    try:
+        value = int(text[:-1]) * units[text[-1:]]
+    except (KeyError, ValueError):
+        raise argparse.ArgumentTypeError("a duration like 90d, 12h, 30m or 45s") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError("must be positive")
+    return value
 
 
 def cmd_token_create(args):
@@ -213,12 +228,15 @@ def cmd_token_create(args):
         raise CliError(f"no data directory at {args.data}: run `kopilka init` "
                        "first or pass --data")
     try:
+        expires = None if args.expires_in is None else int(time.time()) + args.expires_in
         token = TokenFile(Config(data=args.data).tokens_path).add(
-            args.role, args.store, args.note)
+            args.role, args.store, args.note, expires)
     except ValueError as e:
         raise CliError(str(e)) from None
     stores = ", ".join(map(str, sorted(set(args.store))))
     scope = f" for store(s) {stores}" if stores else ""
+    if expires is not None:
+        scope += " until " + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires))
     print(f"{args.role} token{scope} (shown only now; store it safely):",
           file=sys.stderr)
     print(token)
