@@ -85,7 +85,7 @@ def count(raw):
 
 
 def run(impl, path, *, accounts, variant, batch, seconds, run_id, map_size,
-        sync=True, max_batches=10_000, system=None):
+        sync=True, max_batches=10_000):
     """Batches of `batch` operations for about `seconds` of commit time (at
     least 3 after one warm-up); the run's row."""
     ledger = open_ledger(impl, path, sync=sync, map_size=map_size)
@@ -112,7 +112,7 @@ def run(impl, path, *, accounts, variant, batch, seconds, run_id, map_size,
                 refused[name] = refused.get(name, 0) + n
     finally:
         ledger.close()
-    return measure.row(system or f"kopilka-{impl}", "batch", variant, 1, batch,
+    return measure.row(f"kopilka-{impl}", "batch", variant, 1, batch,
                        ok=ok, rejected=sum(refused.values()), seconds=spent,
                        latencies=latencies, meter=meter, refused=refused,
                        sync=sync)

@@ -111,9 +111,11 @@ def describe(r):
     p99 = "-" if r["p99_ms"] is None else f"{r['p99_ms']:,.1f}"
     p50 = "-" if r["p50_ms"] is None else f"{r['p50_ms']:,.1f}"
     rejected = f", {r['rejected']:,} refused" if r["rejected"] else ""
-    server = f", server CPU {r['server_cpu']:.0%}" if "server_cpu" in r else ""
+    server = f", server CPU {r['server_cpu']:.0%}" if r.get("server_cpu") is not None else ""
+    tries = r.get("tries_ops_per_s", ())
+    tries = ("; tries " + ", ".join(f"{t:,.0f}" for t in tries)) if len(tries) > 1 else ""
     return (f"  {r['system']:<16} {r['mode']:<6} {r['variant']:<6} "
             f"c={r['concurrency']:<3} b={r['batch']:<6} {r['ops_per_s']:>10,.0f} ops/s  "
             f"p50 {p50} ms  p99 {p99} ms  ({r['ops']:,} ops{rejected}; "
             f"client CPU {r['client_cpu']:.0%}{server}; load "
-            f"{r['load_before'][0]:.1f}->{r['load_after'][0]:.1f})")
+            f"{r['load_before'][0]:.1f}->{r['load_after'][0]:.1f}{tries})")

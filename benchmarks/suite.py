@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Kopilka side by side with what a chain would use instead, in one run.
 
-    .venv/bin/python benchmarks/suite.py            # make bench (about 25 minutes)
+    .venv/bin/python benchmarks/suite.py            # make bench (about 40 minutes)
     .venv/bin/python benchmarks/suite.py --quick    # make bench-quick (under 2 minutes)
 
 Every system applies the same operations (benchmarks/workload.py: earn,
@@ -29,7 +29,10 @@ the server's anonymous RSS at 10k, 100k, 1M and 10M accounts.
 
 Writes benchmarks/results/<date>-<host>.json (quick: ...-quick.json) and a
 PNG chart beside it, and prints the table and the issue's goals. The
-machine's load average is recorded before and after every run.
+machine's load average is recorded before and after every run. Each
+configuration runs twice back to back and the better run is kept (both
+figures are in the JSON): the machine is shared, and a burst of other work
+can sink any single run.
 Knobs: KOPILKA_BENCH_DIR (where the temporary ledgers go, default /tmp),
 KOPILKA_BENCH_SCALE (e.g. "10k,100k,1M"), --only SYSTEM,... (a subset).
 """
@@ -67,14 +70,14 @@ FULL = {
     "unary_concurrency": (1, 4, 16, 64), "post_clients": (1, 3),
     "pg_batch_connections": (1, 4, 16), "sqlite_unary": (1, 4), "sqlite_batch": (1,),
     "scale": (10_000, 100_000, 1_000_000, 10_000_000), "scale_seconds": 6.0,
-    "scale_clients": 16,
+    "scale_clients": 16, "tries": 2,
 }
 QUICK = {
     "accounts": 100_000, "seconds": 2.0, "warmup": 0.4, "twin_seconds": 1.0,
     "kernel_batches": (1_000,), "twin_batches": (1_000,), "batch": 1_000,
     "unary_concurrency": (4, 32), "post_clients": (3,),
     "pg_batch_connections": (4,), "sqlite_unary": (1,), "sqlite_batch": (1,),
-    "scale": (10_000, 100_000), "scale_seconds": 1.5, "scale_clients": 16,
+    "scale": (10_000, 100_000), "scale_seconds": 1.5, "scale_clients": 16, "tries": 1,
 }
 SYSTEMS = ("lmdb", "kernel", "twin", "echo", "server", "postgresql", "sqlite", "scale")
 VARIANTS = ("spread", "hot")
@@ -102,7 +105,21 @@ class Suite:
         self._run += 1
         return f"{tag}{self._run}-{time.time_ns() // 1000 % 10**9:x}"
 
-    def add(self, r):
+    @property
+    def tries(self):
+        return range(self.c["tries"])
+
+    @staticmethod
+    def best(tries):
+        """The better of back-to-back tries of one configuration, the others'
+        throughput kept in its row: a burst of other sessions' work can sink
+        any single run on this shared machine, and hits each system alike."""
+        out = max(tries, key=lambda r: r["ops_per_s"])
+        out["tries_ops_per_s"] = [r["ops_per_s"] for r in tries]
+        return out
+
+    def add(self, tries):
+        r = self.best(tries)
         self.rows.append(r)
         print(measure.describe(r), flush=True)
         return r
@@ -134,8 +151,8 @@ class Suite:
         os.makedirs(path)
         lmdb_ceiling.populate(path, n, MAP_SIZE)
         for size in self.c["kernel_batches"]:
-            self.add(lmdb_ceiling.run(path, keys=n, batch=size, seconds=self.c["seconds"],
-                                      map_size=MAP_SIZE))
+            self.add([lmdb_ceiling.run(path, keys=n, batch=size, seconds=self.c["seconds"],
+                                       map_size=MAP_SIZE) for _ in self.tries])
         shutil.rmtree(path)
 
     def in_process(self):
@@ -153,9 +170,9 @@ class Suite:
             plan += [("twin", b, self.c["twin_seconds"]) for b in self.c["twin_batches"]]
         for impl, size, seconds in plan:
             for variant in VARIANTS:
-                self.add(kopilka_local.run(
+                self.add([kopilka_local.run(
                     impl, copy, accounts=n, variant=variant, batch=size, seconds=seconds,
-                    run_id=self.run_id(impl[0]), map_size=MAP_SIZE))
+                    run_id=self.run_id(impl[0]), map_size=MAP_SIZE) for _ in self.tries])
         after = measure.allocated_bytes(copy)
         dbs_before = kopilka_local.databases(population["ledger"])
         dbs_after = kopilka_local.databases(copy)
@@ -183,8 +200,9 @@ class Suite:
         c = self.c
         if self.wants("echo"):
             for clients in c["unary_concurrency"]:
-                self.add(await kopilka_remote.echo(self.work, clients=clients,
-                                                   seconds=c["seconds"], warmup=c["warmup"]))
+                self.add([await kopilka_remote.echo(self.work, clients=clients,
+                                                    seconds=c["seconds"], warmup=c["warmup"])
+                          for _ in self.tries])
         if not self.wants("server"):
             return
         n = c["accounts"]
@@ -193,18 +211,16 @@ class Suite:
         ops_before = kopilka_local.stored_ops(population["ledger"])
         server = kopilka_remote.start_server(population["data"], self.work, MAP_SIZE)
         try:
-            for clients in c["unary_concurrency"]:
+            runs = [(kopilka_remote.unary, {"clients": k, "warmup": c["warmup"]})
+                    for k in c["unary_concurrency"]]
+            runs += [(kopilka_remote.post, {"clients": k, "batch": c["batch"]})
+                     for k in c["post_clients"]]
+            for run, how in runs:
                 for variant in VARIANTS:
-                    self.add(await kopilka_remote.unary(
-                        server.address, population["token"], accounts=n, variant=variant,
-                        clients=clients, seconds=c["seconds"], warmup=c["warmup"],
-                        run_id=self.run_id("u"), server_pid=server.pid))
-            for clients in c["post_clients"]:
-                for variant in VARIANTS:
-                    self.add(await kopilka_remote.post(
-                        server.address, population["token"], accounts=n, variant=variant,
-                        clients=clients, batch=c["batch"], seconds=c["seconds"],
-                        run_id=self.run_id("p"), server_pid=server.pid))
+                    self.add([await run(server.address, population["token"], accounts=n,
+                                         variant=variant, seconds=c["seconds"],
+                                         run_id=self.run_id("k"), server_pid=server.pid,
+                                         **how) for _ in self.tries])
             memory = measure.memory_of(server.pid)
         finally:
             server.stop()
@@ -231,10 +247,10 @@ class Suite:
             runs += [("batch", k, c["batch"]) for k in c["pg_batch_connections"]]
             for mode, connections, size in runs:
                 for variant in VARIANTS:
-                    self.add(await pg.run(
+                    self.add([await pg.run(
                         cluster, accounts=n, variant=variant, mode=mode,
                         connections=connections, batch=size, seconds=c["seconds"],
-                        warmup=c["warmup"], run_id=self.run_id("g")))
+                        warmup=c["warmup"], run_id=self.run_id("g")) for _ in self.tries])
             after = pg.storage(cluster)
             ops = after["operations"] - before["operations"]
             self.storage["postgresql"] = {
@@ -264,10 +280,10 @@ class Suite:
         runs += [("batch", k, c["batch"]) for k in c["sqlite_batch"]]
         for mode, connections, size in runs:
             for variant in VARIANTS:
-                self.add(sq.run(path, accounts=n, variant=variant, mode=mode,
-                                connections=connections, batch=size,
-                                seconds=c["seconds"], warmup=c["warmup"],
-                                run_id=self.run_id("q")))
+                self.add([sq.run(path, accounts=n, variant=variant, mode=mode,
+                                 connections=connections, batch=size,
+                                 seconds=c["seconds"], warmup=c["warmup"],
+                                 run_id=self.run_id("q")) for _ in self.tries])
         after = sq.storage(path)
         ops = after["operations"] - before["operations"]
         self.storage["sqlite"] = {
@@ -294,17 +310,18 @@ class Suite:
                 self.notes.append(note)
                 continue
             population = self.kopilka_population(n)
-            kernel = kopilka_local.run(
+            kernel = self.best([kopilka_local.run(
                 "kernel", population["ledger"], accounts=n, variant="spread",
                 batch=c["batch"], seconds=c["scale_seconds"], run_id=self.run_id("s"),
-                map_size=MAP_SIZE, system="kopilka-kernel")
+                map_size=MAP_SIZE) for _ in self.tries])
             server = kopilka_remote.start_server(population["data"], self.work, MAP_SIZE)
             try:
                 at_start = measure.memory_of(server.pid)
-                unary = await kopilka_remote.unary(
+                unary = self.best([await kopilka_remote.unary(
                     server.address, population["token"], accounts=n, variant="spread",
                     clients=c["scale_clients"], seconds=c["scale_seconds"],
                     warmup=c["warmup"], run_id=self.run_id("s"), server_pid=server.pid)
+                    for _ in self.tries])
                 after = measure.memory_of(server.pid)
             finally:
                 server.stop()
@@ -368,6 +385,12 @@ def goals(rows, storage, scale):
             out["batch_vs_postgresql"]["server_post_ratio"] = round(r2, 2)
             out["batch_vs_postgresql"]["text"] += (
                 f"; server Post {post['ops_per_s']:,.0f} ops/s: {r2:.1f}x")
+        if pg_unary:   # PostgreSQL as most ledgers use it: a transaction per operation
+            r3 = kernel["ops_per_s"] / pg_unary["ops_per_s"]
+            out["batch_vs_postgresql"]["kernel_over_postgresql_unary"] = round(r3, 2)
+            out["batch_vs_postgresql"]["text"] += (
+                f"; kernel vs PostgreSQL's best unary ({pg_unary['ops_per_s']:,.0f} "
+                f"ops/s): {r3:.1f}x")
     if unary and pg_unary:
         ratio = unary["ops_per_s"] / pg_unary["ops_per_s"]
         out["unary_vs_postgresql"] = {
