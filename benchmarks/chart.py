@@ -129,7 +129,11 @@ def _scale(ax, scale):
     ax.plot(ns, [e["kernel"]["ops_per_s"] for e in scale], marker="s",
             color=COLORS["kopilka-kernel"], label="kernel ops/s (batches of 1k)")
     ax.plot(ns, [e["server_unary"]["ops_per_s"] for e in scale], marker="o",
-            color=COLORS["kopilka-server"], label="server unary ops/s")
+            color=COLORS["kopilka-server"], label="server unary ops/s (16 tills)")
+    if all("server_post" in e for e in scale):
+        ax.plot(ns, [e["server_post"]["ops_per_s"] for e in scale], marker="s",
+                color=COLORS["kopilka-server"], linestyle="--",
+                label="server Post ops/s (b=1k)")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("accounts")

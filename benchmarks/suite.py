@@ -25,7 +25,8 @@ accounts):
 
 Then the storage each took (bytes per account after the population, per
 operation after the runs), and Kopilka at scale: the kernel's throughput and
-the server's anonymous RSS at 10k, 100k, 1M and 10M accounts.
+the server's (unary, then Post) and its anonymous RSS after both, at 10k,
+100k, 1M and 10M accounts.
 
 Writes benchmarks/results/<date>-<host>.json (quick: ...-quick.json) and a
 PNG chart beside it, and prints the table and the issue's goals. The
@@ -44,6 +45,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -322,16 +324,22 @@ class Suite:
                     clients=c["scale_clients"], seconds=c["scale_seconds"],
                     warmup=c["warmup"], run_id=self.run_id("s"), server_pid=server.pid)
                     for _ in self.tries])
+                post = await kopilka_remote.post(
+                    server.address, population["token"], accounts=n, variant="spread",
+                    clients=c["post_clients"][-1], batch=c["batch"],
+                    seconds=c["scale_seconds"], run_id=self.run_id("s"),
+                    server_pid=server.pid)
                 after = measure.memory_of(server.pid)
             finally:
                 server.stop()
             entry = {"accounts": n, "seed_seconds": population["seconds"],
                      "ledger_bytes": population["bytes"],
-                     "kernel": kernel, "server_unary": unary,
+                     "kernel": kernel, "server_unary": unary, "server_post": post,
                      "server_memory_at_start": at_start, "server_memory": after}
             self.scale.append(entry)
             print(f"  scale {label(n):>4}: kernel {kernel['ops_per_s']:,.0f} ops/s, "
-                  f"server unary {unary['ops_per_s']:,.0f} ops/s, server anonymous RSS "
+                  f"server unary {unary['ops_per_s']:,.0f} ops/s, Post "
+                  f"{post['ops_per_s']:,.0f} ops/s; server anonymous RSS "
                   f"{after['RssAnon'] / 2**20:,.1f} MiB (at start "
                   f"{at_start['RssAnon'] / 2**20:,.1f}), mapped "
                   f"{after['RssFile'] / 2**20:,.0f} MiB", flush=True)
@@ -462,12 +470,14 @@ def render(result):
                          + (f"{per_op:>8,.0f} B/op" if per_op else "")
                          + f"  ({s['ops']:,} ops)")
     if result["scale"]:
-        lines += ["", "Kopilka at scale (spread; kernel batches of 1,000; server unary)"]
+        lines += ["", "Kopilka at scale (spread; kernel batches of 1,000; server unary, "
+                  "then Post; RSS after both)"]
         for e in result["scale"]:
             m = e["server_memory"]
             lines.append(f"  {label(e['accounts']):>4}: kernel "
                          f"{e['kernel']['ops_per_s']:>8,.0f} ops/s, server "
-                         f"{e['server_unary']['ops_per_s']:>6,.0f} ops/s, anonymous RSS "
+                         f"{e['server_unary']['ops_per_s']:>6,.0f} ops/s unary, "
+                         f"{e['server_post']['ops_per_s']:>6,.0f} Post, anonymous RSS "
                          f"{m['RssAnon'] / 2**20:,.1f} MiB, ledger "
                          f"{e['ledger_bytes'] / 2**30:,.2f} GiB")
     for note in result["notes"]:
@@ -499,6 +509,8 @@ def main(argv=None):
             "quick": args.quick, "only": sorted(only) if only else None,
             "config": config, "load_start": measure.load_average(),
             "command": "make bench-quick" if args.quick else "make bench"}
+    # SIGTERM unwinds like Ctrl-C: servers stopped, temporary ledgers removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     work = tempfile.mkdtemp(prefix="kopilka-suite-", dir=os.environ.get("KOPILKA_BENCH_DIR"))
     started = time.perf_counter()
     suite = Suite(config, work, only)
