@@ -219,7 +219,7 @@ def main(argv=None):
         floors = json.load(f)
     ratios = measure_ratios()
     failed = []
-    print(f"bench-guard (ratios of throughput; load average "
+    print(f"bench-guard (ratios; load average "
           f"{load_before[0]:.1f} -> {measure.load_average()[0]:.1f}, "
           f"{time.perf_counter() - started:.0f} s)")
     for name, (value, rounds) in ratios.items():

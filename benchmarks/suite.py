@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Kopilka side by side with what a chain would use instead, in one run.
 
-    .venv/bin/python benchmarks/suite.py            # make bench (about 40 minutes)
+    .venv/bin/python benchmarks/suite.py            # make bench (about 30 minutes)
     .venv/bin/python benchmarks/suite.py --quick    # make bench-quick (under 2 minutes)
 
 Every system applies the same operations (benchmarks/workload.py: earn,
