@@ -1,10 +1,11 @@
 # Kopilka: `make test`, `make serve`, `make demo`, `make bench`. Each sets up
 # what it needs on a fresh Debian machine: system packages, .venv, the Cython
-# kernel.
+# kernel (and for the benchmarks, PostgreSQL and their Python packages).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+BENCH_INSTALLED := $(VENV)/.bench-installed
 KERNEL := kernel/_ledger.pyx kernel/_lmdb.pxi
 PROTOS := $(wildcard proto/kopilka/v1/*.proto)
 APT_PACKAGES := liblmdb-dev libsodium-dev gcc python3-dev python3-venv
@@ -13,7 +14,8 @@ KOPILKA := $(BIN)/kopilka
 DATA ?= ./data
 LISTEN ?= 127.0.0.1:50051
 
-.PHONY: test torture bench serve demo system-deps build proto clean
+.PHONY: test torture bench bench-quick bench-guard bench-kernel serve demo \
+	system-deps bench-system-deps build proto clean
 
 test: build
 	$(BIN)/python -m pytest tests
@@ -25,7 +27,23 @@ torture: build
 	KOPILKA_TORTURE=long $(BIN)/python -m pytest tests/torture -p no:cacheprovider \
 		$(TORTURE_ARGS)
 
-bench: build
+# Kopilka side by side with PostgreSQL, SQLite and the machine's ceilings,
+# then Kopilka at 10k to 10M accounts: benchmarks/results/<date>-<host>.json
+# and .png (about 30 minutes; bench-quick: the same, small, in under 2).
+bench: build $(BENCH_INSTALLED)
+	$(BIN)/python benchmarks/suite.py $(BENCH_ARGS)
+
+bench-quick: build $(BENCH_INSTALLED)
+	$(BIN)/python benchmarks/suite.py --quick $(BENCH_ARGS)
+
+# Ratios that must not fall below their floors (benchmarks/guard-floors.json);
+# CI runs it. No PostgreSQL needed.
+bench-guard: build
+	$(BIN)/python benchmarks/guard.py
+
+# The kernel and its twin in detail: every operation and batch size
+# (pytest-benchmark; benchmarks/results/kernel-<date>-<host>.json).
+bench-kernel: build
 	$(BIN)/python -m pytest benchmarks --benchmark-enable --benchmark-only \
 		-p no:cacheprovider -s $(BENCH_ARGS)
 
@@ -64,12 +82,23 @@ system-deps:
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
 	fi
 
+# The PostgreSQL server the comparison starts in a temporary directory.
+bench-system-deps:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || { \
+		echo "installing system packages: postgresql"; \
+		$(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql; }
+
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(INSTALLED): pyproject.toml setup.py | system-deps $(BIN)/python
 	$(BIN)/pip install -q -U pip setuptools wheel cython grpcio-tools googleapis-common-protos
 	$(BIN)/pip install -q --no-build-isolation -e '.[dev]'
+	touch $@
+
+$(BENCH_INSTALLED): pyproject.toml | bench-system-deps $(INSTALLED)
+	$(BIN)/pip install -q --no-build-isolation -e '.[dev,bench]'
 	touch $@
 
 # The public API's Python modules (kopilka.v1, in gen/), generated from

@@ -93,9 +93,10 @@ def card_number(i):
 
 # --- seeding -----------------------------------------------------------------
 
-def seed(data, members, chunk=50_000):
-    """The example program, `members` members with a card and points, and
-    tokens, written straight through the kernel. Returns the tokens."""
+def seed(data, members, chunk=50_000, *, points=SEED_POINTS, map_size=MAP_SIZE):
+    """The example program, `members` members with a card and `points`
+    points, and tokens, written straight through the kernel. Member i is
+    account i + 1. Returns the tokens."""
     from kopilka.core.batch import Batch
     from kopilka.core.records import NEVER, Code
     from kopilka.kernel import Ledger
@@ -107,7 +108,7 @@ def seed(data, members, chunk=50_000):
     program = registry.parse("toml", text)
     os.makedirs(data, exist_ok=True)
     now = time.time_ns() // 1000
-    ledger = Ledger(os.path.join(data, "ledger"), map_size=MAP_SIZE, sync=False)
+    ledger = Ledger(os.path.join(data, "ledger"), map_size=map_size, sync=False)
     try:
         put = Batch().put_program(f"load/program/{program.id}", program.id,
                                   flags=program.kernel_flags,
@@ -130,7 +131,7 @@ def seed(data, members, chunk=50_000):
             rest = Batch()
             for i, account in zip(range(start, stop), accounts):
                 rest.link_card(f"load/card/{i}", account, card_number(i).encode())
-                rest.earn(f"load/earn/{i}", account, SEED_POINTS, activates_at=0,
+                rest.earn(f"load/earn/{i}", account, points, activates_at=0,
                           expires_at=NEVER)
             bad = Counter(r.code.name for r in ledger.apply(rest, now)
                           if r.code != Code.OK)
@@ -376,7 +377,7 @@ def summarize_timed(recorder, window, usage, duration):
            "all": latency_figures(everything), "by_rpc": {}, **usage,
            "errors": [{"rpc": k, "code": c, "reason": r, "count": n}
                       for (k, c, r), n in sorted(errors.items())]}
-    for kind in ("quote", "hold", "capture", "refund", "echo"):
+    for kind in ("quote", "hold", "earn", "spend", "capture", "refund", "echo"):
         if kind in kinds:
             out["by_rpc"][kind] = {**latency_figures(kinds[kind]),
                                    "per_s": len(kinds[kind]) / duration}

@@ -1,6 +1,6 @@
 """Durable commit throughput of the Cython kernel and its pure-Python twin.
 
-`make bench` runs these. For each population (10k accounts, where a batch
+`make bench-kernel` runs these. For each population (10k accounts, where a batch
 dirties few pages and kernel/twin measures the kernels' own work; and 1M
 accounts, where the disk is a bound), each operation (earn, spend, a capture
 that spends and earns) and each batch size (1k, 8k, 64k), the kernel and then
@@ -11,8 +11,8 @@ Only `apply` is timed, batch by batch, for the commit latency p50/p99; the
 batches are built beforehand. Every result must be OK, and the twin's results
 must equal the kernel's for the batches both applied.
 
-Quick mode for development: `KOPILKA_BENCH_QUICK=1 make bench` (see
-benchlib.py for the other knobs); `make bench BENCH_ARGS='-k 10k'` runs
+Quick mode for development: `KOPILKA_BENCH_QUICK=1 make bench-kernel` (see
+benchlib.py for the other knobs); `make bench-kernel BENCH_ARGS='-k 10k'` runs
 a subset.
 """
 
@@ -42,7 +42,7 @@ def _case_id(case):
 def test_commit_throughput(benchmark, populations, workloads, case_dir, case):
     accounts, op, size, impl = case
     if benchmark.disabled:
-        pytest.skip("benchmarks run with --benchmark-enable (make bench)")
+        pytest.skip("benchmarks run with --benchmark-enable (make bench-kernel)")
     population = populations.get(accounts)
     workload = workloads.get(accounts, op, size)
     budget = benchlib.KERNEL_SECONDS if impl == "kernel" else benchlib.TWIN_SECONDS

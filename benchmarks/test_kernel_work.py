@@ -53,7 +53,7 @@ def _run(impl, path, batches):
 @pytest.mark.parametrize("size", BATCH_SIZES, ids=label)
 def test_kernel_work_against_twin(benchmark, populations, tmp_path, op, size):
     if benchmark.disabled:
-        pytest.skip("benchmarks run with --benchmark-enable (make bench)")
+        pytest.skip("benchmarks run with --benchmark-enable (make bench-kernel)")
     population = populations.get(benchlib.RATIO_ACCOUNTS)
     batches = benchlib.Workload(benchlib.RATIO_ACCOUNTS, op, size).take(1 + ROUNDS[size])
     twin_seconds, twin_out = _run("twin", population.fresh_copy(tmp_path / "twin"), batches)

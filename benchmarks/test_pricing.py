@@ -13,7 +13,7 @@ Each flow runs on the compiled engine (kopilka.core._pricing, what
 (`pricing.use("python")`), which prices the same figures.
 
 Goal from issue 3: 20,000 such receipts a second on one core (compiled,
-quote+settle). Reported, not asserted. Run: `make bench BENCH_ARGS='-k
+quote+settle). Reported, not asserted. Run: `make bench-kernel BENCH_ARGS='-k
 pricing'`, or `.venv/bin/python -m pytest benchmarks/test_pricing.py
 --benchmark-enable --benchmark-only -p no:cacheprovider -s`.
 """
@@ -60,7 +60,7 @@ def test_pricing_20_line_receipt(benchmark, flow, implementation):
     """`quote+settle` is the checkout (the goal's figure); `settle` alone is
     the write path, `quote` alone what a POS asks before payment."""
     if benchmark.disabled:
-        pytest.skip("benchmarks run with --benchmark-enable (make bench)")
+        pytest.skip("benchmarks run with --benchmark-enable (make bench-kernel)")
     program = load_program(EXAMPLE)
     t = to_micros(datetime.fromisoformat("2024-03-05T12:00:00+03:00"))
     receipt = twenty_lines(t)
