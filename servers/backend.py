@@ -66,6 +66,14 @@ def unpack(data):
     return json.loads(data) if data else {}
 
 
+def _tier_name(version, tier):
+    """Tier number `tier` (levels from 1) by name in `version`; 0 (never
+    placed by a close) is the lowest level. Empty when the version has no
+    tiers, or no such level."""
+    tiers = version.tiers if version is not None else None
+    return (tiers.name(max(tier, 1)) if tiers is not None else None) or ""
+
+
 class Backend:
     def __init__(self, ledger, writer, registry, clock, monotonic, *,
                  hold_seconds=900):
@@ -180,18 +188,18 @@ class Backend:
         b = self.ledger.balances(account_id, now)
         return convert.balances(b, now) if b is not None else None
 
-    def tier_name(self, program_id, tier, at):
-        """The name of tier number `tier` (levels from 1) in the version in
-        force at `at`; 0 (never placed by a close) is the lowest level.
-        Empty when the program has no tiers, or no such level."""
+    def version_at(self, program_id, at):
+        """The program version in force at `at`, or None (no such program,
+        or none in force yet)."""
         entry = self.registry.get(program_id)
-        if entry is None:
-            return ""
         try:
-            tiers = entry.program.version_at(at).tiers
+            return entry.program.version_at(at) if entry is not None else None
         except LookupError:
-            return ""
-        return (tiers.name(max(tier, 1)) if tiers is not None else None) or ""
+            return None
+
+    def tier_name(self, program_id, tier, at):
+        """The name of tier number `tier` in the version in force at `at`."""
+        return _tier_name(self.version_at(program_id, at), tier)
 
     def member_context(self, account_id, account, card=b"", held=0, now=None,
                        at=None):
@@ -205,13 +213,10 @@ class Backend:
         now = self.clock() if now is None else now
         at = now if at is None else at
         b = balances_of(account_id, account, now)
-        tier = self.tier_name(account.program, account.tier, at) or None
+        version = self.version_at(account.program, at)
+        tier = _tier_name(version, account.tier) or None
         referrer = 0
-        entry = self.registry.get(account.program)
-        try:
-            referral = entry.program.version_at(at).referral if entry else None
-        except LookupError:
-            referral = None
+        referral = version.referral if version is not None else None
         if referral is not None and at < account.opened_at + referral.window_days * DAY:
             referrer = profiles.decode(self.ledger.profile(account_id)).referrer
         c = offered_coupon(account, now) if account.coupons else None
