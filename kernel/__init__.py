@@ -14,7 +14,7 @@ from ._ledger import Environment
 
 
 class Ledger(LedgerReads):
-    def __init__(self, path, *, map_size=1 << 30, sync=True, writemap=False):
+    def __init__(self, path, *, map_size=1 << 30, sync=True, writemap=True):
         self.path = str(path)
         self._env = Environment(self.path, map_size, sync, writemap)
 

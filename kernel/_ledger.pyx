@@ -13,7 +13,16 @@ from libc.stdint cimport (uint8_t, uint16_t, uint32_t, uint64_t, int32_t,
                           int64_t, INT64_MIN)
 from libc.string cimport memcpy, memset, memcmp, memmove
 from libc.stdlib cimport malloc, realloc, free
+from libc.errno cimport ENOSPC, EDQUOT
+from posix.types cimport off_t
+from posix.unistd cimport usleep
 from cpython.bytes cimport PyBytes_FromStringAndSize, PyBytes_AS_STRING
+from cpython.pythread cimport (PyThread_type_lock, PyThread_allocate_lock,
+                               PyThread_acquire_lock, PyThread_release_lock,
+                               PyThread_free_lock, WAIT_LOCK)
+
+cdef extern from "fcntl.h" nogil:
+    int posix_fallocate(int fd, off_t offset, off_t len)
 
 include "_lmdb.pxi"
 
@@ -3336,40 +3345,81 @@ cdef size_t count_ops(const char *batch, size_t size) except? 0:
 
 _OPEN_PATHS = set()  # environments open in this process, by real path
 
+# With MDB_WRITEMAP the map is the data file's size and every byte of it is
+# allocated on disk first (posix_fallocate), so that LMDB never writes into a
+# hole: a hole the file system cannot fill (a full disk) would raise SIGBUS in
+# the middle of a page copy and kill the process. The map starts small and
+# grows by a quarter (1 MiB .. 256 MiB at a time) up to the configured map
+# size: the file takes what the data needs plus that headroom, not the map.
+cdef size_t MIB = 1 << 20
+cdef size_t GROW_MIN = MIB
+cdef size_t GROW_MAX = 256 * MIB
+
+
+cdef size_t round_up(size_t n, size_t unit) noexcept nogil:
+    return (n + unit - 1) // unit * unit
+
 
 cdef class Environment:
     """One LMDB environment (a directory) and the kernel's databases in it.
 
     LMDB must not be closed under a transaction: `close()` aborts the
     snapshots still open and refuses while a batch or a copy is running on
-    another thread (they run with the GIL released)."""
+    another thread (they run with the GIL released).
+
+    With `writemap` (the default) LMDB writes its pages in place in the map
+    (no malloc'd copy of each dirty page, which LMDB keeps on a free list for
+    good: the process's memory would grow with the most pages one batch ever
+    touched). The map then grows with the data (see GROW_MIN) and moves when it
+    does: only inside `apply()` (one writer at a time, `write_lock`), with the
+    GIL held (every read of the map by a snapshot runs with the GIL), no copy
+    running, and scans reposition their cursor after a move (`remaps`)."""
     cdef MDB_env *env
     cdef MDB_dbi dbi[NDB]
     cdef readonly str path
     cdef readonly int busy  # apply() and copy() calls inside LMDB right now
+    cdef readonly bint writemap
+    cdef readonly size_t map_limit  # the configured map size: the most it may take
+    cdef readonly size_t mapped     # the map's size now (writemap: the file's, allocated)
+    cdef readonly unsigned long remaps  # times the map moved to grow
+    cdef int copying  # copy() calls reading the map with the GIL released
+    cdef int fd
+    cdef PyThread_type_lock write_lock
     cdef object readers  # the ReadTxns still open
 
     def __cinit__(self, path, size_t map_size=1 << 30, bint sync=True,
-                  bint writemap=False):
+                  bint writemap=True):
         cdef MDB_txn *txn
+        cdef MDB_envinfo info
         cdef int rc
         cdef unsigned int flags = MDB_NOTLS | MDB_NORDAHEAD
+        cdef size_t start = map_size
         import os
         import weakref
+        self.write_lock = PyThread_allocate_lock()
+        if self.write_lock == NULL:
+            raise MemoryError()
         self.readers = weakref.WeakSet()
         self.path = str(path)
         os.makedirs(self.path, exist_ok=True)
         self.path = os.path.realpath(self.path)
         if self.path in _OPEN_PATHS:  # LMDB: never two handles in one process
             raise LedgerError(f"{self.path} is already open in this process")
+        self.map_limit = map_size
+        self.writemap = writemap
         if not sync:
             flags |= MDB_NOSYNC | MDB_NOMETASYNC
         if writemap:
             flags |= MDB_WRITEMAP
+            try:  # what an earlier run allocated (LMDB sets the file to the map)
+                start = os.stat(os.path.join(self.path, "data.mdb")).st_size
+            except FileNotFoundError:
+                start = 0
+            start = min(map_size, max(start, GROW_MIN))
         rc = mdb_env_create(&self.env)
         if rc:
             _raise(rc)
-        mdb_env_set_mapsize(self.env, map_size)
+        mdb_env_set_mapsize(self.env, start)
         mdb_env_set_maxdbs(self.env, 32)
         encoded = self.path.encode()
         rc = mdb_env_open(self.env, encoded, flags, 0o664)
@@ -3377,18 +3427,96 @@ cdef class Environment:
             mdb_env_close(self.env)
             self.env = NULL
             _raise(rc)
-        rc = mdb_txn_begin(self.env, NULL, 0, &txn)
-        if rc:
-            _raise(rc)
-        for i, name in enumerate(DB_NAMES):
-            rc = mdb_dbi_open(txn, name, MDB_CREATE, &self.dbi[i])
+        mdb_env_info(self.env, &info)
+        self.mapped = info.me_mapsize
+        if writemap:
+            mdb_env_get_fd(self.env, &self.fd)
+            self._allocate_at_open()
+        while True:
+            rc = mdb_txn_begin(self.env, NULL, 0, &txn)
             if rc:
-                mdb_txn_abort(txn)
                 _raise(rc)
-        rc = mdb_txn_commit(txn)
-        if rc:
-            _raise(rc)
+            for i, name in enumerate(DB_NAMES):
+                rc = mdb_dbi_open(txn, name, MDB_CREATE, &self.dbi[i])
+                if rc:
+                    mdb_txn_abort(txn)
+                    break
+            else:
+                rc = mdb_txn_commit(txn)
+            if rc == MDB_MAP_FULL and self.writemap and self._grow():
+                continue
+            if rc:
+                _raise(rc)
+            break
         _OPEN_PATHS.add(self.path)
+
+    cdef size_t _used(self):
+        """Bytes of the data file LMDB's last commit uses (its pages up to
+        the last one, free ones among them)."""
+        cdef MDB_envinfo info
+        cdef MDB_stat stat
+        mdb_env_info(self.env, &info)
+        mdb_env_stat(self.env, &stat)
+        return (info.me_last_pgno + 1) * stat.ms_psize
+
+    cdef int _allocate_at_open(self) except -1:
+        """The file allocated to the whole map before anything is written
+        through it; on a disk too full for that, the map shrinks to what is
+        written already (the next batch will try to grow it)."""
+        cdef MDB_envinfo info
+        cdef int rc
+        with nogil:
+            rc = posix_fallocate(self.fd, 0, <off_t>self.mapped)
+        if rc == ENOSPC or rc == EDQUOT:
+            rc = mdb_env_set_mapsize(self.env, self._used())
+            if rc:
+                _raise(rc)
+            mdb_env_info(self.env, &info)
+            self.mapped = info.me_mapsize
+            with nogil:
+                rc = posix_fallocate(self.fd, 0, <off_t>self.mapped)
+        if rc:
+            import os
+            raise LedgerError(f"cannot allocate the ledger's file: {os.strerror(rc)}")
+        return 0
+
+    cdef int _grow(self) except -1:
+        """Allocates more of the file and moves the map over it: 1 when it
+        grew, 0 when the map is at its limit (MDB_MAP_FULL stands). Raises
+        LedgerError when the disk has no room (nothing written: the batch
+        that needed it was aborted). The caller holds `write_lock` and has
+        no transaction open."""
+        cdef size_t step, want = 0
+        cdef int rc = 0
+        cdef MDB_envinfo info
+        if self.mapped >= self.map_limit:
+            return 0
+        step = min(max(self.mapped // 4, GROW_MIN), GROW_MAX)
+        for want in (min(self.map_limit, round_up(self.mapped + step, MIB)),
+                     min(self.map_limit, self.mapped + GROW_MIN)):
+            with nogil:
+                rc = posix_fallocate(self.fd, 0, <off_t>want)
+            if rc != ENOSPC and rc != EDQUOT:
+                break
+        if rc:
+            import os
+            raise LedgerError(f"cannot grow the ledger's file to {want} bytes: "
+                              f"{os.strerror(rc)}")
+        while self.copying:  # a copy reads the map without the GIL
+            with nogil:
+                usleep(1000)
+        # The GIL is held from here to the end: no snapshot reads the map
+        # while it moves.
+        rc = mdb_env_set_mapsize(self.env, want)
+        if rc:  # the map could not be made again: nothing may touch it
+            mdb_env_close(self.env)
+            self.env = NULL
+            _OPEN_PATHS.discard(self.path)
+            _raise(rc)
+        mdb_env_info(self.env, &info)
+        self.mapped = info.me_mapsize
+        self.remaps += 1
+        return 1
 
     def close(self):
         if self.env == NULL:
@@ -3408,6 +3536,9 @@ cdef class Environment:
             self.env = NULL
             if _OPEN_PATHS is not None:  # None while the interpreter shuts down
                 _OPEN_PATHS.discard(self.path)
+        if self.write_lock != NULL:
+            PyThread_free_lock(self.write_lock)
+            self.write_lock = NULL
 
     def _check_open(self):
         if self.env == NULL:
@@ -3423,11 +3554,20 @@ cdef class Environment:
         cdef bytes out = PyBytes_FromStringAndSize(NULL, n * sizeof(ResultRec))
         cdef ResultRec *results = <ResultRec *>PyBytes_AS_STRING(out)
         cdef int rc
-        memset(results, 0, n * sizeof(ResultRec))
         self.busy += 1
         try:
             with nogil:
-                rc = run_batch(self.env, self.dbi, p, size, now, results)
+                PyThread_acquire_lock(self.write_lock, WAIT_LOCK)
+            try:
+                while True:  # a batch the map had no room for: again, in a larger one
+                    self._check_open()
+                    memset(results, 0, n * sizeof(ResultRec))
+                    with nogil:
+                        rc = run_batch(self.env, self.dbi, p, size, now, results)
+                    if not (rc == MDB_MAP_FULL and self.writemap and self._grow()):
+                        break
+            finally:
+                PyThread_release_lock(self.write_lock)
         finally:
             self.busy -= 1
         if rc:
@@ -3445,19 +3585,26 @@ cdef class Environment:
         cdef const char *p = encoded
         cdef int rc
         self.busy += 1
+        self.copying += 1
         try:
             with nogil:
                 rc = mdb_env_copy2(self.env, p, MDB_CP_COMPACT if compact else 0)
         finally:
+            self.copying -= 1
             self.busy -= 1
         if rc:
             _raise(rc)
 
     def info(self):
+        """map_size: the configured limit; mapped: the map now (with
+        writemap, the data file's size, all of it allocated); used: the
+        bytes of the file the data takes (pages up to the last one)."""
         cdef MDB_envinfo info
         self._check_open()
         mdb_env_info(self.env, &info)
-        return {"map_size": info.me_mapsize, "last_page": info.me_last_pgno,
+        return {"map_size": self.map_limit, "mapped": info.me_mapsize,
+                "used": self._used(), "writemap": bool(self.writemap),
+                "remaps": self.remaps, "last_page": info.me_last_pgno,
                 "last_txn": info.me_last_txnid, "readers": info.me_numreaders}
 
 
@@ -3494,14 +3641,17 @@ cdef class ReadTxn:
         return PyBytes_FromStringAndSize(<char *>v.mv_data, v.mv_size)
 
     def scan(self, str db, bytes start=b""):
-        cdef MDB_cursor *cur
+        cdef MDB_cursor *cur = NULL
         cdef MDB_val k, v
         cdef int rc
+        cdef unsigned long remaps
+        cdef MDB_dbi dbi = self._db(db)
         if self.txn == NULL:
             raise LedgerError("snapshot is closed")
-        rc = mdb_cursor_open(self.txn, self._db(db), &cur)
+        rc = mdb_cursor_open(self.txn, dbi, &cur)
         if rc:
             _raise(rc)
+        remaps = self.env.remaps
         try:
             if len(start):
                 k.mv_size = len(start)
@@ -3510,10 +3660,27 @@ cdef class ReadTxn:
             else:
                 rc = mdb_cursor_get(cur, &k, &v, MDB_FIRST)
             while rc == MDB_SUCCESS:
-                yield (PyBytes_FromStringAndSize(<char *>k.mv_data, k.mv_size),
-                       PyBytes_FromStringAndSize(<char *>v.mv_data, v.mv_size))
+                key = PyBytes_FromStringAndSize(<char *>k.mv_data, k.mv_size)
+                yield (key, PyBytes_FromStringAndSize(<char *>v.mv_data, v.mv_size))
                 if self.txn == NULL:  # closed while the caller held the generator
                     raise LedgerError("snapshot is closed")
+                if self.env.remaps != remaps:
+                    # the map moved (it grew) while the caller held the
+                    # generator: the cursor's pages are gone; find the key
+                    # again in the same snapshot, and go on after it
+                    mdb_cursor_close(cur)
+                    cur = NULL
+                    rc = mdb_cursor_open(self.txn, dbi, &cur)
+                    if rc:
+                        _raise(rc)
+                    remaps = self.env.remaps
+                    k.mv_size = len(key)
+                    k.mv_data = <void *>PyBytes_AS_STRING(key)
+                    rc = mdb_cursor_get(cur, &k, &v, MDB_SET_RANGE)
+                    if (rc == MDB_SUCCESS and k.mv_size == <size_t>len(key) and
+                            memcmp(k.mv_data, PyBytes_AS_STRING(key), k.mv_size) == 0):
+                        rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)
+                    continue
                 rc = mdb_cursor_get(cur, &k, &v, MDB_NEXT)
             if rc != MDB_NOTFOUND:
                 _raise(rc)

@@ -11,6 +11,13 @@ cdef extern from "lmdb.h" nogil:
     ctypedef struct MDB_val:
         size_t mv_size
         void *mv_data
+    ctypedef struct MDB_stat:
+        unsigned int ms_psize
+        unsigned int ms_depth
+        size_t ms_branch_pages
+        size_t ms_leaf_pages
+        size_t ms_overflow_pages
+        size_t ms_entries
     ctypedef struct MDB_envinfo:
         void *me_mapaddr
         size_t me_mapsize
@@ -44,6 +51,8 @@ cdef extern from "lmdb.h" nogil:
     int mdb_env_set_mapsize(MDB_env *env, size_t size)
     int mdb_env_set_maxdbs(MDB_env *env, MDB_dbi dbs)
     int mdb_env_info(MDB_env *env, MDB_envinfo *stat)
+    int mdb_env_stat(MDB_env *env, MDB_stat *stat)
+    int mdb_env_get_fd(MDB_env *env, int *fd)
     int mdb_env_copy2(MDB_env *env, const char *path, unsigned int flags)
     void mdb_env_close(MDB_env *env)
     int mdb_txn_begin(MDB_env *env, MDB_txn *parent, unsigned int flags, MDB_txn **txn)

@@ -7,6 +7,7 @@ written, and writes resume as soon as there is space again.
 (Backups under load: test_kill.py.)"""
 
 import subprocess
+import sys
 
 import grpc
 import pytest
@@ -209,3 +210,54 @@ def fill(path):
                 f.flush()
         except OSError:
             pass
+
+
+# The kernel alone on a full disk, in a child process: with MDB_WRITEMAP a
+# write into a hole of the data file that the disk cannot fill is a SIGBUS,
+# which would show here as the child's death, not as an error it reports.
+KERNEL_CHILD = """
+import os, sys
+from kopilka.kernel import Ledger
+from kopilka.core.batch import Batch
+from kopilka.core.records import LedgerError, MapFullError
+path, ballast = sys.argv[1], sys.argv[2]
+ledger = Ledger(path, map_size=256 << 20)
+setup = Batch().put_program("p", 1)
+for a in range(50):
+    setup.open_account(f"a{a}", 1, f"m{a}")
+ledger.apply(setup, 1)
+n = 0
+while True:
+    n += 1
+    batch = Batch()
+    for i in range(500):
+        batch.earn(f"b{n}/e{i}", 1 + i % 50, 1, money=100)
+    head = ledger.head()
+    try:
+        ledger.apply(batch, 10 + n)
+    except MapFullError:
+        sys.exit("the map filled, not the disk")
+    except LedgerError as exc:
+        print("refused:", exc, flush=True)
+        break
+assert ledger.head() == head and ledger.operation(f"b{n}/e0".encode()) is None
+assert ledger.audit() == []
+st = os.stat(os.path.join(path, "data.mdb"))
+assert st.st_blocks * 512 >= st.st_size == ledger.info()["mapped"]
+os.unlink(ballast)                      # room again: the same batch goes in
+assert all(r.ok for r in ledger.apply(batch, 10 + n))
+assert ledger.audit() == []
+ledger.close()
+print("ok", n, flush=True)
+"""
+
+
+def test_the_kernel_on_a_full_disk_refuses_a_batch_and_lives(small_disk):
+    ballast = small_disk / "ballast"
+    ballast.write_bytes(b"\0" * (1 << 20))
+    done = subprocess.run([sys.executable, "-c", KERNEL_CHILD, str(small_disk / "ledger"),
+                           str(ballast)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr[-2000:])
+    assert "refused: cannot grow the ledger's file" in done.stdout
+    assert "No space left on device" in done.stdout
+    assert done.stdout.splitlines()[-1].startswith("ok")
