@@ -68,6 +68,14 @@ def databases(path):
     return out
 
 
+def used_bytes(path):
+    """The bytes of the ledger's data file its data takes: LMDB's pages up to
+    the last one in use (free ones among them). Not the file's allocated
+    size: the kernel allocates its file ahead of the data (it grows by up to
+    a quarter at a time), which that would count as if used."""
+    return databases(path)["_file"]["bytes"]
+
+
 def stored_ops(path):
     """How many operations the ledger has recorded (refused ones leave none)."""
     return databases(path)["ops"]["entries"]
