@@ -37,6 +37,10 @@ class Metrics:
                               "Bytes of the LMDB map in use", registry=r)
         self.map_size = Gauge("kopilka_lmdb_map_size_bytes", "LMDB map size",
                               registry=r)
+        self.file_size = Gauge("kopilka_lmdb_file_bytes",
+                               "Bytes of the LMDB data file, all allocated: what "
+                               "is in use and the room allocated ahead of it",
+                               registry=r)
         self.subscribers = Gauge("kopilka_feed_subscribers", "Open feed streams",
                                  registry=r)
         self.feed_lag = Gauge("kopilka_feed_lag_entries",
@@ -63,6 +67,7 @@ class Metrics:
         each commit (on the writer thread, the only one that grows the map),
         so a scrape never touches the ledger (it may be closing)."""
         self.map_size.set(info["map_size"])
+        self.file_size.set(info["mapped"])
         self.map_used.set((info["last_page"] + 1) * _PAGE)
 
     def text(self):

@@ -323,6 +323,7 @@ def test_metrics_over_http(srv):
     assert sample(s, "kopilka_lmdb_map_size_bytes") == 256 << 20
     used = sample(s, "kopilka_lmdb_map_used_bytes")
     assert 0 < used < 256 << 20
+    assert used <= sample(s, "kopilka_lmdb_file_bytes") < 256 << 20   # allocated ahead
     assert sample(s, "kopilka_writer_queue_depth") == 0
     assert sample(s, "kopilka_feed_subscribers") == 0
 
