@@ -3509,9 +3509,7 @@ cdef class Environment:
         # while it moves.
         rc = mdb_env_set_mapsize(self.env, want)
         if rc:  # the map could not be made again: nothing may touch it
-            mdb_env_close(self.env)
-            self.env = NULL
-            _OPEN_PATHS.discard(self.path)
+            self._close_env()
             _raise(rc)
         mdb_env_info(self.env, &info)
         self.mapped = info.me_mapsize
@@ -3524,6 +3522,9 @@ cdef class Environment:
         if self.busy:
             raise LedgerError("the ledger is applying a batch or copying: "
                               "close it once that returns")
+        self._close_env()
+
+    cdef _close_env(self):
         for txn in list(self.readers):
             txn.close()
         mdb_env_close(self.env)
