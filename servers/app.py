@@ -49,6 +49,7 @@ class Config:
     sweep_seconds: float = 60.0
     max_batch: int = 65_536
     sync: bool = True
+    writemap: bool = True             # False: LMDB copies each page it writes (see README)
     clock: object = None              # () -> microseconds; tests inject one
     monotonic: object = time.monotonic
 
@@ -100,7 +101,8 @@ class Server:
         c = self.config
         _check_listen(c)
         os.makedirs(c.data, exist_ok=True)
-        self.ledger = Ledger(c.ledger_path, map_size=c.map_size, sync=c.sync)
+        self.ledger = Ledger(c.ledger_path, map_size=c.map_size, sync=c.sync,
+                             writemap=c.writemap)
         self.registry = Registry.load(self.ledger)
         self.writer = GroupCommitWriter(self.ledger, clock=self.clock,
                                         max_operations=c.max_batch,
@@ -146,6 +148,7 @@ class Server:
             "listen": c.listen, "port": self.port, "data": c.data,
             "metrics_port": self.metrics_port,
             "tls": not c.insecure, "mutual_tls": bool(c.client_ca),
+            "writemap": c.writemap,
             "programs": self.registry.ids()}})
         return self.port
 

@@ -354,3 +354,22 @@ def test_metrics_over_http(srv):
     srv.stop = lambda: None            # the fixture's stop: done already
     with pytest.raises(urllib.error.URLError):   # the port is closed with the server
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=WAIT)
+
+
+def test_the_server_writes_in_the_map_unless_told_not_to(tmp_path):
+    data = tmp_path / "data"
+    srv = RunningServer(data, writemap=False)
+    try:
+        install_program(srv)
+        member = open_member(srv, 1, "m1", points=10)
+        assert srv.server.ledger.info()["writemap"] is False
+    finally:
+        srv.stop()
+    srv = RunningServer(data)
+    try:
+        info = srv.server.ledger.info()
+        assert info["writemap"] and info["used"] <= info["mapped"] < info["map_size"]
+        assert srv.server.ledger.balances(member, srv.clock.now).balance == 10
+        assert srv.server.ledger.audit() == []
+    finally:
+        srv.stop()

@@ -37,6 +37,10 @@ def _add_serve(sub, data):
                    "this port")
     p.add_argument("--map-size", type=_size, default=None,
                    help="most the ledger may grow to, e.g. 8G (default 8G)")
+    p.add_argument("--no-writemap", action="store_true",
+                   help="LMDB copies each page it writes instead of writing it in "
+                   "the map (for file systems where an allocated block may still "
+                   "need space to be written: btrfs, ZFS)")
     p.add_argument("--log-level", default="INFO",
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     p.set_defaults(run=cmd_serve)
@@ -67,7 +71,8 @@ def cmd_serve(args):
     logs.configure(args.log_level)
     config = Config(data=args.data, listen=args.listen, insecure=args.insecure,
                     tls_cert=args.tls_cert, tls_key=args.tls_key,
-                    client_ca=args.client_ca, metrics_port=args.metrics_port)
+                    client_ca=args.client_ca, metrics_port=args.metrics_port,
+                    writemap=not args.no_writemap)
     if args.map_size:
         config.map_size = args.map_size
     try:
