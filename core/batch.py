@@ -8,8 +8,8 @@ same request always encodes to the same bytes (its idempotency digest).
 from dataclasses import dataclass
 
 from .records import (COUPON_ONE_PER_CUSTOMER, LINKED, MAX_DATA, NEVER, OP,
-                      PROFILE_ERASE, REFUND_PROPORTIONAL, RESULT, RESULT_REPLAYED,
-                      TRANSFER_ALL, Code, Kind)
+                      PROFILE_ERASE, REFUND_KEEP_COUPON, REFUND_PROPORTIONAL,
+                      RESULT, RESULT_REPLAYED, TRANSFER_ALL, Code, Kind)
 
 _LINK_AT = 5  # the `link` byte of records.OP
 
@@ -200,16 +200,19 @@ class Batch:
         return self.add(Kind.VOID, op_id, key=hold, store=store, lane=lane, data=data)
 
     def refund(self, op_id, original, *, money=0, give_back=0, claw_back=0,
-               proportional=False, version=0, business_time=0, store=0,
-               lane=0, data=b""):
+               proportional=False, keep_coupon=False, version=0,
+               business_time=0, store=0, lane=0, data=b""):
         """Refund part or all of `original` (an earn, spend or capture op id).
 
         Proportional: points follow `money` / the receipt's money, rounded
         down on the running total so partial refunds never drift. Otherwise
-        `give_back` spent points and `claw_back` earned points, as priced."""
+        `give_back` spent points and `claw_back` earned points, as priced.
+        A coupon operation's refund has no amounts (records.py); with
+        `keep_coupon`, one of a redemption is only noted."""
         return self.add(Kind.REFUND, op_id, key=original, money=money,
                         amount=give_back, amount2=claw_back,
-                        flags=REFUND_PROPORTIONAL if proportional else 0,
+                        flags=(REFUND_PROPORTIONAL if proportional else 0)
+                        | (REFUND_KEEP_COUPON if keep_coupon else 0),
                         version=version, business_time=business_time,
                         store=store, lane=lane, data=data)
 

@@ -181,6 +181,7 @@ class Entry(IntEnum):
 # Operation flags.
 PROGRAM_ALLOW_DEBT = 1   # PUT_PROGRAM: a clawback may leave the member in debt
 REFUND_PROPORTIONAL = 1  # REFUND: derive points from money refunded / receipt money
+REFUND_KEEP_COUPON = 2   # REFUND of a REDEEM_COUPON: note it, keep the coupon used
 TRANSFER_ALL = 1         # TRANSFER: move every lot, pending included (card merge)
 PROFILE_ERASE = 1        # SET_PROFILE: also delete the external id mapping `key`
 COUPON_ONE_PER_CUSTOMER = 1  # ISSUE_COUPON: refused while the member holds an
@@ -255,6 +256,14 @@ OP = struct.Struct("<BBBBBBHIIIIIIQQqqqqqq")
 #   such a refund never fails for the coupon's sake, so it can be chained
 #   to the receipt's own refund. The coupon operation's record is marked
 #   (refunded_money = its money) and takes the refund's data, as receipts do.
+#   With REFUND_KEEP_COUPON (a REDEEM_COUPON only, else FLAGS_INVALID) the
+#   refund is noted and nothing else: its data joins the redemption's
+#   record, the coupon stays redeemed, the record is not marked (so it may
+#   come again, and a refund without the flag may follow), result a = 0.
+#   That is a partial return of a receipt the coupon paid in full: no
+#   capture holds its lines, the redemption does (the server's rule: such a
+#   receipt has nothing to give back but its coupon, which comes back when
+#   the last of its lines does, as for any receipt that redeemed one).
 # - A touch of an account (any operation that loads it to change it) closes
 #   its open coupons whose window has ended by now (EXPIRED, journaled with
 #   store 0, like expiring lots). Issuing or reopening a coupon drops the

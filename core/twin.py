@@ -29,7 +29,7 @@ from .records import (BIRTHDAY_OF_KEY, BIRTHDAY_VALUE, CARD, COUNTER_VALUE,
                       MAX_DATA, MAX_LOTS, MAX_OP_ID, MAX_TIER,
                       MAX_UTC_OFFSET, MEMBER_INDEX_KEY, META_HEAD,
                       META_NEXT_ACCOUNT, NEVER, PROFILE_ERASE, PROGRAM,
-                      PROGRAM_ALLOW_DEBT, REFUND_PROPORTIONAL,
+                      PROGRAM_ALLOW_DEBT, REFUND_KEEP_COUPON, REFUND_PROPORTIONAL,
                       RELEASE_CAPTURED, RELEASE_EXPIRED, RELEASE_VOIDED,
                       RESULT, RESULT_REPLAYED, SYSTEM_KEY, TRANSFER_ALL, U32,
                       U64, CardStatus, Code, CouponState, Entry, HoldState, Kind,
@@ -825,7 +825,7 @@ def _void(work, op):
 def _refund(work, op):
     if not 1 <= len(op.key) <= MAX_OP_ID:
         raise Rejected(Code.KEY_INVALID)
-    if op.flags & ~REFUND_PROPORTIONAL:
+    if op.flags & ~(REFUND_PROPORTIONAL | REFUND_KEEP_COUPON):
         raise Rejected(Code.FLAGS_INVALID)
     if op.money < 0 or op.amount < 0 or op.amount2 < 0:
         raise Rejected(Code.AMOUNT_INVALID)
@@ -837,6 +837,8 @@ def _refund(work, op):
         return _refund_coupon(work, op, original)
     if original.kind not in REFUNDABLE:
         raise Rejected(Code.NOT_REFUNDABLE)
+    if op.flags & REFUND_KEEP_COUPON:
+        raise Rejected(Code.FLAGS_INVALID)
     if len(original.data) + len(op.data) > MAX_DATA:
         raise Rejected(Code.DATA_TOO_LONG)
     refunded_money = checked(original.refunded_money + op.money)
@@ -1170,8 +1172,10 @@ def _redeem_coupon(work, op):
 
 def _refund_coupon(work, op, original):
     """A REFUND of a coupon operation: revoke the coupon it issued, or give
-    back the one it redeemed, where that still can be (records.py)."""
-    if op.flags:
+    back the one it redeemed, where that still can be; with
+    REFUND_KEEP_COUPON only note it (records.py)."""
+    keep = op.flags == REFUND_KEEP_COUPON and original.kind == Kind.REDEEM_COUPON
+    if op.flags and not keep:
         raise Rejected(Code.FLAGS_INVALID)
     if op.money or op.amount or op.amount2:
         raise Rejected(Code.AMOUNT_INVALID)
@@ -1190,7 +1194,7 @@ def _refund_coupon(work, op, original):
                 work.event(Entry.COUPON_CLOSED, account.program, account_id,
                            amount2=CouponState.REVOKED, ref=coupon.number)
                 changed = coupon.value
-    else:
+    elif not keep:
         c = original.consumed[0]
         if c.expires_at > work.now and not any(
                 x.state == CouponState.OPEN for x in account.coupons):
@@ -1198,7 +1202,8 @@ def _refund_coupon(work, op, original):
                                                   c.activates_at, c.expires_at),
                          COUPON_GIVEN_BACK)
             changed = c.amount
-    original.refunded_money = original.money
+    if not keep:
+        original.refunded_money = original.money
     original.data += op.data
     work.rewrite_operation(op.key, original)
     record = work.record

@@ -203,6 +203,7 @@ cdef enum:
     E_CLAWBACK = 22
     PROGRAM_ALLOW_DEBT = 1
     REFUND_PROPORTIONAL = 1
+    REFUND_KEEP_COUPON = 2
     TRANSFER_ALL = 1
     PROFILE_ERASE = 1
     COUPON_ONE_PER_CUSTOMER = 1
@@ -2529,16 +2530,18 @@ cdef int op_redeem_coupon(Work *w) noexcept nogil:
 
 cdef int refund_coupon(Work *w, OperationRec *orig) noexcept nogil:
     """A REFUND of a coupon operation: revoke the coupon it issued, or give
-    back the one it redeemed, where that still can be (records.py)."""
+    back the one it redeemed, where that still can be; with
+    REFUND_KEEP_COUPON only note it (records.py)."""
     cdef const OpHead *op = w.op
     cdef Acct *a
     cdef uint32_t i
     cdef int64_t changed = 0
     cdef bint open_one = False
+    cdef bint keep = op.flags == REFUND_KEEP_COUPON and orig.kind == K_REDEEM_COUPON
     cdef CouponRec coupon
     cdef LotRec *c
     cdef int rc
-    if op.flags:
+    if op.flags and not keep:
         return FLAGS_INVALID
     if op.money or op.amount or op.amount2:
         return AMOUNT_INVALID
@@ -2561,7 +2564,7 @@ cdef int refund_coupon(Work *w, OperationRec *orig) noexcept nogil:
                 if rc:
                     return rc
                 changed = a.coupons[i].value
-    else:
+    elif not keep:
         if w.scratch_lots.n != 1:  # never: a redemption names its coupon
             return fail(w, MDB_CORRUPTED)
         c = &w.scratch_lots.items[0]
@@ -2578,7 +2581,8 @@ cdef int refund_coupon(Work *w, OperationRec *orig) noexcept nogil:
             if rc:
                 return rc
             changed = c.remaining
-    orig.refunded_money = orig.money
+    if not keep:
+        orig.refunded_money = orig.money
     if op.n_data:  # the refund's data is appended to the operation's
         if grow(<void **>&w.loaded_data.p, &w.loaded_data.cap,
                 w.loaded_data.n + op.n_data, 1):
@@ -2602,7 +2606,7 @@ cdef int op_refund(Work *w) noexcept nogil:
     cdef int rc
     if op.n_key < 1 or op.n_key > MAX_OP_ID:
         return KEY_INVALID
-    if op.flags & ~REFUND_PROPORTIONAL:
+    if op.flags & ~(REFUND_PROPORTIONAL | REFUND_KEEP_COUPON):
         return FLAGS_INVALID
     if op.money < 0 or op.amount < 0 or op.amount2 < 0:
         return AMOUNT_INVALID
@@ -2616,6 +2620,8 @@ cdef int op_refund(Work *w) noexcept nogil:
         return refund_coupon(w, &orig)
     if orig.kind != K_EARN and orig.kind != K_SPEND and orig.kind != K_CAPTURE:
         return NOT_REFUNDABLE
+    if op.flags & REFUND_KEEP_COUPON:
+        return FLAGS_INVALID
     if <size_t>w.loaded_data.n + op.n_data > MAX_DATA:
         return DATA_TOO_LONG
     if k_add(orig.refunded_money, op.money, &refunded_money):

@@ -304,3 +304,32 @@ def test_a_checkout_chain_cannot_redeem_one_coupon_twice(ledger, member):
                                Code.COUPON_REDEEMED]
     assert ledger.operation(b"b/capture") is None
     assert numbers(ledger, member, now)["spent"] == 10
+
+
+def test_a_redemption_refund_may_be_noted_keeping_the_coupon_used(ledger, member):
+    """REFUND_KEEP_COUPON: a part of a receipt the coupon paid in full comes
+    back; the redemption notes it (its data) and the coupon stays used, as
+    often as parts come back, until a refund without the flag gives it back."""
+    issue(ledger, member)
+    redeem(ledger, member)
+    later = T + 9 * DAY
+    rejected(ledger, later, Code.FLAGS_INVALID, "refund", "x", "c-1", keep_coupon=True)
+    rejected(ledger, later, Code.FLAGS_INVALID, "refund", "x", "r-1", money=1,
+             keep_coupon=True)
+    rejected(ledger, later, Code.AMOUNT_INVALID, "refund", "x", "rd-1", money=1,
+             keep_coupon=True)
+    seq, _ = ledger.head()
+    assert run(ledger, later, "refund", "part-1", "rd-1", keep_coupon=True,
+               data=b"a") == Result(Code.OK, 0)
+    assert run(ledger, later, "refund", "part-2", "rd-1", keep_coupon=True,
+               data=b"b") == Result(Code.OK, 0)
+    assert ledger.head()[0] == seq   # nothing journaled
+    assert coupons(ledger, member)[0].state == REDEEMED
+    record = ledger.operation(b"rd-1")
+    assert (record.data, record.refunded_money) == (b"ab", 0)
+    assert run(ledger, later, "refund", "rest", "rd-1", data=b"c") == Result(
+        Code.OK, 10_000)
+    assert coupons(ledger, member)[0].state == OPEN
+    assert ledger.operation(b"rd-1").data == b"abc"
+    rejected(ledger, later, Code.REFUND_EXCEEDS_ORIGINAL, "refund", "more", "rd-1",
+             keep_coupon=True)
