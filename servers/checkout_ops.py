@@ -383,11 +383,15 @@ def _void_answer(backend, record, answer, replayed):
 
 def original_of(backend, request, prefix=""):
     """(kernel id, record, capture answer, lines returned so far) of the
-    capture a refund names."""
+    capture a refund names, or of the coupon redemption that stands for a
+    receipt its coupon paid in full."""
     client = convert.operation_id(request.original_operation_id,
                                   prefix + "original_operation_id")
     kernel_id = capture_id(client)
     record = backend.ledger.operation(kernel_id)
+    if record is None:
+        kernel_id = redeem_id(client)
+        record = backend.ledger.operation(kernel_id)
     if record is None:
         raise ApiError("NOT_FOUND", "ORIGINAL_OPERATION_NOT_FOUND",
                        f"{prefix}original_operation_id: no receipt was captured "
@@ -444,6 +448,9 @@ def prepare_refund(backend, request, prefix=""):
             raise invalid(problems)
     lines = _refunded_lines(allocation, returns, already)
     answer = {"rq": digest, "r": returns, "cur": capture["cur"], "lines": lines}
+    if original.kind == Kind.REDEEM_COUPON:
+        return _coupon_paid_refund(backend, op_id, kernel_id, allocation, returns,
+                                   already, answer, business_time, store, lane)
     answer.update(_coupon_refunds(backend, op_id, capture, allocation, returns, already))
     if referral and allocation.referral_op:
         answer["claw"] = {"op": derived_id(op_id, "/referral").decode(),
@@ -458,10 +465,46 @@ def prepare_refund(backend, request, prefix=""):
         if name in answer:     # for the coupon's sake (records.py)
             batch.link().refund(answer[name][0], answer[name][1], store=store, lane=lane)
 
+    return Prepared(batch=batch, finish=_refund_finish(backend, op_id),
+                    follow_up=_clawback(answer))
+
+
+def _refund_finish(backend, op_id):
     def finish(result):
         record = backend.ledger.operation(op_id)
         return _refund_answer(backend, record, unpack(record.data), bool(result.replayed))
-    return Prepared(batch=batch, finish=finish, follow_up=_clawback(answer))
+    return finish
+
+
+def _coupon_paid_refund(backend, op_id, redemption, allocation, returns, already,
+                        answer, business_time, store, lane):
+    """A refund of a receipt its coupon paid in full: nothing was charged
+    or earned, so there is nothing to give back but the coupon, and that
+    by the rule of every receipt that redeemed one: once every line has
+    come back. The refund is the redemption's own (there is no capture):
+    until then only noted (its lines join the redemption's data, so that
+    they are not returned twice), then giving the coupon back."""
+    whole = _whole(allocation, _after(returns, already))
+    answer["cp"] = 1
+    if whole:
+        answer["gb"] = (op_id.decode(), redemption.decode())
+    batch = Batch().refund(op_id, redemption, keep_coupon=not whole,
+                           version=allocation.version, business_time=business_time,
+                           store=store, lane=lane, data=b"\n" + pack(answer))
+    return Prepared(batch=batch, finish=_refund_finish(backend, op_id))
+
+
+def _after(returns, already):
+    """{line number: units returned} once `returns` are, after `already`."""
+    after = dict(already)
+    for number, quantity in returns:
+        after[number] = after.get(number, 0) + quantity
+    return after
+
+
+def _whole(allocation, after):
+    """Whether every unit of every line is back, `after` returned."""
+    return all(after.get(s.number, 0) == s.quantity for s in allocation.lines)
 
 
 def _coupon_refunds(backend, op_id, capture, allocation, returns, already):
@@ -471,9 +514,7 @@ def _coupon_refunds(backend, op_id, capture, allocation, returns, already):
     returned units' share, as refund_lines reckons) is below the threshold
     that earned it; the coupon it redeemed when every line has come back.
     Each once: a coupon operation refunded before is left alone."""
-    after = dict(already)
-    for number, quantity in returns:
-        after[number] = after.get(number, 0) + quantity
+    after = _after(returns, already)
     out = {}
     earned, redeemed = capture.get("cpi"), capture.get("cpr")
     if earned and not _refunded(backend, earned["op"]):
@@ -481,8 +522,7 @@ def _coupon_refunds(backend, op_id, capture, allocation, returns, already):
                    for due, s in zip(earned["du"], allocation.lines))
         if kept < earned["th"]:
             out["rv"] = (derived_id(op_id, "/coupon-revoke").decode(), earned["op"])
-    whole = all(after.get(s.number, 0) == s.quantity for s in allocation.lines)
-    if redeemed and whole and not _refunded(backend, redeemed["op"]):
+    if redeemed and _whole(allocation, after) and not _refunded(backend, redeemed["op"]):
         out["gb"] = (derived_id(op_id, "/coupon-back").decode(), redeemed["op"])
     return out
 
@@ -514,6 +554,8 @@ def _clawback(answer):
 def _refund_answer(backend, record, answer, replayed):
     cur = answer["cur"]
     balances = backend.balances(record.account)
+    # the refund of a receipt its coupon paid: its result a is the coupon's value
+    returned, clawed = (0, 0) if answer.get("cp") else (record.a, record.b)
     coupons = {}
     for name in ("rv", "gb"):  # changed: the coupon refund's result a, its value
         if name in answer:
@@ -524,7 +566,7 @@ def _refund_answer(backend, record, answer, replayed):
     return checkout_pb2.RefundResponse(
         coupon_revoked=coupons.get("rv", ""), coupon_given_back=coupons.get("gb", ""),
         member=convert.member_name(record.program, record.account),
-        returned_points=record.a, clawed_back_points=record.b,
+        returned_points=returned, clawed_back_points=clawed,
         refunded=convert.money(record.money, cur),
         lines=[checkout_pb2.RefundedLine(
             line_number=n, quantity=q, returned_points=g, clawed_back_points=c,

@@ -15,6 +15,7 @@ import grpc
 import pytest
 
 from kopilka.core.program import to_micros
+from kopilka.core.records import Entry
 from kopilka.v1 import checkout_pb2 as pb
 from kopilka.v1 import checkout_pb2_grpc, common_pb2, feed_pb2, feed_pb2_grpc
 from kopilka.v1 import members_pb2, members_pb2_grpc
@@ -287,7 +288,7 @@ def test_post_answers_each_capture_with_its_coupons(srv, pos):
 
 def test_a_receipt_the_coupon_pays_in_full(srv, pos):
     """Nothing to pay and no points: the redemption alone records it, and a
-    retry gets its answer. (Such a receipt has no capture to refund.)"""
+    retry gets its answer."""
     member = open_member(srv, 1, "c1", card="7001")
     capture(pos, srv, "s42/l1/r1", 150_000)
     srv.clock.advance(7 * DAY)
@@ -297,6 +298,71 @@ def test_a_receipt_the_coupon_pays_in_full(srv, pos):
     again = capture(pos, srv, "s42/l1/r2", 8_000)
     assert again.replayed and again.coupon_redeemed == free.coupon_redeemed
     assert coupons(srv, member) == [(f"{member}-1", REDEEMED)]
+
+
+def balances(srv, member):
+    admin = srv.stub(members_pb2_grpc.MembersStub)
+    got = admin.GetMember(members_pb2.GetMemberRequest(name=f"programs/1/members/{member}"))
+    return got.member.balances
+
+
+def journal_types(srv, after):
+    return [e.type for e in srv.server.ledger.journal(after + 1)]
+
+
+def refused(call):
     with pytest.raises(grpc.RpcError) as err:
-        refund(pos, "s42/l1/r2/ret", "s42/l1/r2")
-    assert error_info(err.value)[:2] == ("NOT_FOUND", "ORIGINAL_OPERATION_NOT_FOUND")
+        call()
+    return error_info(err.value)[:2]
+
+
+def test_a_refund_of_a_receipt_the_coupon_paid_in_full_gives_it_back(srv, pos):
+    """Nothing was charged nor earned: the whole refund gives the coupon
+    back (as for any receipt refunded whole) and changes nothing else."""
+    member = open_member(srv, 1, "c1", card="7001")
+    capture(pos, srv, "s42/l1/r1", 150_000)
+    srv.clock.advance(7 * DAY)
+    capture(pos, srv, "s42/l1/r2", 3_000, 5_000)
+    before, seq = balances(srv, member), srv.server.ledger.head()[0]
+    back = refund(pos, "s42/l1/r2/ret", "s42/l1/r2")
+    assert (back.coupon_given_back, back.coupon_revoked, back.returned_points,
+            back.clawed_back_points, back.refunded.minor_units) == (
+        f"{member}-1", "", 0, 0, 0)
+    assert [(l.line_number, l.quantity, l.returned_points, l.clawed_back_points,
+             l.refunded.minor_units) for l in back.lines] == [(1, 1, 0, 0, 0),
+                                                               (2, 1, 0, 0, 0)]
+    assert back.member == f"programs/1/members/{member}"
+    assert back.balances == before == balances(srv, member)
+    assert journal_types(srv, seq) == [Entry.COUPON_ISSUED]   # given back, and no more
+    assert coupons(srv, member) == [(f"{member}-1", OPEN)]
+    again = refund(pos, "s42/l1/r2/ret", "s42/l1/r2")
+    assert again.replayed and again.coupon_given_back == f"{member}-1"
+    assert refused(lambda: refund(pos, "s42/l1/r2/ret2", "s42/l1/r2")) == (
+        "FAILED_PRECONDITION", "REFUND_EXCEEDS_ORIGINAL")
+    assert refused(lambda: refund(pos, "s42/l1/r2/ret3", "s42/l1/r2", 1)) == (
+        "FAILED_PRECONDITION", "REFUND_EXCEEDS_ORIGINAL")
+    # usable again
+    assert capture(pos, srv, "s42/l1/r3", 100_000).coupon_redeemed.code == f"{member}-1"
+
+
+def test_a_line_of_a_receipt_the_coupon_paid_in_full_comes_back(srv, pos):
+    """Per line, the rule of any receipt that redeemed a coupon: each line
+    gives back its share (here nothing) and the coupon comes back with the
+    last line."""
+    member = open_member(srv, 1, "c1", card="7001")
+    capture(pos, srv, "s42/l1/r1", 150_000)
+    srv.clock.advance(7 * DAY)
+    capture(pos, srv, "s42/l1/r2", 3_000, 5_000)
+    seq = srv.server.ledger.head()[0]
+    part = refund(pos, "s42/l1/r2/ret1", "s42/l1/r2", 1)
+    assert (part.coupon_given_back, part.returned_points, part.refunded.minor_units,
+            [(l.line_number, l.quantity) for l in part.lines]) == ("", 0, 0, [(1, 1)])
+    assert journal_types(srv, seq) == []
+    assert coupons(srv, member) == [(f"{member}-1", REDEEMED)]
+    assert refund(pos, "s42/l1/r2/ret1", "s42/l1/r2", 1).replayed
+    assert refused(lambda: refund(pos, "s42/l1/r2/ret2", "s42/l1/r2", 1)) == (
+        "FAILED_PRECONDITION", "REFUND_EXCEEDS_ORIGINAL")
+    rest = refund(pos, "s42/l1/r2/ret3", "s42/l1/r2", 2)
+    assert (rest.coupon_given_back, [(l.line_number, l.quantity) for l in rest.lines]) == (
+        f"{member}-1", [(2, 1)])
+    assert coupons(srv, member) == [(f"{member}-1", OPEN)]
