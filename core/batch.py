@@ -9,7 +9,8 @@ from dataclasses import dataclass
 
 from .records import (COUPON_ONE_PER_CUSTOMER, LINKED, MAX_DATA, NEVER, OP,
                       PROFILE_ERASE, REFUND_KEEP_COUPON, REFUND_PROPORTIONAL,
-                      RESULT, RESULT_REPLAYED, TRANSFER_ALL, Code, Kind)
+                      RESULT, RESULT_REPLAYED, TRANSFER_ALL,
+                      TRANSFER_ONE_COUPON, Code, Kind)
 
 _LINK_AT = 5  # the `link` byte of records.OP
 
@@ -228,10 +229,13 @@ class Batch:
                         data=data)
 
     def transfer(self, op_id, source, target, points=0, *, everything=False,
-                 data=b""):
+                 one_coupon=False, data=b""):
+        """`points` from `source` to `target`, or `everything` (a merge: every
+        lot and open coupon; `one_coupon`: the target keeps one at most)."""
+        flags = (TRANSFER_ALL if everything else 0) | (
+            TRANSFER_ONE_COUPON if one_coupon else 0)
         return self.add(Kind.TRANSFER, op_id, account=source, account2=target,
-                        amount=points, flags=TRANSFER_ALL if everything else 0,
-                        data=data)
+                        amount=points, flags=flags, data=data)
 
     def sweep(self, op_id, limit=10_000):
         return self.add(Kind.SWEEP, op_id, amount=limit)

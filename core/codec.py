@@ -2,7 +2,8 @@
 
 from dataclasses import dataclass, field
 
-from .records import CONSUMED, ENTRY, HASH_SIZE, OP, OPERATION, VISIT_DAYS, Status
+from .records import (CONSUMED, COUPON_MOVED, ENTRY, HASH_SIZE, OP, OPERATION,
+                      VISIT_DAYS, Status)
 
 
 def _put_uv(out, value):
@@ -225,21 +226,30 @@ def decode_lots(data):
     return [tuple(v[i:i + 3]) for i in range(0, len(v), 3)]
 
 
-def encode_coupon_issued(usable_from, how):
-    """A COUPON_ISSUED entry's data (records.py)."""
+def encode_coupon_issued(usable_from, how, *moved_from):
+    """A COUPON_ISSUED entry's data (records.py); `moved_from`, for
+    COUPON_MOVED: the merged member's account and coupon number."""
     out = bytearray()
-    _put_uv(out, usable_from)
-    _put_uv(out, how)
+    for value in (usable_from, how, *moved_from):
+        _put_uv(out, value)
     return bytes(out)
 
 
 def decode_coupon_issued(data):
     """(usable_from, how) of a COUPON_ISSUED entry's data; ValueError or
-    IndexError when malformed."""
+    IndexError when malformed. See `coupon_moved_from` for COUPON_MOVED."""
     v = _varints(data)
-    if len(v) != 2:
-        raise ValueError("coupon issued: not two numbers")
+    if len(v) not in (2, 4) or (len(v) == 4) != (v[1] == COUPON_MOVED):
+        raise ValueError("coupon issued: malformed")
     return v[0], v[1]
+
+
+def coupon_moved_from(data):
+    """(account, number) of the coupon a COUPON_MOVED entry's data names."""
+    v = _varints(data)
+    if len(v) != 4 or v[1] != COUPON_MOVED:
+        raise ValueError("coupon issued: not moved")
+    return v[2], v[3]
 
 
 @dataclass

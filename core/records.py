@@ -85,7 +85,7 @@ class Code(IntEnum):
     LINKED_FAILED = 40   # another operation of its chain failed: nothing applied
     LINK_OPEN = 41       # the batch ends inside a chain: nothing of it applied
     COUPON_HELD = 42     # one per customer: the member holds an open coupon
-    COUPON_NOT_FOUND = 43  # no such coupon of the member's (or revoked)
+    COUPON_NOT_FOUND = 43  # no such coupon of the member's (or revoked, merged)
     COUPON_NOT_USABLE = 44  # its window has not started (business time)
     COUPON_EXPIRED = 45  # its window has ended (business time), or it lapsed
     COUPON_REDEEMED = 46  # redeemed already
@@ -117,6 +117,10 @@ class CouponState(IntEnum):
     REDEEMED = 2
     REVOKED = 3    # the purchase that earned it was refunded below the threshold
     EXPIRED = 4    # lapsed unused: closed when its account was next touched
+    MOVED = 5      # its member was merged into another (TRANSFER_ALL): it went
+                   # on there, a new coupon of theirs with its value and window
+    DISPLACED = 6  # closed by a merge, one per customer (TRANSFER_ONE_COUPON):
+                   # the surviving member keeps a better one
 
 
 class Sys(IntEnum):
@@ -147,7 +151,10 @@ class Entry(IntEnum):
                      # (money), amount2 = expires_at, ref = its number; data
                      # = unsigned LEB128 usable_from, then how (COUPON_EARNED:
                      # issued, COUPON_GIVEN_BACK: a refund of the receipt that
-                     # redeemed it reopened it, same number and terms)
+                     # redeemed it reopened it, same number and terms;
+                     # COUPON_MOVED: a merge brought it from the merged
+                     # member, then their account id and the coupon's number
+                     # there, which a COUPON_CLOSED as MOVED just closed)
     COUPON_CLOSED = 13  # a coupon stops being open: amount = the money it
                      # took off (redeemed; 0 otherwise), amount2 = its new
                      # CouponState, ref = its number
@@ -184,6 +191,7 @@ PROGRAM_ALLOW_DEBT = 1   # PUT_PROGRAM: a clawback may leave the member in debt
 REFUND_PROPORTIONAL = 1  # REFUND: derive points from money refunded / receipt money
 REFUND_KEEP_COUPON = 2   # REFUND of a REDEEM_COUPON: note it, keep the coupon used
 TRANSFER_ALL = 1         # TRANSFER: move every lot, pending included (card merge)
+TRANSFER_ONE_COUPON = 2  # TRANSFER_ALL: the target keeps at most one open coupon
 PROFILE_ERASE = 1        # SET_PROFILE: also delete the external id mapping `key`
 COUPON_ONE_PER_CUSTOMER = 1  # ISSUE_COUPON: refused while the member holds an
                              # open coupon unexpired at the business time
@@ -192,6 +200,7 @@ LINKED = 1  # the OP header's `link`: this and the next operation are one chain
 # How a COUPON_ISSUED entry came about (its data).
 COUPON_EARNED = 1
 COUPON_GIVEN_BACK = 2
+COUPON_MOVED = 3
 
 # Hold release reasons (journal entry `amount2` of HOLD_RELEASED).
 RELEASE_CAPTURED = 1
@@ -240,7 +249,8 @@ OP = struct.Struct("<BBBBBBHIIIIIIQQqqqqqq")
 #   when given, the receipt it pays for (as ISSUE_COUPON's). Judged at the
 #   business time: COUPON_NOT_USABLE before usable_from, COUPON_EXPIRED from
 #   expires_at on (or lapsed), COUPON_REDEEMED when redeemed already,
-#   COUPON_NOT_FOUND when the member has no such coupon (or it was revoked).
+#   COUPON_NOT_FOUND when the member has no such coupon (or it was revoked,
+#   moved or displaced by a merge).
 #   Result a = number, b = money taken off. Its record: a, b, money = b,
 #   and the coupon as its one `consumed` row (lot_no = number, amount =
 #   value, activates_at = usable_from, expires_at; partner, issued_hour 0),
@@ -265,6 +275,23 @@ OP = struct.Struct("<BBBBBBHIIIIIIQQqqqqqq")
 #   capture holds its lines, the redemption does (the server's rule: such a
 #   receipt has nothing to give back but its coupon, which comes back when
 #   the last of its lines does, as for any receipt that redeemed one).
+# - TRANSFER_ALL (a merge: the source's every lot goes to the target) moves
+#   the source's open coupons too, after its lots: each is closed on the
+#   source as MOVED and opened on the target under the target's next
+#   number, with its value and window (COUPON_ISSUED how COUPON_MOVED,
+#   naming the source's coupon), in number order. TOO_MANY_COUPONS when
+#   the target would hold more than MAX_COUPONS open. With
+#   TRANSFER_ONE_COUPON (the program's one per customer; only with
+#   TRANSFER_ALL, else FLAGS_INVALID) the target ends with one open coupon
+#   at most: of the target's open ones and the source's, the one worth most
+#   stays, on equal value the one whose window ends later, then the
+#   target's own (a cashier already told the customer about it), then the
+#   lower number; every other one is closed as DISPLACED (the target's
+#   first, then the source's), and the best moves if it was the source's.
+#   Nothing of this happens when the source holds no open coupon: a
+#   target's own coupons are never touched by a merge that brings none.
+#   Coupons are judged by `now` here (touch closed the lapsed ones), not
+#   by business time: a merge is an administrative act, not a purchase.
 # - A touch of an account (any operation that loads it to change it) closes
 #   its open coupons whose window has ended by now (EXPIRED, journaled with
 #   store 0, like expiring lots). Issuing or reopening a coupon drops the

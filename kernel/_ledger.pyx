@@ -206,15 +206,19 @@ cdef enum:
     REFUND_PROPORTIONAL = 1
     REFUND_KEEP_COUPON = 2
     TRANSFER_ALL = 1
+    TRANSFER_ONE_COUPON = 2
     PROFILE_ERASE = 1
     COUPON_ONE_PER_CUSTOMER = 1
     LINKED = 1
     COUPON_EARNED = 1
     COUPON_GIVEN_BACK = 2
+    COUPON_MOVED = 3
     CP_OPEN = 1
     CP_REDEEMED = 2
     CP_REVOKED = 3
     CP_EXPIRED = 4
+    CP_MOVED = 5
+    CP_DISPLACED = 6
     RELEASE_CAPTURED = 1
     RELEASE_VOIDED = 2
     RELEASE_EXPIRED = 3
@@ -432,7 +436,7 @@ cdef struct Work:
     uint32_t entry_store # store on the entries being made (0 inside touch)
     uint32_t folded      # entries folded into the aggregates (a chain's earlier ops')
     int programs_changed # a PUT_PROGRAM is among the changes: offsets go stale
-    uint8_t coupon_data[20]  # a COUPON_ISSUED entry's data
+    uint8_t coupon_data[32]  # a COUPON_ISSUED entry's data
     OperationRec rec
     LotBuf consumed      # rec's consumed lots
     LotBuf scratch_lots  # transfers' moved lots, loaded records' consumed
@@ -1177,12 +1181,19 @@ cdef int touch_account(Work *w, Acct *a) noexcept nogil:
             a.h.debt -= paid
     for i in range(a.n_coupons):
         if a.coupons[i].state == CP_OPEN and a.coupons[i].expires_at <= w.now:
-            a.coupons[i].state = CP_EXPIRED
-            rc = event(w, E_COUPON_CLOSED, a.h.program, a.id, 0, CP_EXPIRED,
-                       a.coupons[i].number, NULL, 0)
+            rc = close_coupon(w, a, &a.coupons[i], CP_EXPIRED, 0)
             if rc:
                 return rc
     return OK
+
+
+cdef int close_coupon(Work *w, Acct *a, CouponRec *coupon, int state,
+                      int64_t amount) noexcept nogil:
+    """An open coupon of the account's is no longer: `state`; `amount`,
+    the money it took off when redeemed."""
+    coupon.state = state
+    return event(w, E_COUPON_CLOSED, a.h.program, a.id, amount, state,
+                 coupon.number, NULL, 0)
 
 
 cdef int128 active_points(Work *w, Acct *a) noexcept nogil:
@@ -2433,8 +2444,11 @@ cdef int coupon_member(Work *w, Acct **a) noexcept nogil:
     return named_receipt(w, account_id)
 
 
-cdef int open_coupon(Work *w, Acct *a, CouponRec *coupon, int how) noexcept nogil:
-    """Makes `coupon` the member's (open), dropping their closed ones."""
+cdef int open_coupon(Work *w, Acct *a, CouponRec *coupon, int how,
+                     uint64_t from_account, uint64_t from_number) noexcept nogil:
+    """Makes `coupon` the member's (open), dropping their closed ones;
+    COUPON_MOVED: `from_account` and `from_number` name the coupon a merge
+    moves."""
     cdef uint32_t i, j = 0
     cdef size_t n
     for i in range(a.n_coupons):
@@ -2451,6 +2465,9 @@ cdef int open_coupon(Work *w, Acct *a, CouponRec *coupon, int how) noexcept nogi
     a.n_coupons = j + 1
     n = put_uv(w.coupon_data, <uint64_t>coupon.usable_from)
     n += put_uv(w.coupon_data + n, how)
+    if how == COUPON_MOVED:
+        n += put_uv(w.coupon_data + n, from_account)
+        n += put_uv(w.coupon_data + n, from_number)
     if grow(<void **>&w.lots_named.p, &w.lots_named.cap, w.lots_named.n + <uint32_t>n, 1):
         return fail(w, 12)
     memcpy(w.lots_named.p + w.lots_named.n, w.coupon_data, n)
@@ -2494,7 +2511,7 @@ cdef int op_issue_coupon(Work *w) noexcept nogil:
     coupon.usable_from = op.activates_at
     coupon.expires_at = op.expires_at
     a.h.next_coupon += 1
-    rc = open_coupon(w, a, &coupon, COUPON_EARNED)
+    rc = open_coupon(w, a, &coupon, COUPON_EARNED, 0, 0)
     w.rec.program = a.h.program
     w.rec.account = a.id
     w.rec.partner = op.partner
@@ -2519,7 +2536,8 @@ cdef int op_redeem_coupon(Work *w) noexcept nogil:
     for i in range(a.n_coupons):
         if <int64_t>a.coupons[i].number == op.amount2:
             coupon = &a.coupons[i]
-    if coupon == NULL or coupon.state == CP_REVOKED:
+    if coupon == NULL or coupon.state == CP_REVOKED or coupon.state == CP_MOVED \
+            or coupon.state == CP_DISPLACED:
         return COUPON_NOT_FOUND
     if coupon.state == CP_REDEEMED:
         return COUPON_REDEEMED
@@ -2529,9 +2547,7 @@ cdef int op_redeem_coupon(Work *w) noexcept nogil:
         return COUPON_NOT_USABLE
     if op.amount > coupon.value:
         return AMOUNT_INVALID
-    coupon.state = CP_REDEEMED
-    rc = event(w, E_COUPON_CLOSED, a.h.program, a.id, op.amount, CP_REDEEMED,
-               coupon.number, NULL, 0)
+    rc = close_coupon(w, a, coupon, CP_REDEEMED, op.amount)
     if rc:
         return rc
     # the coupon, as the record's consumed row, for a refund to reopen it
@@ -2583,9 +2599,7 @@ cdef int refund_coupon(Work *w, OperationRec *orig) noexcept nogil:
     if orig.kind == K_ISSUE_COUPON:
         for i in range(a.n_coupons):
             if <int64_t>a.coupons[i].number == orig.a and a.coupons[i].state == CP_OPEN:
-                a.coupons[i].state = CP_REVOKED
-                rc = event(w, E_COUPON_CLOSED, a.h.program, a.id, 0, CP_REVOKED,
-                           a.coupons[i].number, NULL, 0)
+                rc = close_coupon(w, a, &a.coupons[i], CP_REVOKED, 0)
                 if rc:
                     return rc
                 changed = a.coupons[i].value
@@ -2602,7 +2616,7 @@ cdef int refund_coupon(Work *w, OperationRec *orig) noexcept nogil:
             coupon.value = c.remaining
             coupon.usable_from = c.activates_at
             coupon.expires_at = c.expires_at
-            rc = open_coupon(w, a, &coupon, COUPON_GIVEN_BACK)
+            rc = open_coupon(w, a, &coupon, COUPON_GIVEN_BACK, 0, 0)
             if rc:
                 return rc
             changed = c.remaining
@@ -2762,6 +2776,72 @@ cdef int op_adjust(Work *w) noexcept nogil:
     return rc
 
 
+cdef inline bint better_coupon(CouponRec *c, CouponRec *best) noexcept nogil:
+    """Worth more, or as much with a window that ends later."""
+    return best == NULL or c.value > best.value or (
+        c.value == best.value and c.expires_at > best.expires_at)
+
+
+cdef int displace_coupons(Work *w, Acct *a, CouponRec *best) noexcept nogil:
+    """Closes every open coupon of the account's but `best` as DISPLACED."""
+    cdef uint32_t i
+    cdef int rc
+    for i in range(a.n_coupons):
+        if a.coupons[i].state == CP_OPEN and &a.coupons[i] != best:
+            rc = close_coupon(w, a, &a.coupons[i], CP_DISPLACED, 0)
+            if rc:
+                return rc
+    return OK
+
+
+cdef int merge_coupons(Work *w, Acct *source, Acct *target, bint one) noexcept nogil:
+    """TRANSFER_ALL: the source's open coupons go to the target, or with
+    `one` (TRANSFER_ONE_COUPON) the best of both members' (records.py)."""
+    cdef uint32_t i, n_moving = 0, n_held = 0
+    cdef CouponRec *best = NULL
+    cdef CouponRec *c
+    cdef CouponRec moved
+    cdef int rc
+    for i in range(source.n_coupons):
+        if source.coupons[i].state == CP_OPEN:
+            n_moving += 1
+    if n_moving == 0:
+        return OK
+    for i in range(target.n_coupons):  # the target's first: they win ties
+        if target.coupons[i].state == CP_OPEN:
+            n_held += 1
+            if better_coupon(&target.coupons[i], best):
+                best = &target.coupons[i]
+    if one:
+        for i in range(source.n_coupons):
+            if source.coupons[i].state == CP_OPEN and better_coupon(
+                    &source.coupons[i], best):
+                best = &source.coupons[i]
+        rc = displace_coupons(w, target, best)
+        if rc:
+            return rc
+        rc = displace_coupons(w, source, best)
+        if rc:
+            return rc
+    elif n_held + n_moving > MAX_COUPONS:
+        return TOO_MANY_COUPONS
+    for i in range(source.n_coupons):  # what is still open moves, by number
+        c = &source.coupons[i]
+        if c.state != CP_OPEN:
+            continue
+        rc = close_coupon(w, source, c, CP_MOVED, 0)
+        if rc:
+            return rc
+        moved = c[0]
+        moved.number = target.h.next_coupon
+        moved.state = CP_OPEN
+        target.h.next_coupon += 1
+        rc = open_coupon(w, target, &moved, COUPON_MOVED, source.id, c.number)
+        if rc:
+            return rc
+    return OK
+
+
 cdef int op_transfer(Work *w) noexcept nogil:
     cdef const OpHead *op = w.op
     cdef bint everything
@@ -2772,7 +2852,8 @@ cdef int op_transfer(Work *w) noexcept nogil:
     cdef uint32_t i, lot_no
     cdef EntryRec *e
     cdef int rc
-    if op.flags & ~TRANSFER_ALL:
+    if (op.flags & ~(TRANSFER_ALL | TRANSFER_ONE_COUPON)
+            or op.flags == TRANSFER_ONE_COUPON):
         return FLAGS_INVALID
     everything = op.flags & TRANSFER_ALL
     if (op.amount != 0) if everything else (op.amount <= 0):
@@ -2831,6 +2912,10 @@ cdef int op_transfer(Work *w) noexcept nogil:
                       op.account2, total, 0, 0)
         if e == NULL:
             return FATAL
+    if everything:
+        rc = merge_coupons(w, source, target, op.flags & TRANSFER_ONE_COUPON)
+        if rc:
+            return rc
     rc = touch(w, target)
     w.rec.program = source.h.program
     w.rec.account = op.account

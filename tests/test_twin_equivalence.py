@@ -249,7 +249,8 @@ def random_operation(rng, history):
     elif kind == Kind.VOID:
         f["key"] = rng.choice(holds) if holds and rng.random() < 0.9 else "nohold"
     elif kind == Kind.REFUND and coupon_ops and rng.random() < 0.2:
-        f.update(key=rng.choice(coupon_ops), money=0)  # revoke, or give back
+        f.update(key=rng.choice(coupon_ops), money=0,  # revoke, give back, or
+                 flags=rng.choice([0, 0, 0, 2]))         # (a redemption's) note
     elif kind == Kind.REFUND:
         f["key"] = rng.choice(receipts) if receipts and rng.random() < 0.9 else "none"
         if rng.random() < 0.5:
@@ -261,8 +262,8 @@ def random_operation(rng, history):
         negated = -points if points != INT64_MIN else points  # -INT64_MIN is no int64
         f.update(amount=rng.choice([points, negated]), reason=rng.randint(1, 5), **lot_times)
     elif kind == Kind.TRANSFER:
-        if rng.random() < 0.3:
-            f["flags"] = 1
+        if rng.random() < 0.3:  # a merge, one coupon kept or every one moved
+            f["flags"] = rng.choice([1, 3, 3, 2])
         else:
             f["amount"] = points
     elif kind == Kind.SWEEP:
