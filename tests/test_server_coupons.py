@@ -366,3 +366,71 @@ def test_a_line_of_a_receipt_the_coupon_paid_in_full_comes_back(srv, pos):
     assert (rest.coupon_given_back, [(l.line_number, l.quantity) for l in rest.lines]) == (
         f"{member}-1", [(2, 1)])
     assert coupons(srv, member) == [(f"{member}-1", OPEN)]
+
+
+def coupon_events(srv, after, n):
+    stream = srv.stub(feed_pb2_grpc.FeedStub, "integration").Subscribe(
+        feed_pb2.SubscribeRequest(from_cursor=after, types=[
+            feed_pb2.ENTRY_TYPE_COUPON_ISSUED, feed_pb2.ENTRY_TYPE_COUPON_CLOSED]),
+        timeout=10)
+    events = []
+    while len(events) < n:
+        events.extend(next(stream).events)
+    stream.cancel()
+    return events
+
+
+def merge(srv, survivor, duplicate, op_id="m1"):
+    admin = srv.stub(members_pb2_grpc.MembersStub)
+    return admin.MergeMembers(members_pb2.MergeMembersRequest(
+        operation_id=op_id, name=f"programs/1/members/{survivor}",
+        source=f"programs/1/members/{duplicate}"))
+
+
+def test_a_merge_moves_the_coupon_to_the_survivor(srv, pos):
+    survivor = open_member(srv, 1, "c1", card="7001")
+    duplicate = open_member(srv, 1, "c2", card="7002")
+    capture(pos, srv, "s42/l1/r1", 150_000, card="7002")
+    seq = srv.server.ledger.head()[0]
+    out = merge(srv, survivor, duplicate)
+    assert [(c.code, c.state) for c in out.member.coupons] == [(f"{survivor}-1", OPEN)]
+    assert [(c.code, c.state) for c in out.source.coupons] == [
+        (f"{duplicate}-1", common_pb2.COUPON_STATE_MOVED)]
+    closed, issued = coupon_events(srv, seq, 2)
+    assert (closed.member, closed.coupon_closed.coupon_number,
+            closed.coupon_closed.state) == (f"programs/1/members/{duplicate}", 1,
+                                            common_pb2.COUPON_STATE_MOVED)
+    assert (issued.member, issued.coupon_issued.coupon_number,
+            issued.coupon_issued.moved_from, issued.coupon_issued.value.minor_units,
+            issued.operation_id) == (f"programs/1/members/{survivor}", 1,
+                                     f"{duplicate}-1", 10_000, "m1")
+    assert merge(srv, survivor, duplicate).replayed
+    # the survivor redeems it with their own card
+    srv.clock.advance(7 * DAY)
+    assert capture(pos, srv, "s42/l1/r2", 100_000).coupon_redeemed.code == f"{survivor}-1"
+
+
+def test_one_per_customer_a_merge_keeps_the_better_coupon(srv, pos):
+    """Both members hold one, of equal value: the duplicate's was earned a
+    day later, so its window ends later; it stays, the survivor's own is
+    closed as DISPLACED, and the feed tells both."""
+    survivor = open_member(srv, 1, "c1", card="7001")
+    duplicate = open_member(srv, 1, "c2", card="7002")
+    capture(pos, srv, "s42/l1/r1", 150_000)
+    srv.clock.advance(DAY)
+    later = capture(pos, srv, "s42/l1/r2", 150_000, card="7002").coupon_issued.terms
+    seq = srv.server.ledger.head()[0]
+    out = merge(srv, survivor, duplicate)
+    assert [(c.code, c.state, c.expire_time) for c in out.member.coupons] == [
+        (f"{survivor}-2", OPEN, later.expire_time)]
+    displaced, moved, issued = coupon_events(srv, seq, 3)
+    assert (displaced.member, displaced.coupon_closed.coupon_number,
+            displaced.coupon_closed.state) == (f"programs/1/members/{survivor}", 1,
+                                               common_pb2.COUPON_STATE_DISPLACED)
+    assert (moved.member, moved.coupon_closed.state) == (
+        f"programs/1/members/{duplicate}", common_pb2.COUPON_STATE_MOVED)
+    assert (issued.coupon_issued.coupon_number, issued.coupon_issued.moved_from) == (
+        2, f"{duplicate}-1")
+    # the displaced one is gone: the moved one pays
+    srv.clock.advance(7 * DAY)
+    assert capture(pos, srv, "s42/l1/r3", 100_000).coupon_redeemed.code == f"{survivor}-2"
