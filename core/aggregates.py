@@ -8,11 +8,13 @@ demands that the stored rows equal it.
 
 from collections import namedtuple
 
-from .codec import decode_lots
-from .records import (ACTIVITY_KEY, AGG_ACTIVITY, AGG_COHORT, AGG_MEMBER_DAY,
-                      AGG_MEMBER_MONTH, AGG_SETTLEMENT, COHORT_KEY, DAY, HOUR,
+from .codec import decode_coupon_closed, decode_coupon_issued, decode_lots
+from .records import (ACTIVITY_KEY, AGG_ACTIVITY, AGG_COHORT, AGG_COUPONS,
+                      AGG_MEMBER_DAY, AGG_MEMBER_MONTH, AGG_SETTLEMENT, COHORT_KEY,
+                      COUPON_AGG_KEY, COUPON_EARNED, COUPON_GIVEN_BACK, DAY, HOUR,
                       I64, MEMBER_DAY_KEY, MEMBER_DAY_VALUE, MEMBER_MONTH_KEY,
-                      MINUTE, SETTLEMENT_KEY, SYSTEM, VISIT_DAYS, Entry)
+                      MINUTE, SETTLEMENT_KEY, SYSTEM, VISIT_DAYS, CouponState,
+                      Entry)
 
 COUNTERS = ("issued", "spent", "expired", "adjusted", "returned", "clawed",
             "receipts", "receipt_money", "new_members", "member_days")
@@ -35,6 +37,14 @@ class CohortCounters(namedtuple("CohortCounters", COHORT_COUNTERS)):
 COHORT_ISSUED, COHORT_SPENT, COHORT_EXPIRED, COHORT_CLAWED = range(4)
 MONTH_COUNTERS = ("money", "receipts")
 MONTH_MONEY, MONTH_RECEIPTS = range(2)
+COUPON_COUNTERS = ("issued", "issued_money", "redeemed", "redeemed_money",
+                   "expired", "expired_money", "revoked", "revoked_money",
+                   "given_back", "given_back_money", "displaced", "displaced_money")
+CouponCounters = namedtuple("CouponCounters", COUPON_COUNTERS)
+# A coupon event's counter pair (its count; the money is the next int64).
+_COUPON_ISSUED = {COUPON_EARNED: 0, COUPON_GIVEN_BACK: 8}
+_COUPON_CLOSED = {CouponState.REDEEMED: 2, CouponState.EXPIRED: 4,
+                  CouponState.REVOKED: 6, CouponState.DISPLACED: 10}
 # Postings that name the lots they touch: the cohort counter, and its sign.
 _COHORT = {Entry.SPEND: (COHORT_SPENT, 1), Entry.RETURN: (COHORT_SPENT, -1),
            Entry.EXPIRE: (COHORT_EXPIRED, 1), Entry.CLAWBACK: (COHORT_CLAWED, 1)}
@@ -80,7 +90,8 @@ def member_of(entry):
 
 def counted(entry):
     """Whether an entry changes any aggregate row."""
-    return entry.type in _COUNTER
+    return entry.type in _COUNTER or entry.type in (Entry.COUPON_ISSUED,
+                                                     Entry.COUPON_CLOSED)
 
 
 def changes(entry, tier, utc_offset, visit_days):
@@ -90,6 +101,8 @@ def changes(entry, tier, utc_offset, visit_days):
     None for a member-day row, whose value is `delta` (the account). The
     entry's seq must be the one it has (or will have) in the journal: it
     keys the member-day row."""
+    if entry.type in (Entry.COUPON_ISSUED, Entry.COUPON_CLOSED):
+        return coupon_changes(entry), visit_days
     program, hour = entry.program, hour_of(entry.time)
     activity = ACTIVITY_KEY.pack(AGG_ACTIVITY, program, hour, entry.store,
                                  entry.partner, tier)
@@ -120,6 +133,23 @@ def changes(entry, tier, utc_offset, visit_days):
     return out, visit_days
 
 
+def coupon_changes(entry):
+    """[(key, index, delta)] of a coupon event in its hour's coupon row
+    (records.py); ValueError or IndexError when its data is malformed."""
+    if entry.type == Entry.COUPON_ISSUED:
+        index = _COUPON_ISSUED.get(decode_coupon_issued(entry.data)[1])
+        money = entry.amount
+    else:
+        index = _COUPON_CLOSED.get(entry.amount2)
+        money = (entry.amount if entry.amount2 == CouponState.REDEEMED
+                 else decode_coupon_closed(entry.data))
+    if index is None:  # moved by a merge: the same coupon, elsewhere
+        return []
+    key = COUPON_AGG_KEY.pack(AGG_COUPONS, entry.program, hour_of(entry.time),
+                              entry.store, entry.partner)
+    return [(key, index, 1), (key, index + 1, money)]
+
+
 def cohort_changes(entry):
     """[(key, index, delta)] of the breakage cohorts a posting changes: a
     new lot's points are issued in the entry's hour at its partner; points
@@ -139,10 +169,11 @@ def cohort_changes(entry):
 
 
 _WIDTH = {AGG_ACTIVITY: len(COUNTERS), AGG_SETTLEMENT: 1, AGG_MEMBER_DAY: 1,
-          AGG_COHORT: len(COHORT_COUNTERS), AGG_MEMBER_MONTH: len(MONTH_COUNTERS)}
+          AGG_COHORT: len(COHORT_COUNTERS), AGG_MEMBER_MONTH: len(MONTH_COUNTERS),
+          AGG_COUPONS: len(COUPON_COUNTERS)}
 _NAMES = {AGG_ACTIVITY: COUNTERS, AGG_SETTLEMENT: ("points",),
           AGG_MEMBER_DAY: ("account",), AGG_COHORT: COHORT_COUNTERS,
-          AGG_MEMBER_MONTH: MONTH_COUNTERS}
+          AGG_MEMBER_MONTH: MONTH_COUNTERS, AGG_COUPONS: COUPON_COUNTERS}
 
 
 def width(key):
@@ -191,6 +222,10 @@ def describe(key):
         if key[0] == AGG_MEMBER_MONTH:
             _, program, month, account = MEMBER_MONTH_KEY.unpack(key)
             return f"member month program {program} month {month} account {account}"
+        if key[0] == AGG_COUPONS:
+            _, program, hour, store, partner = COUPON_AGG_KEY.unpack(key)
+            return (f"coupons program {program} hour {hour} store {store} "
+                    f"partner {partner}")
     except Exception:  # a malformed key: shown as it is
         pass
     return f"key {key!r}"

@@ -18,7 +18,7 @@ from collections import defaultdict
 
 from . import aggregates
 from .codec import (Account, Coupon, JournalEntry, coupon_moved_from,
-                    decode_coupon_issued, decode_lots)
+                    decode_coupon_closed, decode_coupon_issued, decode_lots)
 from .records import (AGG_COHORT, BIRTHDAY_OF_KEY, BIRTHDAY_VALUE, COHORT_KEY,
                       COUNTER_VALUE, COUPON_EARNED, COUPON_GIVEN_BACK, COUPON_MOVED,
                       DAYS_IN_MONTH, EXPIRY_KEY, HASH_SIZE, HEAD, I64,
@@ -233,6 +233,13 @@ class _Coupons:
             if entry.amount2 not in CLOSED:
                 return [f"{where}: closes coupon {number} as {entry.amount2}"]
             coupon.state = entry.amount2
+            try:
+                value = decode_coupon_closed(entry.data)
+            except (ValueError, IndexError):
+                value = None
+            if value != coupon.value:
+                return [f"{where}: closes coupon {number} worth {coupon.value} as "
+                        f"worth {value}"]
             redeemed = entry.amount2 == CouponState.REDEEMED
             if not (0 < entry.amount <= coupon.value if redeemed else entry.amount == 0):
                 return [f"{where}: coupon {number} took {entry.amount} off"]

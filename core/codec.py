@@ -244,6 +244,22 @@ def decode_coupon_issued(data):
     return v[0], v[1]
 
 
+def encode_coupon_closed(value):
+    """A COUPON_CLOSED entry's data (records.py): the coupon's value."""
+    out = bytearray()
+    _put_uv(out, value)
+    return bytes(out)
+
+
+def decode_coupon_closed(data):
+    """The coupon's value a COUPON_CLOSED entry's data holds; ValueError or
+    IndexError when malformed."""
+    v = _varints(data)
+    if len(v) != 1:
+        raise ValueError("coupon closed: not one number")
+    return v[0]
+
+
 def coupon_moved_from(data):
     """(account, number) of the coupon a COUPON_MOVED entry's data names."""
     v = _varints(data)

@@ -6,12 +6,13 @@ and `scan` a database from a key; each ledger provides `_snapshot()`.
 
 from dataclasses import dataclass
 
-from .aggregates import CohortCounters, Counters, day_of
+from .aggregates import CohortCounters, Counters, CouponCounters, day_of
 from .audit import audit
 from .codec import Account, JournalEntry, Operation
 from .records import (ACTIVITY_KEY, ACTIVITY_VALUE, AGG_ACTIVITY, AGG_COHORT,
-                      AGG_MEMBER_DAY, AGG_MEMBER_MONTH, AGG_SETTLEMENT, CARD,
-                      COHORT_KEY, COHORT_VALUE, COUNTER_VALUE, DATABASES, HEAD,
+                      AGG_COUPONS, AGG_MEMBER_DAY, AGG_MEMBER_MONTH, AGG_SETTLEMENT,
+                      CARD, COHORT_KEY, COHORT_VALUE, COUNTER_VALUE,
+                      COUPON_AGG_KEY, COUPON_AGG_VALUE, DATABASES, HEAD,
                       I64, IDX_BIRTHDAY, IDX_TIER, MEMBER_DAY_VALUE,
                       MEMBER_INDEX_KEY, MEMBER_MONTH_KEY, MEMBER_MONTH_VALUE,
                       META_HEAD, META_NEXT_ACCOUNT, PROGRAM, SETTLEMENT_KEY,
@@ -199,6 +200,13 @@ class LedgerReads:
         for key, value in self._aggregates(AGG_COHORT, program, hour_from, hour_to):
             _, _, hour, partner = COHORT_KEY.unpack(key)
             yield hour, partner, CohortCounters(*COHORT_VALUE.unpack(value))
+
+    def coupon_rows(self, program, hour_from, hour_to):
+        """(hour, store, partner, CouponCounters) of the program's coupon
+        rows with hour_from <= hour < hour_to, in key order."""
+        for key, value in self._aggregates(AGG_COUPONS, program, hour_from, hour_to):
+            _, _, hour, store, partner = COUPON_AGG_KEY.unpack(key)
+            yield hour, store, partner, CouponCounters(*COUPON_AGG_VALUE.unpack(value))
 
     def member_months(self, program, month_from, month_to):
         """(month, account, net money, receipts) of every member with a

@@ -157,7 +157,9 @@ class Entry(IntEnum):
                      # there, which a COUPON_CLOSED as MOVED just closed)
     COUPON_CLOSED = 13  # a coupon stops being open: amount = the money it
                      # took off (redeemed; 0 otherwise), amount2 = its new
-                     # CouponState, ref = its number
+                     # CouponState, ref = its number, data = unsigned LEB128
+                     # its value (what lapsed, was revoked or displaced is
+                     # worth that much in the coupon reports)
     BONUS = 14       # AWARD and VISIT: a member's counter counted one more;
                      # amount = points earned (0: none this time), amount2
                      # = the counter's count after, ref = the lot earned (0:
@@ -439,10 +441,21 @@ I64 = struct.Struct("<q")
 #     int64s: money (RECEIPT amounts: refunds subtract) and receipts
 #     (RECEIPT with amount > 0). What a tier period's close reads: the
 #     net spend of each member with a receipt (or refund) in the period.
+#   0x06 coupons: program u32, hour u32, store u32 (0: expiry, merges and
+#     what no store did), partner u32 (the entry's) -> COUPON_AGG_VALUE,
+#     int64s in pairs, a count then money (minor units): issued
+#     (COUPON_ISSUED how COUPON_EARNED; money its value), redeemed
+#     (COUPON_CLOSED REDEEMED; the money it took off), expired (EXPIRED; its
+#     value), revoked (REVOKED; its value), given back (COUPON_ISSUED how
+#     COUPON_GIVEN_BACK; its value: open again, while what it took off
+#     stays in redeemed), displaced (DISPLACED; its value). A coupon a merge
+#     moves (COUPON_CLOSED MOVED and COUPON_ISSUED COUPON_MOVED) is the same
+#     coupon going on elsewhere: not counted.
 # A row exists once an entry counted in it, whatever its values since.
 # Counter overflow rejects the operation (OVERFLOW), as anywhere else.
 AGG_ACTIVITY, AGG_SETTLEMENT, AGG_MEMBER_DAY, AGG_COHORT = 1, 2, 3, 4
 AGG_MEMBER_MONTH = 5
+AGG_COUPONS = 6
 ACTIVITY_KEY = struct.Struct(">BIIIIH")
 ACTIVITY_VALUE = struct.Struct("<10q")
 SETTLEMENT_KEY = struct.Struct(">BIIII")
@@ -452,6 +465,8 @@ COHORT_KEY = struct.Struct(">BIII")
 COHORT_VALUE = struct.Struct("<4q")
 MEMBER_MONTH_KEY = struct.Struct(">BIIQ")
 MEMBER_MONTH_VALUE = struct.Struct("<2q")
+COUPON_AGG_KEY = struct.Struct(">BIIII")
+COUPON_AGG_VALUE = struct.Struct("<12q")
 HOUR = 3_600_000_000      # microseconds
 DAY = 86_400_000_000
 MINUTE = 60_000_000

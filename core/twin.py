@@ -18,7 +18,8 @@ import lmdb
 from . import aggregates
 from .batch import Results
 from .codec import (Account, Consumed, Coupon, Hold, JournalEntry, Lot, Operation,
-                    encode_coupon_issued, encode_lots, iter_ops)
+                    encode_coupon_closed, encode_coupon_issued, encode_lots,
+                    iter_ops)
 from .reads import LedgerReads
 from .records import (BIRTHDAY_OF_KEY, BIRTHDAY_VALUE, CARD, COUNTER_VALUE,
                       COUPON_EARNED, COUPON_GIVEN_BACK, COUPON_MOVED,
@@ -354,7 +355,8 @@ class _Work:
         the money it took off when redeemed."""
         coupon.state = state
         self.event(Entry.COUPON_CLOSED, self.account(account_id).program, account_id,
-                   amount=amount, amount2=state, ref=coupon.number, store=store)
+                   amount=amount, amount2=state, ref=coupon.number, store=store,
+                   data=encode_coupon_closed(coupon.value))
 
     def active_points(self, account):
         return sum(lot.remaining for lot in account.lots

@@ -229,6 +229,7 @@ cdef enum:
     AGG_MEMBER_DAY = 3
     AGG_COHORT = 4
     AGG_MEMBER_MONTH = 5
+    AGG_COUPONS = 6
     AGG_KEY_MAX = 19
     N_COUNTERS = 10
     C_ISSUED = 0
@@ -247,6 +248,14 @@ cdef enum:
     CO_EXPIRED = 2
     CO_CLAWED = 3
     N_MONTH = 2         # a member-month row's int64s: money, receipts
+    N_COUPON_AGG = 12   # a coupons row's int64s: count and money, six pairs
+    CA_ISSUED = 0       # ... the pairs' first int64s
+    CA_REDEEMED = 2
+    CA_EXPIRED = 4
+    CA_REVOKED = 6
+    CA_GIVEN_BACK = 8
+    CA_DISPLACED = 10
+    AGG_WIDTH = 12      # the widest row's int64s
     IDX_TIER = 1        # member_index key kinds
     IDX_BIRTHDAY = 2
     IDX_BIRTHDAY_OF = 3
@@ -351,6 +360,10 @@ cdef packed struct CohortKey:       # records.COHORT_KEY (big-endian)
     uint8_t kind
     uint32_t program, hour, partner
 
+cdef packed struct CouponAggKey:    # records.COUPON_AGG_KEY (big-endian)
+    uint8_t kind
+    uint32_t program, hour, store, partner
+
 cdef packed struct MemberMonthKey:  # records.MEMBER_MONTH_KEY (big-endian)
     uint8_t kind
     uint32_t program, month
@@ -407,11 +420,11 @@ cdef struct SysRec:
 cdef struct AggRow:                 # an aggregate row, as of the batch's last success
     uint8_t key[AGG_KEY_MAX]
     uint8_t key_len, width, changed
-    int64_t v[N_COUNTERS]
+    int64_t v[AGG_WIDTH]
 
 cdef struct AggStaged:              # a row as the operation in flight leaves it
     uint32_t row
-    int64_t v[N_COUNTERS]
+    int64_t v[AGG_WIDTH]
 
 cdef struct ProgramOffset:
     uint32_t program
@@ -436,7 +449,7 @@ cdef struct Work:
     uint32_t entry_store # store on the entries being made (0 inside touch)
     uint32_t folded      # entries folded into the aggregates (a chain's earlier ops')
     int programs_changed # a PUT_PROGRAM is among the changes: offsets go stale
-    uint8_t coupon_data[32]  # a COUPON_ISSUED entry's data
+    uint8_t coupon_data[32]  # a coupon event's data
     OperationRec rec
     LotBuf consumed      # rec's consumed lots
     LotBuf scratch_lots  # transfers' moved lots, loaded records' consumed
@@ -1192,8 +1205,8 @@ cdef int close_coupon(Work *w, Acct *a, CouponRec *coupon, int state,
     """An open coupon of the account's is no longer: `state`; `amount`,
     the money it took off when redeemed."""
     coupon.state = state
-    return event(w, E_COUPON_CLOSED, a.h.program, a.id, amount, state,
-                 coupon.number, NULL, 0)
+    return coupon_entry(w, E_COUPON_CLOSED, a, amount, state, coupon.number,
+                        put_uv(w.coupon_data, <uint64_t>coupon.value))
 
 
 cdef int128 active_points(Work *w, Acct *a) noexcept nogil:
@@ -1535,6 +1548,11 @@ cdef int fold_aggregates(Work *w) noexcept nogil:
     cdef MemberMonthKey mm
     for i in range(w.folded, w.n_entries):
         e = &w.entries[i].h
+        if e.type == E_COUPON_ISSUED or e.type == E_COUPON_CLOSED:
+            rc = fold_coupon(w, &w.entries[i])
+            if rc:
+                return rc
+            continue
         index = counter_of(e.type)
         if index < 0:
             continue
@@ -1613,6 +1631,54 @@ cdef int fold_aggregates(Work *w) noexcept nogil:
             return rc
     w.folded = w.n_entries
     return OK
+
+
+cdef int fold_coupon(Work *w, EntryRec *entry) noexcept nogil:
+    """A coupon event in its hour's coupon row (`aggregates.coupon_changes`):
+    a count and money, by what became of the coupon; moves not counted."""
+    cdef EntryHead *e = &entry.h
+    cdef CouponAggKey key
+    cdef Reader r
+    cdef uint64_t how, value
+    cdef int64_t money = e.amount
+    cdef int index = -1
+    cdef int rc
+    r.p = <const uint8_t *>entry_data(w, entry)
+    r.size = e.n_data
+    r.pos = 0
+    r.bad = 0
+    if e.type == E_COUPON_ISSUED:
+        get_uv(&r)  # usable_from
+        how = get_uv(&r)
+        if how == COUPON_EARNED:
+            index = CA_ISSUED
+        elif how == COUPON_GIVEN_BACK:
+            index = CA_GIVEN_BACK
+    else:
+        value = get_uv(&r)
+        if e.amount2 == CP_REDEEMED:
+            index = CA_REDEEMED
+        else:
+            money = <int64_t>value
+            if e.amount2 == CP_EXPIRED:
+                index = CA_EXPIRED
+            elif e.amount2 == CP_REVOKED:
+                index = CA_REVOKED
+            elif e.amount2 == CP_DISPLACED:
+                index = CA_DISPLACED
+    if r.bad:  # never: the kernel wrote it a moment ago
+        return fail(w, MDB_CORRUPTED)
+    if index < 0:
+        return OK
+    key.kind = AGG_COUPONS
+    key.program = be32(e.program)
+    key.hour = be32(hour_of(e.time))
+    key.store = be32(e.store)
+    key.partner = be32(e.partner)
+    rc = agg_add(w, &key, sizeof(CouponAggKey), N_COUPON_AGG, index, 1)
+    if rc:
+        return rc
+    return agg_add(w, &key, sizeof(CouponAggKey), N_COUPON_AGG, index + 1, money)
 
 
 cdef int fold_cohorts(Work *w, EntryRec *entry, uint32_t hour_be) noexcept nogil:
@@ -2468,11 +2534,18 @@ cdef int open_coupon(Work *w, Acct *a, CouponRec *coupon, int how,
     if how == COUPON_MOVED:
         n += put_uv(w.coupon_data + n, from_account)
         n += put_uv(w.coupon_data + n, from_number)
+    return coupon_entry(w, E_COUPON_ISSUED, a, coupon.value, coupon.expires_at,
+                        coupon.number, n)
+
+
+cdef int coupon_entry(Work *w, int type_, Acct *a, int64_t amount, int64_t amount2,
+                      uint64_t ref, size_t n) noexcept nogil:
+    """A coupon event of the account's whose data is w.coupon_data[:n]."""
     if grow(<void **>&w.lots_named.p, &w.lots_named.cap, w.lots_named.n + <uint32_t>n, 1):
         return fail(w, 12)
     memcpy(w.lots_named.p + w.lots_named.n, w.coupon_data, n)
-    if new_entry(w, E_COUPON_ISSUED, 0, a.h.program, w.op.partner, 0, 0, a.id,
-                 coupon.value, coupon.expires_at, coupon.number) == NULL:
+    if new_entry(w, type_, 0, a.h.program, w.op.partner, 0, 0, a.id,
+                 amount, amount2, ref) == NULL:
         return FATAL
     w.entries[w.n_entries - 1].names_lots = 1  # its data is kept with the named lots'
     w.entries[w.n_entries - 1].lots_off = w.lots_named.n

@@ -447,3 +447,37 @@ def test_a_coupon_moved_or_displaced_is_not_found_at_the_merged_member(ledger, m
     for number in (1, 2):
         assert redeem(ledger, member, number=number, amount=1) == Result(
             Code.COUPON_NOT_FOUND)
+
+
+# --- report aggregates -------------------------------------------------------------
+
+def test_coupon_rows_count_every_fate_of_a_coupon(ledger, member):
+    """Per hour, store and partner: issued, redeemed (the money taken off),
+    expired, revoked, given back and displaced (their values); a move by a
+    merge is the same coupon and counts nowhere. The audit (at the end of
+    every test) rebuilds these rows from the journal."""
+    other = member + 1
+    hour = T // (DAY // 24)
+    assert issue(ledger, member, store=42, partner=1).ok           # 10,000
+    assert redeem(ledger, member, amount=6_000, now=T + 8 * DAY, store=7).ok
+    ok(ledger, T + 9 * DAY, "refund", "back", "rd-1", store=7)    # given back
+    assert issue(ledger, other, "c-o1", value=3_000, store=42, partner=1).ok
+    ok(ledger, T, "refund", "rv", "c-o1")                          # revoked
+    assert issue(ledger, other, "c-o2", value=2_000, usable_from=T,
+                 expires_at=T + DAY).ok
+    ok(ledger, T + 2 * DAY, "adjust", "touch", other, 1, reason=1)  # it lapsed
+    assert issue(ledger, other, "c-o3", value=1_000, now=T + 2 * DAY).ok
+    assert merge(ledger, member, other, now=T + 10 * DAY, one_coupon=True).ok
+    rows = {(h - hour, store, partner): c for h, store, partner, c
+            in ledger.coupon_rows(1, 0, 1 << 32)}
+    assert rows[0, 42, 1].issued == 2 and rows[0, 42, 1].issued_money == 13_000
+    assert (rows[0, 0, 0].issued, rows[0, 0, 0].revoked,
+            rows[0, 0, 0].revoked_money) == (1, 1, 3_000)
+    assert (rows[8 * 24, 7, 0].redeemed, rows[8 * 24, 7, 0].redeemed_money) == (1, 6_000)
+    assert (rows[9 * 24, 7, 0].given_back,
+            rows[9 * 24, 7, 0].given_back_money) == (1, 10_000)
+    assert (rows[2 * 24, 0, 0].expired, rows[2 * 24, 0, 0].expired_money,
+            rows[2 * 24, 0, 0].issued) == (1, 2_000, 1)
+    assert (rows[10 * 24, 0, 0].displaced,
+            rows[10 * 24, 0, 0].displaced_money) == (1, 1_000)
+    assert sum(c.issued for c in rows.values()) == 4   # the move counted nowhere
