@@ -55,7 +55,8 @@ ALLOWED = {
 }
 for _name in ("Subscribe", "GetPointsReport", "GetBreakageReport",
               "GetActiveMembersReport", "GetAverageReceiptReport",
-              "GetVisitFrequencyReport", "GetPartnerSettlementReport"):
+              "GetVisitFrequencyReport", "GetPartnerSettlementReport",
+              "GetCouponsReport"):
     ALLOWED[f"/kopilka.v1.Feed/{_name}"] = _INTEGRATION
 
 

@@ -20,7 +20,8 @@ from kopilka.v1 import checkout_pb2 as pb
 from kopilka.v1 import checkout_pb2_grpc, common_pb2, feed_pb2, feed_pb2_grpc
 from kopilka.v1 import members_pb2, members_pb2_grpc
 
-from server_harness import DAY, RunningServer, error_info, install_program, open_member
+from server_harness import (DAY, START, RunningServer, error_info, install_program,
+                            open_member)
 
 LANE = "stores/42/lanes/1"
 OPEN, REDEEMED, REVOKED, EXPIRED = (common_pb2.COUPON_STATE_OPEN,
@@ -434,3 +435,52 @@ def test_one_per_customer_a_merge_keeps_the_better_coupon(srv, pos):
     # the displaced one is gone: the moved one pays
     srv.clock.advance(7 * DAY)
     assert capture(pos, srv, "s42/l1/r3", 100_000).coupon_redeemed.code == f"{survivor}-2"
+
+
+def coupons_report(srv, *by, start=0, days=120):
+    request = feed_pb2.GetCouponsReportRequest(parent="programs/1", group_by=by)
+    request.interval.start_time.FromMicroseconds(START + start * DAY)
+    request.interval.end_time.FromMicroseconds(START + days * DAY)
+    return srv.stub(feed_pb2_grpc.FeedStub, "integration").GetCouponsReport(request)
+
+
+def figures(row):
+    return (row.issued_coupons, row.issued_value.minor_units, row.redeemed_coupons,
+            row.redeemed_discount.minor_units, row.expired_coupons,
+            row.expired_value.minor_units, row.revoked_coupons,
+            row.revoked_value.minor_units, row.given_back_coupons,
+            row.given_back_value.minor_units, row.displaced_coupons,
+            row.displaced_value.minor_units)
+
+
+def test_the_coupons_report_counts_what_became_of_coupons(srv, pos):
+    """Issued, redeemed, revoked, given back and expired, counts and money,
+    from the kernel's coupon rows; the audit (fixture) rebuilds those rows
+    from the journal and finds them equal."""
+    assert srv.clock.now == START
+    first = open_member(srv, 1, "c1", card="7001")
+    open_member(srv, 1, "c2", card="7002")
+    capture(pos, srv, "s42/l1/r1", 150_000)                       # issued
+    capture(pos, srv, "s42/l1/r2", 100_000, 60_000, card="7002")  # issued
+    refund(pos, "s42/l1/r2/ret", "s42/l1/r2", 2)                  # revoked
+    srv.clock.advance(7 * DAY)
+    capture(pos, srv, "s42/l1/r3", 100_000)                       # redeemed, 100 off
+    refund(pos, "s42/l1/r3/ret", "s42/l1/r3")                     # given back
+    srv.clock.advance(91 * DAY)
+    capture(pos, srv, "s42/l1/r4", 1_000)                         # it had lapsed
+    assert coupons(srv, first) == [(f"{first}-1", EXPIRED)]
+    (total,) = coupons_report(srv).rows
+    assert figures(total) == (2, 20_000, 1, 10_000, 1, 10_000, 1, 10_000, 1, 10_000, 0, 0)
+    by_day = [(key.day.month, key.day.day, figures(row)[:10:2]) for row, key in
+              ((r, r.key) for r in coupons_report(srv, feed_pb2.REPORT_DIMENSION_DAY).rows)]
+    assert by_day == [(1, 1, (2, 0, 0, 1, 0)), (1, 8, (0, 1, 0, 0, 1)),
+                      (4, 9, (0, 0, 1, 0, 0))]
+    by_store = {r.key.store: figures(r)[:10:2]
+                for r in coupons_report(srv, feed_pb2.REPORT_DIMENSION_STORE).rows}
+    assert by_store == {"stores/42": (2, 1, 0, 1, 1), "": (0, 0, 1, 0, 0)}
+    # an interval is a window on when things happened
+    (later,) = coupons_report(srv, start=7, days=8).rows
+    assert figures(later)[:10:2] == (0, 1, 0, 0, 1)
+    with pytest.raises(grpc.RpcError) as err:
+        coupons_report(srv, feed_pb2.REPORT_DIMENSION_TIER)
+    assert error_info(err.value) == ("INVALID_ARGUMENT", "REQUEST_INVALID", ["group_by[0]"])
