@@ -10,6 +10,7 @@ for one coupon. The ledger's audit must stay clean throughout.
 import threading
 import time
 from datetime import datetime
+from pathlib import Path
 
 import grpc
 import pytest
@@ -20,8 +21,8 @@ from kopilka.v1 import checkout_pb2 as pb
 from kopilka.v1 import checkout_pb2_grpc, common_pb2, feed_pb2, feed_pb2_grpc
 from kopilka.v1 import members_pb2, members_pb2_grpc
 
-from server_harness import (DAY, START, RunningServer, error_info, install_program,
-                            open_member)
+from server_harness import (DAY, EXAMPLE, START, RunningServer, error_info,
+                            install_program, open_member)
 
 LANE = "stores/42/lanes/1"
 OPEN, REDEEMED, REVOKED, EXPIRED = (common_pb2.COUPON_STATE_OPEN,
@@ -484,3 +485,26 @@ def test_the_coupons_report_counts_what_became_of_coupons(srv, pos):
     with pytest.raises(grpc.RpcError) as err:
         coupons_report(srv, feed_pb2.REPORT_DIMENSION_TIER)
     assert error_info(err.value) == ("INVALID_ARGUMENT", "REQUEST_INVALID", ["group_by[0]"])
+
+
+def test_without_one_per_customer_a_merge_moves_every_coupon(tmp_path):
+    """A program whose coupons are not one per customer: the survivor keeps
+    its own and gets the duplicate's."""
+    text = Path(EXAMPLE).read_text().replace("one_per_customer = true",
+                                       "one_per_customer = false")
+    assert "one_per_customer = false" in text
+    (tmp_path / "program.toml").write_text(text)
+    server = RunningServer(tmp_path / "data")
+    try:
+        install_program(server, tmp_path / "program.toml")
+        pos = server.stub(checkout_pb2_grpc.CheckoutStub, "pos")
+        survivor = open_member(server, 1, "c1", card="7001")
+        duplicate = open_member(server, 1, "c2", card="7002")
+        capture(pos, server, "s42/l1/r1", 150_000)
+        capture(pos, server, "s42/l1/r2", 150_000, card="7002")
+        out = merge(server, survivor, duplicate)
+        assert [(c.code, c.state) for c in out.member.coupons] == [
+            (f"{survivor}-1", OPEN), (f"{survivor}-2", OPEN)]
+        assert server.server.ledger.audit() == []
+    finally:
+        server.stop()
