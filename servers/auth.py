@@ -303,6 +303,12 @@ class Authenticator:
                 return self.tokens.verify(value[7:].strip())
         return None
 
+    def check_call(self, method, context):
+        """`check` of a call's context; its TLS context is asked for only
+        when client certificates are in use."""
+        return self.check(method, context.invocation_metadata() or (),
+                          context.auth_context() if self.client_certificates else {})
+
     def check(self, method, metadata, auth_context):
         """The caller's Principal; raises ApiError when it may not call."""
         principal = self.principal(metadata, auth_context)
