@@ -76,14 +76,9 @@ class Guard:
             try:
                 bind(check(method, context))
                 return await behavior(_parsed(parse, request), context)
-            except ApiError as err:
-                code = err.status.name
-                await self._abort(context, method, err)
             except BaseException as exc:
-                code = _code_of(exc, context)
-                if code is None:   # a server bug
-                    code = "INTERNAL"
-                    await self._internal(context, method, exc)
+                code, bug = _ended(exc, context)
+                await self._refuse(context, method, exc, bug)
                 raise
             finally:
                 self._count(method, code)
@@ -101,34 +96,33 @@ class Guard:
                 bind(check(method, context))
                 async for response in behavior(_parsed(parse, request), context):
                     yield response
-            except ApiError as err:
-                code = err.status.name
-                await self._abort(context, method, err)
             except BaseException as exc:
-                code = _code_of(exc, context)
-                if code is None:   # a server bug
-                    code = "INTERNAL"
-                    await self._internal(context, method, exc)
+                code, bug = _ended(exc, context)
+                await self._refuse(context, method, exc, bug)
                 raise
             finally:
                 self._count(method, code)
                 seconds.observe(_perf_counter() - started)
         return wrapped
 
-    async def _abort(self, context, method, err):
-        principal = auth.current()
-        log.info("refused", extra={"fields": {
-            "method": method, "code": err.status.name, "reason": err.reason,
-            "caller": principal.name if principal else None}})
-        await context.abort_with_status(rpc_status.to_status(err.to_proto()))
-
-    async def _internal(self, context, method, exc):
-        """A server bug: logged, answered INTERNAL (not gRPC's UNKNOWN) and
-        nothing of it told (it may quote the request: a card number)."""
-        log.error("unexpected error in a handler", exc_info=exc,
-                  extra={"fields": {"method": method}})
-        await context.abort_with_status(rpc_status.to_status(
-            server("INTERNAL_ERROR", "internal error; the server logged it").to_proto()))
+    async def _refuse(self, context, method, exc, bug):
+        """Ends the call with the status of `exc`: an ApiError's (logged as a
+        refusal), or for a server bug INTERNAL (not gRPC's UNKNOWN), logged
+        with its traceback and telling nothing of it (it may quote the
+        request: a card number). Anything else (an abort, a cancel) ends the
+        call as it is."""
+        if isinstance(exc, ApiError):
+            principal = auth.current()
+            log.info("refused", extra={"fields": {
+                "method": method, "code": exc.status.name, "reason": exc.reason,
+                "caller": principal.name if principal else None}})
+            await context.abort_with_status(rpc_status.to_status(exc.to_proto()))
+        elif bug:
+            log.error("unexpected error in a handler", exc_info=exc,
+                      extra={"fields": {"method": method}})
+            await context.abort_with_status(rpc_status.to_status(
+                server("INTERNAL_ERROR",
+                       "internal error; the server logged it").to_proto()))
 
     def _count(self, method, code):
         counter = self._counters.get((method, code))
@@ -208,6 +202,14 @@ def _each(parse):
                 yield _parsed(parse, raw)
         return messages()
     return parse_stream
+
+
+def _ended(exc, context):
+    """(code name the call ends with on `exc`, whether it is a server bug)."""
+    if isinstance(exc, ApiError):
+        return exc.status.name, False
+    code = _code_of(exc, context)
+    return (code, False) if code is not None else ("INTERNAL", True)
 
 
 def _code_of(exc, context):
