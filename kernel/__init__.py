@@ -10,7 +10,9 @@ from contextlib import contextmanager
 from kopilka.core.batch import Results
 from kopilka.core.reads import LedgerReads
 
-from ._ledger import Environment
+from ._ledger import DB_NAMES, Environment
+
+_DB = {name.decode(): number for number, name in enumerate(DB_NAMES)}
 
 
 class Ledger(LedgerReads):
@@ -24,6 +26,9 @@ class Ledger(LedgerReads):
     def apply_raw(self, batch, now):
         """The packed results as bytes: for callers that decode lazily."""
         return self._env.apply(batch, now)
+
+    def _get(self, db, key):
+        return self._env.get(_DB[db], key)
 
     @contextmanager
     def _snapshot(self):

@@ -3348,6 +3348,7 @@ cdef class Environment:
     cdef readonly str path
     cdef readonly int busy  # apply() and copy() calls inside LMDB right now
     cdef object readers  # the ReadTxns still open
+    cdef MDB_txn *point  # get()'s read-only transaction, reset between reads
 
     def __cinit__(self, path, size_t map_size=1 << 30, bint sync=True,
                   bint writemap=False):
@@ -3398,12 +3399,18 @@ cdef class Environment:
                               "close it once that returns")
         for txn in list(self.readers):
             txn.close()
+        if self.point != NULL:
+            mdb_txn_abort(self.point)
+            self.point = NULL
         mdb_env_close(self.env)
         self.env = NULL
         _OPEN_PATHS.discard(self.path)
 
     def __dealloc__(self):
         if self.env != NULL:  # nothing can be busy or reading any more
+            if self.point != NULL:
+                mdb_txn_abort(self.point)
+                self.point = NULL
             mdb_env_close(self.env)
             self.env = NULL
             if _OPEN_PATHS is not None:  # None while the interpreter shuts down
@@ -3437,6 +3444,37 @@ cdef class Environment:
     def read(self):
         self._check_open()
         return ReadTxn(self)
+
+    def get(self, int db, bytes key):
+        """The value (bytes) of `key` in database number `db` (DB_NAMES), or
+        None, as of the last commit.
+
+        One read-only transaction serves every such point read: renewed for
+        the read (it then sees the last commit) and reset after it, which
+        costs much less than a transaction begun and aborted each time. The
+        GIL is held throughout, so no two threads ever use it at once."""
+        cdef MDB_val k, v
+        cdef int rc
+        cdef object out = None
+        if self.env == NULL:
+            raise LedgerError("ledger is closed")
+        if not 0 <= db < NDB:
+            raise ValueError(f"no database number {db}")
+        if self.point == NULL:
+            rc = mdb_txn_begin(self.env, NULL, MDB_RDONLY, &self.point)
+        else:
+            rc = mdb_txn_renew(self.point)
+        if rc:
+            _raise(rc)
+        k.mv_size = len(key)
+        k.mv_data = <void *>PyBytes_AS_STRING(key)
+        rc = mdb_get(self.point, self.dbi[db], &k, &v)
+        if rc == MDB_SUCCESS:
+            out = PyBytes_FromStringAndSize(<char *>v.mv_data, v.mv_size)
+        mdb_txn_reset(self.point)
+        if rc != MDB_SUCCESS and rc != MDB_NOTFOUND:
+            _raise(rc)
+        return out
 
     def copy(self, path, bint compact=True):
         """A consistent copy of the environment into an empty directory."""
