@@ -12,7 +12,7 @@ from .codec import decode_lots
 from .records import (ACTIVITY_KEY, AGG_ACTIVITY, AGG_COHORT, AGG_MEMBER_DAY,
                       AGG_MEMBER_MONTH, AGG_SETTLEMENT, COHORT_KEY, DAY, HOUR,
                       I64, MEMBER_DAY_KEY, MEMBER_DAY_VALUE, MEMBER_MONTH_KEY,
-                      MINUTE, SETTLEMENT_KEY, SYSTEM, Entry)
+                      MINUTE, SETTLEMENT_KEY, SYSTEM, VISIT_DAYS, Entry)
 
 COUNTERS = ("issued", "spent", "expired", "adjusted", "returned", "clawed",
             "receipts", "receipt_money", "new_members", "member_days")
@@ -83,10 +83,10 @@ def counted(entry):
     return entry.type in _COUNTER
 
 
-def changes(entry, tier, utc_offset, last_day):
-    """What one counted entry adds, given its member's tier and last_day
-    (records.py) and its program's UTC offset: ([(key, index, delta)],
-    last_day after it). `index` is the int64 of the row's value to add to;
+def changes(entry, tier, utc_offset, visit_days):
+    """What one counted entry adds, given its member's tier and visit days
+    (records.py, newest first) and its program's UTC offset:
+    ([(key, index, delta)], visit days after it). `index` is the int64 of the row's value to add to;
     None for a member-day row, whose value is `delta` (the account). The
     entry's seq must be the one it has (or will have) in the journal: it
     keys the member-day row."""
@@ -111,13 +111,13 @@ def changes(entry, tier, utc_offset, last_day):
         out.append((month, MONTH_MONEY, amount))
         if amount > 0:
             out += [(month, MONTH_RECEIPTS, 1), (activity, RECEIPTS, 1)]
-        if amount > 0 and day + 1 > last_day:  # the member's first of the day
+        if amount > 0 and (not visit_days or day > visit_days[0]):  # first of the day
             out.append((MEMBER_DAY_KEY.pack(AGG_MEMBER_DAY, program, day,
                                             entry.seq), None, member_of(entry)))
             out.append((activity, MEMBER_DAYS, 1))
-            last_day = day + 1
+            visit_days = [day] + visit_days[:VISIT_DAYS - 1]
     out += cohort_changes(entry)
-    return out, last_day
+    return out, visit_days
 
 
 def cohort_changes(entry):
@@ -202,7 +202,7 @@ class Rebuild:
     def __init__(self):
         self.rows = {}        # key -> list of ints
         self.tiers = {}       # member -> tier, from TIER_SET
-        self.last_days = {}   # member -> last_day
+        self.visit_days = {}  # member -> visit days, newest first
         self.offsets = {}     # program -> UTC offset, from PROGRAM_PUT
 
     def add(self, entry):
@@ -213,9 +213,9 @@ class Rebuild:
         if not counted(entry):
             return
         member = member_of(entry)
-        deltas, self.last_days[member] = changes(
+        deltas, self.visit_days[member] = changes(
             entry, self.tiers.get(member, 0), self.offsets.get(entry.program, 0),
-            self.last_days.get(member, 0))
+            self.visit_days.get(member, []))
         for key, index, delta in deltas:
             if index is None:
                 self.rows[key] = [delta]

@@ -146,9 +146,9 @@ def audit(snap):
         raw = index.pop(BIRTHDAY_OF_KEY.pack(IDX_BIRTHDAY_OF, account_id), None)
         if raw is not None:
             problems += _birthday_problems(where, a.program, account_id, raw, index)
-        if a.last_day != rebuilt.last_days.get(account_id, 0):
-            problems.append(f"{where}: last day {a.last_day}, journal says "
-                            f"{rebuilt.last_days.get(account_id, 0)}")
+        if a.visit_days != rebuilt.visit_days.get(account_id, []):
+            problems.append(f"{where}: visit days {a.visit_days}, journal says "
+                            f"{rebuilt.visit_days.get(account_id, [])}")
         if a.lots and a.lots[0].expires_at != NEVER and not (
                 indexed.get(account_id, NEVER) <= a.lots[0].expires_at):
             problems.append(f"{where}: earliest expiry not in the expiry index")

@@ -60,7 +60,7 @@ class Results:
 
 
 def _bytes(value):
-    return value.encode() if isinstance(value, str) else bytes(value)
+    return value.encode() if type(value) is str else bytes(value)
 
 
 def _birthday(birthday):
@@ -96,17 +96,21 @@ class Batch:
         SET_PROFILE."""
         op_id, key, key2 = _bytes(op_id), _bytes(key), _bytes(key2)
         data = _bytes(data)
-        for name, value in (("op_id", op_id), ("key", key), ("key2", key2)):
-            if len(value) > 255:
-                raise ValueError(f"{name} longer than 255 bytes")
+        if len(op_id) > 255 or len(key) > 255 or len(key2) > 255:
+            name = "op_id" if len(op_id) > 255 else "key" if len(key) > 255 else "key2"
+            raise ValueError(f"{name} longer than 255 bytes")
         if len(data) > MAX_DATA:
             raise ValueError(f"data longer than {MAX_DATA} bytes")
-        self._last = len(self._buffer)
-        self._buffer += OP.pack(
+        buffer = self._buffer
+        self._last = len(buffer)
+        buffer += OP.pack(
             kind, flags, len(op_id), len(key), len(key2), 0, len(data), program,
             partner, version, reason, store, lane, account, account2, amount,
             amount2, money, activates_at, expires_at, business_time)
-        self._buffer += op_id + key + key2 + data
+        buffer += op_id
+        buffer += key
+        buffer += key2
+        buffer += data
         self.count += 1
         return self
 

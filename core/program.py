@@ -77,6 +77,9 @@ recorded here so both sides read them alike:
   periods, visit periods and action limit periods are calendar periods in
   the program's time zone; tier periods are calendar periods of its
   standard UTC offset (the ledger's months of net spend: core/bonuses.py).
+- A regular customer made purchases on at least `min_visits` days (at most
+  16) among the `within_days` days ending on the receipt's day, in the
+  program's standard UTC offset; the receipt being priced does not count.
 - Tier numbers in the ledger are levels from 1; 0 (a member no close has
   placed) prices as the lowest level.
 """

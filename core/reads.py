@@ -6,7 +6,7 @@ and `scan` a database from a key; each ledger provides `_snapshot()`.
 
 from dataclasses import dataclass
 
-from .aggregates import CohortCounters, Counters
+from .aggregates import CohortCounters, Counters, day_of
 from .audit import audit
 from .codec import Account, JournalEntry, Operation
 from .records import (ACTIVITY_KEY, ACTIVITY_VALUE, AGG_ACTIVITY, AGG_COHORT,
@@ -74,6 +74,16 @@ def offered_coupon(account, now):
         return min(held, key=lambda c: (c.usable_from, c.number))
     expired = [c for c in account.coupons if coupon_state(c, now) == CouponState.EXPIRED]
     return max(expired, key=lambda c: c.number, default=None)
+
+
+def is_regular(account, regular_customer, at, utc_offset):
+    """Whether the member is a regular customer (core/program.py) for a
+    receipt at business time `at`, by the visit days the account keeps."""
+    if regular_customer is None:
+        return False
+    last = day_of(at, utc_offset)
+    first = last - regular_customer.within_days + 1
+    return account.visits_in(first, last) >= regular_customer.min_visits
 
 
 @dataclass(frozen=True)

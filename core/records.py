@@ -19,6 +19,7 @@ INT64_MIN = -(1 << 63)
 MAX_LOTS = 2048  # per account; keeps an account's value well under 100 KiB
 MAX_HOLDS = 256
 MAX_COUPONS = 16  # open at once, per account (one_per_customer keeps it to one)
+VISIT_DAYS = 16   # visit days an account keeps: a regular's min_visits at most
 SYSTEM = 1 << 63  # account ids with this bit are program system accounts
 
 
@@ -290,8 +291,10 @@ MAX_UTC_OFFSET = 1439  # minutes either way: less than a day
 #   program u, status u, n_lots u, n_holds u, next_lot u, next_hold u,
 #   balance z, debt z, held z, earned z, spent z, expired z, opened_at z,
 #   tier u (0: none),
-#   last_day u: 1 + the local day (aggregates) of the member's last receipt,
-#     0 before the first (plus one so that day 0 counts too),
+#   n_days u, then that many visit days: the local days (aggregates) on
+#     which the member's receipts were, newest first, at most VISIT_DAYS
+#     (the first as is, each next as its distance back from the one before;
+#     what the "regular customer" discount counts),
 #   lots (sorted by expires_at, lot_no): lot_no u, partner u, remaining z,
 #     expires_at u as the delta from the previous lot's (the first from 0),
 #     expires_at - activates_at u,

@@ -512,8 +512,8 @@ class _Work:
             account = self.accounts[aggregates.member_of(entry)]
             offset = (self.utc_offset(entry.program)
                       if entry.type == Entry.RECEIPT else 0)
-            deltas, account.last_day = aggregates.changes(
-                entry, account.tier, offset, account.last_day)
+            deltas, account.visit_days = aggregates.changes(
+                entry, account.tier, offset, account.visit_days)
             for key, index, delta in deltas:
                 if index is None:  # a member-day row: its value is set
                     self.aggregates[key] = [delta]

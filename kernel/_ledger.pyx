@@ -64,6 +64,7 @@ cdef enum:
     MAX_LOTS = 2048
     MAX_HOLDS = 256
     MAX_COUPONS = 16
+    VISIT_DAYS = 16
     HASH_SIZE = 32
     DIGEST_SIZE = 16
     MAX_TIER = 65535
@@ -377,6 +378,8 @@ cdef struct Acct:
     uint32_t n_holds, cap_holds
     CouponRec *coupons
     uint32_t n_coupons, cap_coupons
+    uint32_t n_days                  # visit days kept, most recent first
+    uint32_t days[VISIT_DAYS]
 
 cdef struct EntryRec:
     EntryHead h
@@ -709,7 +712,13 @@ cdef int decode_account(Work *w, Acct *a, const void *data, size_t size) noexcep
     a.h.expired = get_zz(&r)
     a.h.opened_at = get_zz(&r)
     a.h.tier = get_uv(&r)
-    a.h.last_day = get_uv(&r)
+    n = get_uv(&r)
+    if n > VISIT_DAYS:
+        return fail(w, MDB_CORRUPTED)
+    a.n_days = <uint32_t>n
+    for i in range(a.n_days):  # the first as is, the others back from it
+        a.days[i] = <uint32_t>(get_uv(&r) if i == 0 else a.days[i - 1] - get_uv(&r))
+    a.h.last_day = a.days[0] + 1 if a.n_days else 0
     if grow(<void **>&a.lots.items, &a.lots.cap, a.h.n_lots + 1, sizeof(LotRec)):
         return fail(w, 12)
     if grow(<void **>&a.holds, &a.cap_holds, a.h.n_holds + 1, sizeof(HoldRec)):
@@ -752,9 +761,22 @@ cdef int decode_account(Work *w, Acct *a, const void *data, size_t size) noexcep
     return OK
 
 
+cdef void remember_visit(Acct *a, uint32_t day) noexcept nogil:
+    """Put `day` first in the account's visit days, keeping the newest
+    VISIT_DAYS (the pricing engine's "regular customer" counts them)."""
+    cdef uint32_t i
+    if a.n_days < VISIT_DAYS:
+        a.n_days += 1
+    i = a.n_days - 1
+    while i > 0:
+        a.days[i] = a.days[i - 1]
+        i -= 1
+    a.days[0] = day
+
+
 cdef size_t encode_account(Acct *a, uint8_t *p) noexcept nogil:
-    """Needs 15 * 10 + 50 per lot (at most 45) + 30 per hold + 20 + 50
-    per coupon bytes at most."""
+    """Needs 15 * 10 + 5 per visit day + 50 per lot (at most 45) + 30 per
+    hold + 20 + 50 per coupon bytes at most."""
     cdef size_t n = 0
     cdef uint32_t i
     cdef uint64_t previous = 0
@@ -773,7 +795,9 @@ cdef size_t encode_account(Acct *a, uint8_t *p) noexcept nogil:
     n += put_zz(p + n, a.h.expired)
     n += put_zz(p + n, a.h.opened_at)
     n += put_uv(p + n, a.h.tier)
-    n += put_uv(p + n, a.h.last_day)
+    n += put_uv(p + n, a.n_days)
+    for i in range(a.n_days):
+        n += put_uv(p + n, a.days[i] if i == 0 else a.days[i - 1] - a.days[i])
     for i in range(a.lots.n):
         lot = &a.lots.items[i]
         n += put_uv(p + n, lot.lot_no)
@@ -1571,6 +1595,7 @@ cdef int fold_aggregates(Work *w) noexcept nogil:
                 if rc:
                     return rc
                 a.h.last_day = day + 1
+                remember_visit(a, <uint32_t>day)
         rc = fold_cohorts(w, &w.entries[i], act.hour)
         if rc:
             return rc
@@ -1647,8 +1672,8 @@ cdef int commit_work(Work *w) noexcept nogil:
     cdef crypto_generichash_state hs
     for i in range(w.n_accts):
         a = &w.accts[i]
-        buf = need_buf(w, 15 * 10 + a.lots.n * 50 + a.n_holds * 30
-                       + 20 + a.n_coupons * 50)
+        buf = need_buf(w, 15 * 10 + VISIT_DAYS * 5 + a.lots.n * 50
+                       + a.n_holds * 30 + 20 + a.n_coupons * 50)
         if buf == NULL:
             return fail(w, 12)
         size = encode_account(a, <uint8_t *>buf)

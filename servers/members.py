@@ -154,6 +154,7 @@ class Members(members_pb2_grpc.MembersServicer):
             name=convert.member_name(program, account_id),
             external_id=profile.external_id, state=account.status,
             tier=b.tier_name(program, account.tier, now),
+            regular=b.regular(account, now),
             balances=convert.balances(balances, now))
         if profile.birthday:
             out.birthday.CopyFrom(date_pb2.Date(month=profile.birthday[0],
