@@ -10,9 +10,15 @@ from contextlib import contextmanager
 from kopilka.core.batch import Results
 from kopilka.core.reads import LedgerReads
 
-from ._ledger import DB_NAMES, Environment
+from kopilka.core.codec import Account, Coupon, Hold, Lot
+from kopilka.core.records import U64
+
+from ._ledger import DB_NAMES, Environment, account_of, account_types
+
+account_types(Account, Lot, Hold, Coupon)
 
 _DB = {name.decode(): number for number, name in enumerate(DB_NAMES)}
+_ACCOUNTS = _DB["accounts"]
 
 
 class Ledger(LedgerReads):
@@ -29,6 +35,10 @@ class Ledger(LedgerReads):
 
     def _get(self, db, key):
         return self._env.get(_DB[db], key)
+
+    def account(self, account_id):
+        raw = self._env.get(_ACCOUNTS, U64.pack(account_id))
+        return account_of(raw) if raw is not None else None
 
     @contextmanager
     def _snapshot(self):
