@@ -188,6 +188,12 @@ class Backend:
         b = self.ledger.balances(account_id, now)
         return convert.balances(b, now) if b is not None else None
 
+    def balances_fields(self, account_id, now=None):
+        """`balances` as a dict, for a response built in one call."""
+        now = self.clock() if now is None else now
+        b = self.ledger.balances(account_id, now)
+        return convert.balances_fields(b, now) if b is not None else None
+
     def version_at(self, program_id, at):
         """The program version in force at `at`, or None (no such program,
         or none in force yet)."""

@@ -13,6 +13,7 @@ import weakref
 
 from kopilka.core.batch import Batch
 from kopilka.core.pricing import quote
+from kopilka.core.reads import balances_of
 from kopilka.core.records import Code
 from kopilka.v1 import checkout_pb2, checkout_pb2_grpc
 
@@ -44,8 +45,10 @@ class Checkout(checkout_pb2_grpc.CheckoutServicer):
         if spend is not None and not 0 <= spend <= q.max_spend:
             raise invalid([("spend_points", f"must be from 0 to {q.max_spend}, the "
                                             "most this receipt may spend")])
-        return receipts.quote_response(q, program, account, b.balances(account, now),
-                                       spend)
+        # the balances of the account as priced (read once, above)
+        return receipts.quote_response(
+            q, program, account, convert.balances_fields(balances_of(account, record, now),
+                                                         now), spend)
 
     async def Hold(self, request, context):
         return await self._one(prepare_hold, request, context)
