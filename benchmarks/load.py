@@ -455,7 +455,8 @@ async def phase_unary(args, server, metadata, run):
     return out
 
 
-def post_request(rng, receipts, members, size, kind, run, n, seq, pending):
+def post_request(rng, receipts, members, size, kind, run, n, seq, pending,
+                 status_only=False):
     """(PostRequest, kinds of its operations, holds to capture in the next one).
 
     holds+captures: the captures of the holds the previous request placed
@@ -505,7 +506,8 @@ def post_request(rng, receipts, members, size, kind, run, n, seq, pending):
                 operation_id=op_id, lane=lane_text, card_number=card, receipt=receipt,
                 spend_points=spend)))
             kinds.append("capture")
-    return pb.PostRequest(operations=ops), kinds, holds
+    view = {"view": pb.POST_RESULT_VIEW_STATUS} if status_only else {}
+    return pb.PostRequest(operations=ops, **view), kinds, holds
 
 
 async def batch_client(n, stub, members, args, run, metadata, state):
@@ -519,7 +521,8 @@ async def batch_client(n, stub, members, args, run, metadata, state):
         seq += 1
         t = time.perf_counter()
         request, kinds, holds = post_request(rng, receipts, members, args.batch,
-                                             args.batch_kind, run, n, seq, pending)
+                                             args.batch_kind, run, n, seq, pending,
+                                             args.post_view == "status")
         build += time.perf_counter() - t
         measured = seq > 1
         if measured:
@@ -585,7 +588,8 @@ async def phase_batch(args, server, metadata, run):
               for (c, r), k in sorted(state["request_errors"].items())]
     errors += [{"rpc": f"Post.{kind}", "code": c, "reason": r, "count": k}
                for (kind, c, r), k in sorted(state["op_errors"].items())]
-    return {"batch": args.batch, "kind": args.batch_kind, "clients": args.batch_clients,
+    return {"batch": args.batch, "kind": args.batch_kind, "view": args.post_view,
+            "clients": args.batch_clients,
             "requests": state["requests"], "seconds": seconds,
             "durable_ops": state["ok"], "durable_ops_per_s": state["ok"] / seconds,
             "requests_per_s": state["requests"] / seconds,
@@ -726,7 +730,8 @@ def render(result):
     if "batch" in phases:
         b = phases["batch"]
         r = b["request"]
-        lines += [(f"batch: Post of {b['batch']:,} operations ({b['kind']}), "
+        view = ", status-only results" if b.get("view") == "status" else ""
+        lines += [(f"batch: Post of {b['batch']:,} operations ({b['kind']}{view}), "
                    f"{b['clients']} clients"),
                   (f"  durable ops/s {_rate(b['durable_ops_per_s'])}  "
                    f"({b['durable_ops']:,} ops in {b['requests']:,} requests, "
@@ -838,6 +843,9 @@ def parse_args(argv=None):
                    default="holds+captures",
                    help="a hold and its capture per member, or captures only "
                         "(half spending directly) (default %(default)s)")
+    p.add_argument("--post-view", choices=("full", "status"), default="full",
+                   help="what Post returns of each operation: its full response, or "
+                        "its status alone (POST_RESULT_VIEW_STATUS) (default %(default)s)")
     p.add_argument("--batch-clients", type=int, default=3,
                    help="concurrent Post clients (default %(default)s)")
     p.add_argument("--timeout", type=float, default=10.0,
