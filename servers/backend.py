@@ -58,8 +58,11 @@ def main_result(results):
     return next((r for r in results if r.code != Code.LINKED_FAILED), first)
 
 
+_PACK = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one a call
+
+
 def pack(answer):
-    return json.dumps(answer, separators=(",", ":")).encode()
+    return _PACK(answer).encode()
 
 
 def unpack(data):
