@@ -44,12 +44,22 @@ def parse_member(name, field):
     return int(m[1]), int(m[2])
 
 
+_LANES = {}          # lane names parsed, the valid ones (tills are few)
+_MAX_LANES = 65_536  # then forgotten all at once, and learnt again
+
+
 def parse_lane(name, field="lane"):
     """(store, lane) of `stores/{store}/lanes/{lane}`."""
+    found = _LANES.get(name)
+    if found is not None:
+        return found
     m = _LANE.fullmatch(name)
     if not m or _u32(m[1]) is None or _u32(m[2]) is None:
         raise invalid([(field, "must be stores/{store}/lanes/{lane}")])
-    return int(m[1]), int(m[2])
+    if len(_LANES) >= _MAX_LANES:
+        _LANES.clear()
+    found = _LANES[name] = (int(m[1]), int(m[2]))
+    return found
 
 
 def program_name(program):
