@@ -8,9 +8,8 @@ per operation; reads and `audit()` come from `kopilka.core.reads`.
 from contextlib import contextmanager
 
 from kopilka.core.batch import Results
-from kopilka.core.reads import LedgerReads
-
 from kopilka.core.codec import Account, Coupon, Hold, Lot
+from kopilka.core.reads import Balances, LedgerReads
 from kopilka.core.records import U64
 
 from ._ledger import DB_NAMES, Environment, account_of, account_types
@@ -39,6 +38,10 @@ class Ledger(LedgerReads):
     def account(self, account_id):
         raw = self._env.get(_ACCOUNTS, U64.pack(account_id))
         return account_of(raw) if raw is not None else None
+
+    def balances(self, account_id, now):
+        figures = self._env.balance_figures(account_id, now)
+        return Balances(account_id, *figures) if figures is not None else None
 
     @contextmanager
     def _snapshot(self):

@@ -3370,6 +3370,39 @@ def account_types(account, lot, hold, coupon):
     _ACCOUNT_TYPES = (account, lot, hold, coupon)
 
 
+def balance_figures_of(bytes data, int64_t now):
+    """(program, status, available, pending, held, balance, debt, earned,
+    spent, expired, tier) of an account value as of `now`: what
+    core.reads.balances_of reckons, with no Account built."""
+    cdef Work w
+    cdef Acct a
+    cdef int64_t active = 0, pending = 0, held = 0
+    cdef uint32_t i
+    cdef LotRec *lot
+    memset(&w, 0, sizeof(Work))
+    memset(&a, 0, sizeof(Acct))
+    try:
+        if decode_account(&w, &a, PyBytes_AS_STRING(data), len(data)):
+            raise ValueError("account value of the wrong size or layout")
+        for i in range(a.n_holds):
+            if a.holds[i].expires_at > now:
+                held += a.holds[i].amount
+        for i in range(a.lots.n):
+            lot = &a.lots.items[i]
+            if lot.expires_at <= now:
+                continue  # expired, burned when the account is next touched
+            if lot.activates_at <= now:
+                active += lot.remaining
+            else:
+                pending += lot.remaining
+        return (a.h.program, a.h.status, active - held - a.h.debt, pending, held,
+                a.h.balance, a.h.debt, a.h.earned, a.h.spent, a.h.expired, a.h.tier)
+    finally:
+        free(a.lots.items)
+        free(a.holds)
+        free(a.coupons)
+
+
 def account_of(bytes data):
     """An account value (records.py) as a codec.Account, decoded in C as the
     kernel reads it: what codec.Account.decode returns, much faster."""
@@ -3515,6 +3548,12 @@ cdef class Environment:
     def read(self):
         self._check_open()
         return ReadTxn(self)
+
+    def balance_figures(self, uint64_t account_id, int64_t now):
+        """`balance_figures_of` the account's stored value, or None."""
+        cdef uint64_t key = be64(account_id)
+        raw = self.get(DB_ACCOUNTS, PyBytes_FromStringAndSize(<char *>&key, 8))
+        return balance_figures_of(raw, now) if raw is not None else None
 
     def get(self, int db, bytes key):
         """The value (bytes) of `key` in database number `db` (DB_NAMES), or

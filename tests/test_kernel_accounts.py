@@ -9,9 +9,10 @@ import pytest
 
 from kopilka.core.codec import Account, Coupon, Hold, Lot
 from kopilka.core.records import MAX_COUPONS, VISIT_DAYS
-from kopilka.kernel._ledger import account_of
+from kopilka.core.reads import balances_of
+from kopilka.kernel._ledger import account_of, balance_figures_of
 
-I64 = st.integers(-(1 << 62), 1 << 62)
+I64 = st.integers(-(1 << 55), 1 << 55)  # sums of a few stay in int64
 U32 = st.integers(0, (1 << 32) - 1)
 TIME = st.integers(0, 1 << 60)
 
@@ -56,3 +57,12 @@ def test_a_damaged_account_value_is_refused_as_the_codec_refuses_it(account, dat
                 account_of(damaged)
         else:
             assert account_of(damaged) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(accounts(), TIME)
+def test_the_kernels_balances_are_the_codecs(account, now):
+    b = balances_of(7, account, now)
+    assert balance_figures_of(account.encode(), now) == (
+        b.program, b.status, b.available, b.pending, b.held, b.balance, b.debt,
+        b.earned, b.spent, b.expired, b.tier)
