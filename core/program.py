@@ -382,11 +382,11 @@ class Program:
     def coalition(self):
         return bool(self.partners)
 
-    @property
+    @cached_property   # a frozen dataclass: reckoned once (checkouts ask each time)
     def zone(self):
         return ZoneInfo(self.time_zone)
 
-    @property
+    @cached_property
     def utc_offset_minutes(self):
         """The zone's standard offset (the smaller of winter's and summer's:
         daylight saving adds), which the ledger counts members' days by."""

@@ -98,7 +98,13 @@ class ProgramRecord:
 
 
 class LedgerReads:
-    """Point reads over one read transaction each."""
+    """Point reads over one read transaction each (`_get`: a ledger may
+    read single keys more cheaply)."""
+
+    def _get(self, db, key):
+        """The value of `key` in database `db` as of the last commit, or None."""
+        with self._snapshot() as snap:
+            return snap.get(db, key)
 
     def programs(self):
         """Every program's record, by id."""
@@ -112,9 +118,8 @@ class LedgerReads:
             return records
 
     def account(self, account_id):
-        with self._snapshot() as snap:
-            raw = snap.get("accounts", U64.pack(account_id))
-            return Account.decode(raw) if raw is not None else None
+        raw = self._get("accounts", U64.pack(account_id))
+        return Account.decode(raw) if raw is not None else None
 
     def balances(self, account_id, now):
         account = self.account(account_id)
@@ -125,19 +130,16 @@ class LedgerReads:
         return list(account.lots) if account else []
 
     def operation(self, op_id):
-        with self._snapshot() as snap:
-            raw = snap.get("ops", bytes(op_id))
-            return Operation.decode(raw) if raw is not None else None
+        raw = self._get("ops", bytes(op_id))
+        return Operation.decode(raw) if raw is not None else None
 
     def profile(self, account_id):
         """The member's profile (opaque bytes), or None."""
-        with self._snapshot() as snap:
-            return snap.get("profiles", U64.pack(account_id))
+        return self._get("profiles", U64.pack(account_id))
 
     def card(self, number):
         """(account id, CardStatus) of a card number, or None."""
-        with self._snapshot() as snap:
-            raw = snap.get("cards", bytes(number))
+        raw = self._get("cards", bytes(number))
         if raw is None:
             return None
         account_id, status = CARD.unpack(raw)

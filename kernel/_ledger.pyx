@@ -3524,6 +3524,85 @@ cdef size_t count_ops(const char *batch, size_t size) except? 0:
 
 
 _OPEN_PATHS = set()  # environments open in this process, by real path
+_ACCOUNT_TYPES = None  # (Account, Lot, Hold, Coupon) of kopilka.core.codec
+
+
+def account_types(account, lot, hold, coupon):
+    """The classes `account_of` builds (core/codec.py's): set once by
+    kopilka.kernel, so the kernel itself imports nothing of core."""
+    global _ACCOUNT_TYPES
+    _ACCOUNT_TYPES = (account, lot, hold, coupon)
+
+
+def balance_figures_of(bytes data, int64_t now):
+    """(program, status, available, pending, held, balance, debt, earned,
+    spent, expired, tier) of an account value as of `now`: what
+    core.reads.balances_of reckons, with no Account built."""
+    cdef Work w
+    cdef Acct a
+    cdef int64_t active = 0, pending = 0, held = 0
+    cdef uint32_t i
+    cdef LotRec *lot
+    memset(&w, 0, sizeof(Work))
+    memset(&a, 0, sizeof(Acct))
+    try:
+        if decode_account(&w, &a, PyBytes_AS_STRING(data), len(data)):
+            raise ValueError("account value of the wrong size or layout")
+        for i in range(a.n_holds):
+            if a.holds[i].expires_at > now:
+                held += a.holds[i].amount
+        for i in range(a.lots.n):
+            lot = &a.lots.items[i]
+            if lot.expires_at <= now:
+                continue  # expired, burned when the account is next touched
+            if lot.activates_at <= now:
+                active += lot.remaining
+            else:
+                pending += lot.remaining
+        return (a.h.program, a.h.status, active - held - a.h.debt, pending, held,
+                a.h.balance, a.h.debt, a.h.earned, a.h.spent, a.h.expired, a.h.tier)
+    finally:
+        free(a.lots.items)
+        free(a.holds)
+        free(a.coupons)
+
+
+def account_of(bytes data):
+    """An account value (records.py) as a codec.Account, decoded in C as the
+    kernel reads it: what codec.Account.decode returns, much faster."""
+    cdef Work w
+    cdef Acct a
+    cdef int rc
+    cdef uint32_t i
+    cdef LotRec *lot
+    if _ACCOUNT_TYPES is None:
+        raise LedgerError("account_types() was not called")
+    account, lot_type, hold_type, coupon_type = _ACCOUNT_TYPES
+    memset(&w, 0, sizeof(Work))
+    memset(&a, 0, sizeof(Acct))
+    try:
+        rc = decode_account(&w, &a, PyBytes_AS_STRING(data), len(data))
+        if rc:
+            raise ValueError("account value of the wrong size or layout")
+        lots = []
+        for i in range(a.lots.n):
+            lot = &a.lots.items[i]
+            lots.append(lot_type(lot.lot_no, lot.partner, lot.remaining,
+                                 lot.activates_at, lot.expires_at, lot.issued_hour))
+        holds = [hold_type(a.holds[i].hold_no, a.holds[i].amount, a.holds[i].expires_at)
+                 for i in range(a.n_holds)]
+        coupons = [coupon_type(a.coupons[i].number, a.coupons[i].state,
+                               a.coupons[i].value, a.coupons[i].usable_from,
+                               a.coupons[i].expires_at) for i in range(a.n_coupons)]
+        days = [a.days[i] for i in range(a.n_days)]
+        return account(a.h.program, a.h.status, a.h.next_lot, a.h.next_hold,
+                       a.h.balance, a.h.debt, a.h.held, a.h.earned, a.h.spent,
+                       a.h.expired, a.h.opened_at, a.h.tier, days, lots, holds,
+                       a.h.next_coupon, coupons)
+    finally:
+        free(a.lots.items)
+        free(a.holds)
+        free(a.coupons)
 
 
 cdef class Environment:
@@ -3537,6 +3616,7 @@ cdef class Environment:
     cdef readonly str path
     cdef readonly int busy  # apply() and copy() calls inside LMDB right now
     cdef object readers  # the ReadTxns still open
+    cdef MDB_txn *point  # get()'s read-only transaction, reset between reads
 
     def __cinit__(self, path, size_t map_size=1 << 30, bint sync=True,
                   bint writemap=False):
@@ -3587,12 +3667,18 @@ cdef class Environment:
                               "close it once that returns")
         for txn in list(self.readers):
             txn.close()
+        if self.point != NULL:
+            mdb_txn_abort(self.point)
+            self.point = NULL
         mdb_env_close(self.env)
         self.env = NULL
         _OPEN_PATHS.discard(self.path)
 
     def __dealloc__(self):
         if self.env != NULL:  # nothing can be busy or reading any more
+            if self.point != NULL:
+                mdb_txn_abort(self.point)
+                self.point = NULL
             mdb_env_close(self.env)
             self.env = NULL
             if _OPEN_PATHS is not None:  # None while the interpreter shuts down
@@ -3626,6 +3712,43 @@ cdef class Environment:
     def read(self):
         self._check_open()
         return ReadTxn(self)
+
+    def balance_figures(self, uint64_t account_id, int64_t now):
+        """`balance_figures_of` the account's stored value, or None."""
+        cdef uint64_t key = be64(account_id)
+        raw = self.get(DB_ACCOUNTS, PyBytes_FromStringAndSize(<char *>&key, 8))
+        return balance_figures_of(raw, now) if raw is not None else None
+
+    def get(self, int db, bytes key):
+        """The value (bytes) of `key` in database number `db` (DB_NAMES), or
+        None, as of the last commit.
+
+        One read-only transaction serves every such point read: renewed for
+        the read (it then sees the last commit) and reset after it, which
+        costs much less than a transaction begun and aborted each time. The
+        GIL is held throughout, so no two threads ever use it at once."""
+        cdef MDB_val k, v
+        cdef int rc
+        cdef object out = None
+        if self.env == NULL:
+            raise LedgerError("ledger is closed")
+        if not 0 <= db < NDB:
+            raise ValueError(f"no database number {db}")
+        if self.point == NULL:
+            rc = mdb_txn_begin(self.env, NULL, MDB_RDONLY, &self.point)
+        else:
+            rc = mdb_txn_renew(self.point)
+        if rc:
+            _raise(rc)
+        k.mv_size = len(key)
+        k.mv_data = <void *>PyBytes_AS_STRING(key)
+        rc = mdb_get(self.point, self.dbi[db], &k, &v)
+        if rc == MDB_SUCCESS:
+            out = PyBytes_FromStringAndSize(<char *>v.mv_data, v.mv_size)
+        mdb_txn_reset(self.point)
+        if rc != MDB_SUCCESS and rc != MDB_NOTFOUND:
+            _raise(rc)
+        return out
 
     def copy(self, path, bint compact=True):
         """A consistent copy of the environment into an empty directory."""

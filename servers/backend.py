@@ -58,8 +58,11 @@ def main_result(results):
     return next((r for r in results if r.code != Code.LINKED_FAILED), first)
 
 
+_PACK = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one a call
+
+
 def pack(answer):
-    return json.dumps(answer, separators=(",", ":")).encode()
+    return _PACK(answer).encode()
 
 
 def unpack(data):
@@ -187,6 +190,12 @@ class Backend:
         now = self.clock() if now is None else now
         b = self.ledger.balances(account_id, now)
         return convert.balances(b, now) if b is not None else None
+
+    def balances_fields(self, account_id, now=None):
+        """`balances` as a dict, for a response built in one call."""
+        now = self.clock() if now is None else now
+        b = self.ledger.balances(account_id, now)
+        return convert.balances_fields(b, now) if b is not None else None
 
     def version_at(self, program_id, at):
         """The program version in force at `at`, or None (no such program,

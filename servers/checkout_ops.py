@@ -43,6 +43,7 @@ from kopilka.core.records import Code, HoldState, Kind
 from kopilka.v1 import checkout_pb2
 
 from . import auth, convert, receipts
+from .convert import money_fields
 from .backend import derived_id, id_base, pack, request_digest, unpack
 from .status import ApiError, from_kernel, invalid
 
@@ -126,12 +127,11 @@ def prepare_hold(backend, request, prefix=""):
 
 
 def _hold_answer(backend, record, answer, replayed):
-    out = checkout_pb2.HoldResponse(
+    return checkout_pb2.HoldResponse(
         member=convert.member_name(record.program, record.account),
         held_points=answer["p"],
-        balances=backend.balances(record.account), replayed=replayed)
-    convert.set_time(out, "expire_time", answer.get("e"))
-    return out
+        balances=backend.balances_fields(record.account), replayed=replayed,
+        expire_time=convert.time_fields(answer.get("e")))
 
 
 # --- capture ------------------------------------------------------------------
@@ -318,38 +318,35 @@ def _referral(answer):
 def _capture_answer(backend, f, answer, replayed, allocation=None):
     cur = answer["cur"]
     allocation = allocation or allocation_of(answer["al"])
-    out = checkout_pb2.CaptureResponse(
+    visit_bonus = 0
+    if allocation.capture:
+        visit = backend.ledger.operation(visit_id(allocation.capture.encode()))
+        visit_bonus = visit.earned if visit is not None else 0
+    redeemed, earned = answer.get("cpr"), answer.get("cpi")
+    issued = backend.ledger.operation(earned["op"].encode()) if earned else None
+    return checkout_pb2.CaptureResponse(
         member=convert.member_name(f.program, f.account),
         program_version=convert.version_name(f.program, allocation.version),
         partner=convert.partner_name(f.program, f.partner),
         replayed=replayed, spent_points=f.spent, earned_points=f.earned,
         released_points=max(0, answer["held"] - f.spent),
-        paid=convert.money(f.money, cur), discount=convert.money(answer["disc"], cur),
-        lines=[checkout_pb2.SettledLine(
-            line_number=s.number, quantity=s.quantity,
-            discount=convert.money(s.discount, cur), spent_points=s.spent,
-            earned_points=s.earned, paid=convert.money(s.paid, cur))
-            for s in allocation.lines],
-        balances=backend.balances(f.account))
-    if allocation.capture:
-        visit = backend.ledger.operation(visit_id(allocation.capture.encode()))
-        out.visit_bonus_points = visit.earned if visit is not None else 0
-    redeemed, earned = answer.get("cpr"), answer.get("cpi")
-    if redeemed:
-        out.coupon_redeemed.code = redeemed["code"]
-        out.coupon_redeemed.discount.CopyFrom(convert.money(redeemed["off"], cur))
-    issued = backend.ledger.operation(earned["op"].encode()) if earned else None
-    if issued is not None:
-        out.coupon_issued.code = convert.coupon_code(f.account, issued.a)
-        terms = out.coupon_issued.terms
-        terms.value.CopyFrom(convert.money(earned["v"], cur))
-        convert.set_time(terms, "usable_time", earned["u"])
-        convert.set_time(terms, "expire_time", earned["e"])
-    if f.earned:
-        convert.set_time(out, "earn_activate_time", answer["act"])
-        convert.set_time(out, "earn_expire_time", answer["exp"])
-    convert.set_time(out, "operation_time", answer["t"])
-    return out
+        paid=money_fields(f.money, cur), discount=money_fields(answer["disc"], cur),
+        lines=[{"line_number": s.number, "quantity": s.quantity,
+                "discount": money_fields(s.discount, cur), "spent_points": s.spent,
+                "earned_points": s.earned, "paid": money_fields(s.paid, cur)}
+               for s in allocation.lines],
+        balances=backend.balances_fields(f.account),
+        visit_bonus_points=visit_bonus,
+        coupon_redeemed=None if not redeemed else {
+            "code": redeemed["code"], "discount": money_fields(redeemed["off"], cur)},
+        coupon_issued=None if issued is None else {
+            "code": convert.coupon_code(f.account, issued.a),
+            "terms": {"value": money_fields(earned["v"], cur),
+                      "usable_time": convert.time_fields(earned["u"]),
+                      "expire_time": convert.time_fields(earned["e"])}},
+        earn_activate_time=convert.time_fields(answer["act"]) if f.earned else None,
+        earn_expire_time=convert.time_fields(answer["exp"]) if f.earned else None,
+        operation_time=convert.time_fields(answer["t"]))
 
 
 # --- void ---------------------------------------------------------------------
@@ -375,7 +372,7 @@ def prepare_void(backend, request, prefix=""):
 def _void_answer(backend, record, answer, replayed):
     return checkout_pb2.VoidResponse(
         member=convert.member_name(record.program, record.account),
-        released_points=record.a, balances=backend.balances(record.account),
+        released_points=record.a, balances=backend.balances_fields(record.account),
         replayed=replayed)
 
 
@@ -553,7 +550,7 @@ def _clawback(answer):
 
 def _refund_answer(backend, record, answer, replayed):
     cur = answer["cur"]
-    balances = backend.balances(record.account)
+    balances = backend.balances_fields(record.account)
     # the refund of a receipt its coupon paid: its result a is the coupon's value
     returned, clawed = (0, 0) if answer.get("cp") else (record.a, record.b)
     coupons = {}
@@ -567,8 +564,8 @@ def _refund_answer(backend, record, answer, replayed):
         coupon_revoked=coupons.get("rv", ""), coupon_given_back=coupons.get("gb", ""),
         member=convert.member_name(record.program, record.account),
         returned_points=returned, clawed_back_points=clawed,
-        refunded=convert.money(record.money, cur),
-        lines=[checkout_pb2.RefundedLine(
-            line_number=n, quantity=q, returned_points=g, clawed_back_points=c,
-            refunded=convert.money(m, cur)) for n, q, g, c, m in answer["lines"]],
-        debt_points=balances.debt_points, balances=balances, replayed=replayed)
+        refunded=money_fields(record.money, cur),
+        lines=[{"line_number": n, "quantity": q, "returned_points": g,
+                "clawed_back_points": c, "refunded": money_fields(m, cur)}
+               for n, q, g, c, m in answer["lines"]],
+        debt_points=balances["debt_points"], balances=balances, replayed=replayed)

@@ -1953,3 +1953,35 @@ def test_the_member_index_follows_tiers_and_birthdays(ledger, open_program):
     assert list(ledger.tiered(1)) == [(1, a), (3, 2)]
     assert list(ledger.tiered(1, 2)) == [(3, 2)]
     assert ledger.audit() == []
+
+
+def test_point_reads_see_every_commit_from_any_thread(ledger, open_program):
+    """Account, operation, card and profile reads see the last commit, read
+    after read (the kernel keeps one transaction for them), and work from
+    another thread between commits; a closed ledger refuses them."""
+    import threading
+    account = open_program()[0]
+    ok(ledger, 1, "link_card", "c1", account, b"7700")
+    for i in range(1, 4):
+        assert ledger.account(account).balance == 10 * (i - 1)
+        ok(ledger, 1, "earn", f"e{i}", account, 10, activates_at=0, expires_at=NEVER)
+        assert ledger.account(account).balance == 10 * i
+        assert ledger.operation(f"e{i}".encode()).account == account
+        assert ledger.operation(f"e{i + 1}".encode()) is None
+    ok(ledger, 1, "block_card", "b1", b"7700")
+    assert ledger.card(b"7700") == (account, CardStatus.BLOCKED)
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(ledger.account(account).balance))
+    thread.start()
+    thread.join()
+    assert seen == [30]
+    ok(ledger, 1, "earn", "e9", account, 5, activates_at=0, expires_at=NEVER)
+    assert ledger.account(account).balance == 35 and ledger.profile(account) is None
+
+
+def test_point_reads_refuse_a_closed_ledger(ledger_class, tmp_path):
+    ledger = ledger_class(tmp_path / "closed", sync=False)
+    assert ledger.account(1) is None
+    ledger.close()
+    with pytest.raises(Exception):
+        ledger.account(1)
