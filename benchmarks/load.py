@@ -163,6 +163,9 @@ class External:
     def cpu_seconds(self):
         return float("nan")
 
+    def main_thread_cpu_seconds(self):
+        return float("nan")
+
     def stop(self):
         return 0
 
@@ -193,6 +196,12 @@ class Recorder:
 
     def error(self, kind, started, ended, err):
         self.errors.append((ended, kind, err.code().name, error_reason(err)))
+
+    def count(self, start, stop):
+        """RPCs (any kind, errors too) that ended in [start, stop]."""
+        return (sum(1 for v in self.samples.values() for end, _ in v
+                    if start <= end <= stop)
+                + sum(1 for e in self.errors if start <= e[0] <= stop))
 
     def window(self, start, stop):
         """Latencies by kind and errors of the RPCs that ended in [start, stop]."""
@@ -229,19 +238,35 @@ def status_reason(status):
 
 
 class Usage:
-    """CPU used by the client (this process) and the server over a phase."""
+    """CPU used by the client (this process) and the server over a phase:
+    the whole server, and its main thread alone (the event loop, where the
+    RPCs' Python work runs: the figure `*_main_us_per_*` divides)."""
 
     def __init__(self, server):
         self.server = server
         self.wall = time.perf_counter()
         self.client = time.process_time()
         self.server_cpu = server.cpu_seconds()
+        self.server_main = server.main_thread_cpu_seconds()
 
     def done(self):
-        wall = time.perf_counter() - self.wall
+        self.end = time.perf_counter()
+        wall = self.end - self.wall
         server = self.server.cpu_seconds() - self.server_cpu
+        main = self.server.main_thread_cpu_seconds() - self.server_main
         return {"client_cpu_share": round((time.process_time() - self.client) / wall, 3),
-                "server_cpu_share": None if math.isnan(server) else round(server / wall, 3)}
+                "server_cpu_share": None if math.isnan(server) else round(server / wall, 3),
+                "server_main_cpu_share": None if math.isnan(main) else round(main / wall, 3),
+                "server_main_cpu_seconds": None if math.isnan(main) else main,
+                "usage_start": self.wall, "usage_end": self.end}
+
+
+def per_unit_us(usage, count):
+    """Server main-thread CPU microseconds per RPC (or operation), or None."""
+    main = usage.get("server_main_cpu_seconds")
+    if main is None or not count:
+        return None
+    return round(main * 1e6 / count, 1)
 
 
 # --- clients -----------------------------------------------------------------
@@ -373,6 +398,10 @@ async def run_timed(args, target, make_clients):
 def summarize_timed(recorder, window, usage, duration):
     kinds, errors = recorder.window(*window)
     everything = [lat for v in kinds.values() for lat in v]
+    # CPU is read over [window start, every client done]: the RPCs that
+    # ended then are what it was spent on
+    served = recorder.count(usage.pop("usage_start"), usage.pop("usage_end"))
+    usage["server_main_us_per_rpc"] = per_unit_us(usage, served)
     out = {"rpcs": len(everything), "rpcs_per_s": len(everything) / duration,
            "all": latency_figures(everything), "by_rpc": {}, **usage,
            "errors": [{"rpc": k, "code": c, "reason": r, "count": n}
@@ -426,7 +455,8 @@ async def phase_unary(args, server, metadata, run):
     return out
 
 
-def post_request(rng, receipts, members, size, kind, run, n, seq, pending):
+def post_request(rng, receipts, members, size, kind, run, n, seq, pending,
+                 status_only=False):
     """(PostRequest, kinds of its operations, holds to capture in the next one).
 
     holds+captures: the captures of the holds the previous request placed
@@ -476,7 +506,8 @@ def post_request(rng, receipts, members, size, kind, run, n, seq, pending):
                 operation_id=op_id, lane=lane_text, card_number=card, receipt=receipt,
                 spend_points=spend)))
             kinds.append("capture")
-    return pb.PostRequest(operations=ops), kinds, holds
+    view = {"view": pb.POST_RESULT_VIEW_STATUS} if status_only else {}
+    return pb.PostRequest(operations=ops, **view), kinds, holds
 
 
 async def batch_client(n, stub, members, args, run, metadata, state):
@@ -490,7 +521,8 @@ async def batch_client(n, stub, members, args, run, metadata, state):
         seq += 1
         t = time.perf_counter()
         request, kinds, holds = post_request(rng, receipts, members, args.batch,
-                                             args.batch_kind, run, n, seq, pending)
+                                             args.batch_kind, run, n, seq, pending,
+                                             args.post_view == "status")
         build += time.perf_counter() - t
         measured = seq > 1
         if measured:
@@ -547,6 +579,8 @@ async def phase_batch(args, server, metadata, run):
                                         metadata, state)
                            for i in range(args.batch_clients)))
     usage = state["usage"].done()
+    del usage["usage_start"], usage["usage_end"]
+    usage["server_main_us_per_op"] = per_unit_us(usage, state["ok"])
     for c in chans:
         await c.close()
     seconds = max(state["last_end"] - state["start"], 1e-9)
@@ -554,7 +588,8 @@ async def phase_batch(args, server, metadata, run):
               for (c, r), k in sorted(state["request_errors"].items())]
     errors += [{"rpc": f"Post.{kind}", "code": c, "reason": r, "count": k}
                for (kind, c, r), k in sorted(state["op_errors"].items())]
-    return {"batch": args.batch, "kind": args.batch_kind, "clients": args.batch_clients,
+    return {"batch": args.batch, "kind": args.batch_kind, "view": args.post_view,
+            "clients": args.batch_clients,
             "requests": state["requests"], "seconds": seconds,
             "durable_ops": state["ok"], "durable_ops_per_s": state["ok"] / seconds,
             "requests_per_s": state["requests"] / seconds,
@@ -649,8 +684,15 @@ def render_timed(title, out, extra=()):
 def _render_usage(out):
     server = out.get("server_cpu_share")
     server = f"{server:.0%}" if server is not None else "n/a"
-    return (f"  CPU (share of one core over the window): client {out['client_cpu_share']:.0%}, "
+    main = out.get("server_main_cpu_share")
+    text = (f"  CPU (share of one core over the window): client {out['client_cpu_share']:.0%}, "
             f"server {server}")
+    if main is not None:
+        text += f" (its main thread {main:.0%})"
+    for key, unit in (("server_main_us_per_rpc", "RPC"), ("server_main_us_per_op", "op")):
+        if out.get(key) is not None:
+            text += f"\n  server main-thread CPU per {unit}: {out[key]:,.0f} us"
+    return text
 
 
 def _render_errors(errors):
@@ -688,7 +730,8 @@ def render(result):
     if "batch" in phases:
         b = phases["batch"]
         r = b["request"]
-        lines += [(f"batch: Post of {b['batch']:,} operations ({b['kind']}), "
+        view = ", status-only results" if b.get("view") == "status" else ""
+        lines += [(f"batch: Post of {b['batch']:,} operations ({b['kind']}{view}), "
                    f"{b['clients']} clients"),
                   (f"  durable ops/s {_rate(b['durable_ops_per_s'])}  "
                    f"({b['durable_ops']:,} ops in {b['requests']:,} requests, "
@@ -702,6 +745,42 @@ def render(result):
         lines.append(f"  {'MET    ' if goal['met'] else 'NOT MET'}  {goal['text']}")
     end = " ".join(f"{x:.2f}" for x in meta["load_average_end"])
     lines.append(f"load average at end {end}")
+    return lines
+
+
+RANGED = (("echo RPCs/s", "echo", "rpcs_per_s", "{:,.0f}"),
+          ("echo server main-thread us/RPC", "echo", "server_main_us_per_rpc", "{:,.0f}"),
+          ("unary RPCs/s", "unary", "rpcs_per_s", "{:,.0f}"),
+          ("unary p99 ms", "unary", ("all", "p99_ms"), "{:,.2f}"),
+          ("unary server main-thread us/RPC", "unary", "server_main_us_per_rpc",
+           "{:,.0f}"),
+          ("Post durable ops/s", "batch", "durable_ops_per_s", "{:,.0f}"),
+          ("Post server main-thread us/op", "batch", "server_main_us_per_op", "{:,.0f}"))
+
+
+def render_ranges(rounds):
+    """Each figure's range over the rounds (min .. max, then every round)."""
+    lines = [f"over {len(rounds)} rounds (min .. max: each round)"]
+
+    def figure(phases, phase, key):
+        value = phases.get(phase)
+        for k in (key if isinstance(key, tuple) else (key,)):
+            value = value.get(k) if isinstance(value, dict) else None
+        return value
+    rows = [(label, fmt, [figure(r["phases"], phase, key) for r in rounds])
+            for label, phase, key, fmt in RANGED]
+    share = [r["goals"]["unary"].get("share_of_echo") for r in rounds
+             if "unary" in r["goals"]]
+    if share and all(x is not None for x in share):
+        rows.insert(4, ("unary share of echo %", "{:.1f}", [100 * x for x in share]))
+    for label, fmt, values in rows:
+        values = [v for v in values if v is not None]
+        if values:
+            lines.append(f"  {label:<34} {fmt.format(min(values))} .. "
+                         f"{fmt.format(max(values))}: "
+                         + ", ".join(fmt.format(v) for v in values))
+    loads = " ".join(f"{r['load_average_start'][0]:.2f}" for r in rounds)
+    lines.append(f"  load average (1 min) at each round's start: {loads}")
     return lines
 
 
@@ -739,8 +818,14 @@ def parse_args(argv=None):
                     "against the real server, beside a bare gRPC echo baseline.",
         epilog="Example: load.py --mode all --duration 20 --clients 64 --members 100000 "
                "--batch 1000 --json")
-    p.add_argument("--mode", choices=("unary", "batch", "echo", "all"), default="all",
-                   help="what to run (all: echo, then unary, then batch; default all)")
+    p.add_argument("--mode", choices=("unary", "batch", "post", "echo", "all"),
+                   default="all",
+                   help="what to run (all: echo, then unary, then batch; post is "
+                        "batch; default all)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the phases this many times, one after the other (a "
+                        "fresh server each round), and report the range of each "
+                        "figure (default %(default)s)")
     p.add_argument("--clients", type=int, default=32,
                    help="concurrent POS clients (and echo clients) (default %(default)s)")
     p.add_argument("--channels", type=int, default=4,
@@ -758,6 +843,9 @@ def parse_args(argv=None):
                    default="holds+captures",
                    help="a hold and its capture per member, or captures only "
                         "(half spending directly) (default %(default)s)")
+    p.add_argument("--post-view", choices=("full", "status"), default="full",
+                   help="what Post returns of each operation: its full response, or "
+                        "its status alone (POST_RESULT_VIEW_STATUS) (default %(default)s)")
     p.add_argument("--batch-clients", type=int, default=3,
                    help="concurrent Post clients (default %(default)s)")
     p.add_argument("--timeout", type=float, default=10.0,
@@ -783,6 +871,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.warmup is None:
         args.warmup = min(2.0, args.duration / 5)
+    if args.mode == "post":
+        args.mode = "batch"
+    if args.rounds < 1:
+        p.error("--rounds must be at least 1")
     if not 1 <= args.batch <= 10_000:
         p.error("--batch must be 1 to 10,000")
     if args.clients < 1 or args.channels < 1 or args.batch_clients < 1 or args.members < 1:
@@ -876,19 +968,38 @@ def main(argv=None):
         if args.seed_only:
             print(f"seeded {data}; tokens in {tokens_path}")
             return 0
-        phases = asyncio.run(run(args, log_dir, info))
+        rounds = []
+        for number in range(args.rounds):
+            if args.rounds > 1:
+                print(f"round {number + 1} of {args.rounds}", flush=True)
+            round_start = os.getloadavg()
+            phases = asyncio.run(run(args, log_dir, info))
+            rounds.append({"phases": phases, "goals": goals(phases),
+                           "load_average_start": round_start,
+                           "load_average_end": os.getloadavg()})
     finally:
         if temporary:
             shutil.rmtree(temporary, ignore_errors=True)
     meta["load_average_end"] = os.getloadavg()
-    result = {"meta": meta, "phases": phases, "goals": goals(phases)}
-    print("\n".join(render(result)))
-    for name in ("unary", "batch"):
-        for line in phases.get(name, {}).get("profile", ()):
-            if line is phases[name]["profile"][0]:
-                print(f"\n{name} phase {line}")
-            else:
-                print(line)
+    result = {"meta": meta, "phases": rounds[0]["phases"], "goals": rounds[0]["goals"]}
+    if len(rounds) > 1:
+        result["rounds"] = rounds
+    for number, r in enumerate(rounds):
+        if len(rounds) > 1:
+            print(f"\n--- round {number + 1} of {len(rounds)}")
+        print("\n".join(render({"meta": {**meta, "load_average_start":
+                                          r["load_average_start"],
+                                          "load_average_end": r["load_average_end"]},
+                                 "phases": r["phases"], "goals": r["goals"]})))
+        phases = r["phases"]
+        for name in ("unary", "batch"):
+            for line in phases.get(name, {}).get("profile", ()):
+                if line is phases[name]["profile"][0]:
+                    print(f"\n{name} phase {line}")
+                else:
+                    print(line)
+    if len(rounds) > 1:
+        print("\n".join(render_ranges(rounds)))
     if args.json:
         out = args.json
         if out == "auto":
@@ -898,7 +1009,7 @@ def main(argv=None):
             json.dump(result, f, indent=1)
             f.write("\n")
         print(f"saved {out}")
-    errors = sum(len(p["errors"]) for p in phases.values())
+    errors = sum(len(p["errors"]) for r in rounds for p in r["phases"].values())
     if errors:
         print(f"FAILED: {errors} kinds of unexpected errors (see above)")
         return 1

@@ -8,11 +8,13 @@ demands that the stored rows equal it.
 
 from collections import namedtuple
 
-from .codec import decode_lots
-from .records import (ACTIVITY_KEY, AGG_ACTIVITY, AGG_COHORT, AGG_MEMBER_DAY,
-                      AGG_MEMBER_MONTH, AGG_SETTLEMENT, COHORT_KEY, DAY, HOUR,
+from .codec import decode_coupon_closed, decode_coupon_issued, decode_lots
+from .records import (ACTIVITY_KEY, AGG_ACTIVITY, AGG_COHORT, AGG_COUPONS,
+                      AGG_MEMBER_DAY, AGG_MEMBER_MONTH, AGG_SETTLEMENT, COHORT_KEY,
+                      COUPON_AGG_KEY, COUPON_EARNED, COUPON_GIVEN_BACK, DAY, HOUR,
                       I64, MEMBER_DAY_KEY, MEMBER_DAY_VALUE, MEMBER_MONTH_KEY,
-                      MINUTE, SETTLEMENT_KEY, SYSTEM, Entry)
+                      MINUTE, SETTLEMENT_KEY, SYSTEM, VISIT_DAYS, CouponState,
+                      Entry)
 
 COUNTERS = ("issued", "spent", "expired", "adjusted", "returned", "clawed",
             "receipts", "receipt_money", "new_members", "member_days")
@@ -35,6 +37,14 @@ class CohortCounters(namedtuple("CohortCounters", COHORT_COUNTERS)):
 COHORT_ISSUED, COHORT_SPENT, COHORT_EXPIRED, COHORT_CLAWED = range(4)
 MONTH_COUNTERS = ("money", "receipts")
 MONTH_MONEY, MONTH_RECEIPTS = range(2)
+COUPON_COUNTERS = ("issued", "issued_money", "redeemed", "redeemed_money",
+                   "expired", "expired_money", "revoked", "revoked_money",
+                   "given_back", "given_back_money", "displaced", "displaced_money")
+CouponCounters = namedtuple("CouponCounters", COUPON_COUNTERS)
+# A coupon event's counter pair (its count; the money is the next int64).
+_COUPON_ISSUED = {COUPON_EARNED: 0, COUPON_GIVEN_BACK: 8}
+_COUPON_CLOSED = {CouponState.REDEEMED: 2, CouponState.EXPIRED: 4,
+                  CouponState.REVOKED: 6, CouponState.DISPLACED: 10}
 # Postings that name the lots they touch: the cohort counter, and its sign.
 _COHORT = {Entry.SPEND: (COHORT_SPENT, 1), Entry.RETURN: (COHORT_SPENT, -1),
            Entry.EXPIRE: (COHORT_EXPIRED, 1), Entry.CLAWBACK: (COHORT_CLAWED, 1)}
@@ -80,16 +90,19 @@ def member_of(entry):
 
 def counted(entry):
     """Whether an entry changes any aggregate row."""
-    return entry.type in _COUNTER
+    return entry.type in _COUNTER or entry.type in (Entry.COUPON_ISSUED,
+                                                     Entry.COUPON_CLOSED)
 
 
-def changes(entry, tier, utc_offset, last_day):
-    """What one counted entry adds, given its member's tier and last_day
-    (records.py) and its program's UTC offset: ([(key, index, delta)],
-    last_day after it). `index` is the int64 of the row's value to add to;
+def changes(entry, tier, utc_offset, visit_days):
+    """What one counted entry adds, given its member's tier and visit days
+    (records.py, newest first) and its program's UTC offset:
+    ([(key, index, delta)], visit days after it). `index` is the int64 of the row's value to add to;
     None for a member-day row, whose value is `delta` (the account). The
     entry's seq must be the one it has (or will have) in the journal: it
     keys the member-day row."""
+    if entry.type in (Entry.COUPON_ISSUED, Entry.COUPON_CLOSED):
+        return coupon_changes(entry), visit_days
     program, hour = entry.program, hour_of(entry.time)
     activity = ACTIVITY_KEY.pack(AGG_ACTIVITY, program, hour, entry.store,
                                  entry.partner, tier)
@@ -111,13 +124,30 @@ def changes(entry, tier, utc_offset, last_day):
         out.append((month, MONTH_MONEY, amount))
         if amount > 0:
             out += [(month, MONTH_RECEIPTS, 1), (activity, RECEIPTS, 1)]
-        if amount > 0 and day + 1 > last_day:  # the member's first of the day
+        if amount > 0 and (not visit_days or day > visit_days[0]):  # first of the day
             out.append((MEMBER_DAY_KEY.pack(AGG_MEMBER_DAY, program, day,
                                             entry.seq), None, member_of(entry)))
             out.append((activity, MEMBER_DAYS, 1))
-            last_day = day + 1
+            visit_days = [day] + visit_days[:VISIT_DAYS - 1]
     out += cohort_changes(entry)
-    return out, last_day
+    return out, visit_days
+
+
+def coupon_changes(entry):
+    """[(key, index, delta)] of a coupon event in its hour's coupon row
+    (records.py); ValueError or IndexError when its data is malformed."""
+    if entry.type == Entry.COUPON_ISSUED:
+        index = _COUPON_ISSUED.get(decode_coupon_issued(entry.data)[1])
+        money = entry.amount
+    else:
+        index = _COUPON_CLOSED.get(entry.amount2)
+        money = (entry.amount if entry.amount2 == CouponState.REDEEMED
+                 else decode_coupon_closed(entry.data))
+    if index is None:  # moved by a merge: the same coupon, elsewhere
+        return []
+    key = COUPON_AGG_KEY.pack(AGG_COUPONS, entry.program, hour_of(entry.time),
+                              entry.store, entry.partner)
+    return [(key, index, 1), (key, index + 1, money)]
 
 
 def cohort_changes(entry):
@@ -139,10 +169,11 @@ def cohort_changes(entry):
 
 
 _WIDTH = {AGG_ACTIVITY: len(COUNTERS), AGG_SETTLEMENT: 1, AGG_MEMBER_DAY: 1,
-          AGG_COHORT: len(COHORT_COUNTERS), AGG_MEMBER_MONTH: len(MONTH_COUNTERS)}
+          AGG_COHORT: len(COHORT_COUNTERS), AGG_MEMBER_MONTH: len(MONTH_COUNTERS),
+          AGG_COUPONS: len(COUPON_COUNTERS)}
 _NAMES = {AGG_ACTIVITY: COUNTERS, AGG_SETTLEMENT: ("points",),
           AGG_MEMBER_DAY: ("account",), AGG_COHORT: COHORT_COUNTERS,
-          AGG_MEMBER_MONTH: MONTH_COUNTERS}
+          AGG_MEMBER_MONTH: MONTH_COUNTERS, AGG_COUPONS: COUPON_COUNTERS}
 
 
 def width(key):
@@ -191,6 +222,10 @@ def describe(key):
         if key[0] == AGG_MEMBER_MONTH:
             _, program, month, account = MEMBER_MONTH_KEY.unpack(key)
             return f"member month program {program} month {month} account {account}"
+        if key[0] == AGG_COUPONS:
+            _, program, hour, store, partner = COUPON_AGG_KEY.unpack(key)
+            return (f"coupons program {program} hour {hour} store {store} "
+                    f"partner {partner}")
     except Exception:  # a malformed key: shown as it is
         pass
     return f"key {key!r}"
@@ -202,7 +237,7 @@ class Rebuild:
     def __init__(self):
         self.rows = {}        # key -> list of ints
         self.tiers = {}       # member -> tier, from TIER_SET
-        self.last_days = {}   # member -> last_day
+        self.visit_days = {}  # member -> visit days, newest first
         self.offsets = {}     # program -> UTC offset, from PROGRAM_PUT
 
     def add(self, entry):
@@ -213,9 +248,9 @@ class Rebuild:
         if not counted(entry):
             return
         member = member_of(entry)
-        deltas, self.last_days[member] = changes(
+        deltas, self.visit_days[member] = changes(
             entry, self.tiers.get(member, 0), self.offsets.get(entry.program, 0),
-            self.last_days.get(member, 0))
+            self.visit_days.get(member, []))
         for key, index, delta in deltas:
             if index is None:
                 self.rows[key] = [delta]

@@ -17,15 +17,18 @@ import struct
 from collections import defaultdict
 
 from . import aggregates
-from .codec import Account, Coupon, JournalEntry, decode_coupon_issued, decode_lots
+from .codec import (Account, Coupon, JournalEntry, coupon_moved_from,
+                    decode_coupon_closed, decode_coupon_issued, decode_lots)
 from .records import (AGG_COHORT, BIRTHDAY_OF_KEY, BIRTHDAY_VALUE, COHORT_KEY,
-                      COUNTER_VALUE, COUPON_EARNED, COUPON_GIVEN_BACK,
+                      COUNTER_VALUE, COUPON_EARNED, COUPON_GIVEN_BACK, COUPON_MOVED,
                       DAYS_IN_MONTH, EXPIRY_KEY, HASH_SIZE, HEAD, I64,
                       IDX_BIRTHDAY, IDX_BIRTHDAY_OF, IDX_TIER, MAX_COUPONS,
                       MAX_HOLDS, MAX_LOTS, MEMBER_INDEX_KEY, META_HEAD, NEVER,
                       SYSTEM, SYSTEM_KEY, U64, CouponState, Entry)
 
 FIRST_POSTING = Entry.EARN
+CLOSED = (CouponState.REDEEMED, CouponState.REVOKED, CouponState.EXPIRED,
+          CouponState.MOVED, CouponState.DISPLACED)
 # Postings that name the lots they touch (records.py): all of their points,
 # or (CLAWBACK) at most all.
 NAMING_LOTS = {Entry.SPEND: True, Entry.RETURN: True, Entry.EXPIRE: True,
@@ -146,9 +149,9 @@ def audit(snap):
         raw = index.pop(BIRTHDAY_OF_KEY.pack(IDX_BIRTHDAY_OF, account_id), None)
         if raw is not None:
             problems += _birthday_problems(where, a.program, account_id, raw, index)
-        if a.last_day != rebuilt.last_days.get(account_id, 0):
-            problems.append(f"{where}: last day {a.last_day}, journal says "
-                            f"{rebuilt.last_days.get(account_id, 0)}")
+        if a.visit_days != rebuilt.visit_days.get(account_id, []):
+            problems.append(f"{where}: visit days {a.visit_days}, journal says "
+                            f"{rebuilt.visit_days.get(account_id, [])}")
         if a.lots and a.lots[0].expires_at != NEVER and not (
                 indexed.get(account_id, NEVER) <= a.lots[0].expires_at):
             problems.append(f"{where}: earliest expiry not in the expiry index")
@@ -227,25 +230,41 @@ class _Coupons:
             coupon = held.get(number)
             if coupon is None or coupon.state != CouponState.OPEN:
                 return [f"{where}: closes coupon {number}, which is not open"]
-            if entry.amount2 not in (CouponState.REDEEMED, CouponState.REVOKED,
-                                     CouponState.EXPIRED):
+            if entry.amount2 not in CLOSED:
                 return [f"{where}: closes coupon {number} as {entry.amount2}"]
             coupon.state = entry.amount2
+            try:
+                value = decode_coupon_closed(entry.data)
+            except (ValueError, IndexError):
+                value = None
+            if value != coupon.value:
+                return [f"{where}: closes coupon {number} worth {coupon.value} as "
+                        f"worth {value}"]
             redeemed = entry.amount2 == CouponState.REDEEMED
             if not (0 < entry.amount <= coupon.value if redeemed else entry.amount == 0):
                 return [f"{where}: coupon {number} took {entry.amount} off"]
             return []
         try:
             usable_from, how = decode_coupon_issued(entry.data)
+            moved_from = coupon_moved_from(entry.data) if how == COUPON_MOVED else None
         except (ValueError, IndexError):
             return [f"{where}: coupon issued malformed"]
         last = self.issued.get(entry.credit, 0)
-        if not (how == COUPON_EARNED and number == last + 1
+        if not (how in (COUPON_EARNED, COUPON_MOVED) and number == last + 1
                 or how == COUPON_GIVEN_BACK and 0 < number <= last):
             return [f"{where}: coupon {number} issued out of order"]
+        if moved_from is not None:
+            account, was = moved_from
+            source = self.held.get(account, {}).get(was)
+            if (account == entry.credit or source is None
+                    or source.state != CouponState.MOVED
+                    or (source.value, source.usable_from, source.expires_at)
+                    != (entry.amount, usable_from, entry.amount2)):
+                return [f"{where}: coupon {number} moved from account {account}'s "
+                        f"coupon {was}, which was not moved so"]
         if any(c.state == CouponState.OPEN and c.number == number for c in held.values()):
             return [f"{where}: coupon {number} issued while open"]
-        if how == COUPON_EARNED:
+        if how != COUPON_GIVEN_BACK:
             self.issued[entry.credit] = number
         self.held[entry.credit] = {n: c for n, c in held.items()
                                    if c.state == CouponState.OPEN}

@@ -8,8 +8,9 @@ same request always encodes to the same bytes (its idempotency digest).
 from dataclasses import dataclass
 
 from .records import (COUPON_ONE_PER_CUSTOMER, LINKED, MAX_DATA, NEVER, OP,
-                      PROFILE_ERASE, REFUND_PROPORTIONAL, RESULT, RESULT_REPLAYED,
-                      TRANSFER_ALL, Code, Kind)
+                      PROFILE_ERASE, REFUND_KEEP_COUPON, REFUND_PROPORTIONAL,
+                      RESULT, RESULT_REPLAYED, TRANSFER_ALL,
+                      TRANSFER_ONE_COUPON, Code, Kind)
 
 _LINK_AT = 5  # the `link` byte of records.OP
 
@@ -60,7 +61,7 @@ class Results:
 
 
 def _bytes(value):
-    return value.encode() if isinstance(value, str) else bytes(value)
+    return value.encode() if type(value) is str else bytes(value)
 
 
 def _birthday(birthday):
@@ -96,17 +97,21 @@ class Batch:
         SET_PROFILE."""
         op_id, key, key2 = _bytes(op_id), _bytes(key), _bytes(key2)
         data = _bytes(data)
-        for name, value in (("op_id", op_id), ("key", key), ("key2", key2)):
-            if len(value) > 255:
-                raise ValueError(f"{name} longer than 255 bytes")
+        if len(op_id) > 255 or len(key) > 255 or len(key2) > 255:
+            name = "op_id" if len(op_id) > 255 else "key" if len(key) > 255 else "key2"
+            raise ValueError(f"{name} longer than 255 bytes")
         if len(data) > MAX_DATA:
             raise ValueError(f"data longer than {MAX_DATA} bytes")
-        self._last = len(self._buffer)
-        self._buffer += OP.pack(
+        buffer = self._buffer
+        self._last = len(buffer)
+        buffer += OP.pack(
             kind, flags, len(op_id), len(key), len(key2), 0, len(data), program,
             partner, version, reason, store, lane, account, account2, amount,
             amount2, money, activates_at, expires_at, business_time)
-        self._buffer += op_id + key + key2 + data
+        buffer += op_id
+        buffer += key
+        buffer += key2
+        buffer += data
         self.count += 1
         return self
 
@@ -200,16 +205,19 @@ class Batch:
         return self.add(Kind.VOID, op_id, key=hold, store=store, lane=lane, data=data)
 
     def refund(self, op_id, original, *, money=0, give_back=0, claw_back=0,
-               proportional=False, version=0, business_time=0, store=0,
-               lane=0, data=b""):
+               proportional=False, keep_coupon=False, version=0,
+               business_time=0, store=0, lane=0, data=b""):
         """Refund part or all of `original` (an earn, spend or capture op id).
 
         Proportional: points follow `money` / the receipt's money, rounded
         down on the running total so partial refunds never drift. Otherwise
-        `give_back` spent points and `claw_back` earned points, as priced."""
+        `give_back` spent points and `claw_back` earned points, as priced.
+        A coupon operation's refund has no amounts (records.py); with
+        `keep_coupon`, one of a redemption is only noted."""
         return self.add(Kind.REFUND, op_id, key=original, money=money,
                         amount=give_back, amount2=claw_back,
-                        flags=REFUND_PROPORTIONAL if proportional else 0,
+                        flags=(REFUND_PROPORTIONAL if proportional else 0)
+                        | (REFUND_KEEP_COUPON if keep_coupon else 0),
                         version=version, business_time=business_time,
                         store=store, lane=lane, data=data)
 
@@ -221,10 +229,13 @@ class Batch:
                         data=data)
 
     def transfer(self, op_id, source, target, points=0, *, everything=False,
-                 data=b""):
+                 one_coupon=False, data=b""):
+        """`points` from `source` to `target`, or `everything` (a merge: every
+        lot and open coupon; `one_coupon`: the target keeps one at most)."""
+        flags = (TRANSFER_ALL if everything else 0) | (
+            TRANSFER_ONE_COUPON if one_coupon else 0)
         return self.add(Kind.TRANSFER, op_id, account=source, account2=target,
-                        amount=points, flags=TRANSFER_ALL if everything else 0,
-                        data=data)
+                        amount=points, flags=flags, data=data)
 
     def sweep(self, op_id, limit=10_000):
         return self.add(Kind.SWEEP, op_id, amount=limit)

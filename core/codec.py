@@ -2,7 +2,8 @@
 
 from dataclasses import dataclass, field
 
-from .records import CONSUMED, ENTRY, HASH_SIZE, OP, OPERATION, Status
+from .records import (CONSUMED, COUPON_MOVED, ENTRY, HASH_SIZE, OP, OPERATION,
+                      VISIT_DAYS, Status)
 
 
 def _put_uv(out, value):
@@ -98,11 +99,20 @@ class Account:
     expired: int = 0
     opened_at: int = 0
     tier: int = 0      # 0: none
-    last_day: int = 0  # 1 + the local day of the last receipt; 0: none yet
+    visit_days: list = field(default_factory=list)  # local days, newest first
     lots: list = field(default_factory=list)    # sorted by (expires_at, lot_no)
     holds: list = field(default_factory=list)   # sorted by hold_no
     next_coupon: int = 1   # 1 until a coupon is issued: no coupon part stored
     coupons: list = field(default_factory=list)  # Coupon, by number
+
+    @property
+    def last_day(self):
+        """1 + the local day of the last receipt; 0: none yet."""
+        return self.visit_days[0] + 1 if self.visit_days else 0
+
+    def visits_in(self, first, last):
+        """How many of the kept visit days are from `first` to `last`."""
+        return sum(1 for d in self.visit_days if first <= d <= last)
 
     @classmethod
     def decode(cls, data):
@@ -111,8 +121,14 @@ class Account:
         program, status, n_lots, n_holds, next_lot, next_hold = v[:6]
         balance, debt, held, earned, spent, expired, opened_at = (
             (x >> 1) ^ -(x & 1) for x in v[6:13])
-        tier, last_day = v[13], v[14]
-        lots, previous, i = [], 0, 15
+        tier, n_days = v[13], v[14]
+        if n_days > VISIT_DAYS:
+            raise ValueError("account value with too many visit days")
+        visit_days, i = [], 15
+        for delta in v[15:15 + n_days]:
+            visit_days.append(visit_days[-1] - delta if visit_days else delta)
+        i += n_days
+        lots, previous = [], 0
         for _ in range(n_lots):
             lot_no, partner, remaining, delta, window, issued_hour = v[i:i + 6]
             i += 6
@@ -139,7 +155,7 @@ class Account:
         if i != len(v):
             raise ValueError("account value of the wrong size")
         return cls(program, status, next_lot, next_hold, balance, debt, held,
-                   earned, spent, expired, opened_at, tier, last_day, lots,
+                   earned, spent, expired, opened_at, tier, visit_days, lots,
                    holds, next_coupon, coupons)
 
     def encode(self):
@@ -151,7 +167,9 @@ class Account:
                       self.spent, self.expired, self.opened_at):
             _put_zz(out, value)
         _put_uv(out, self.tier)
-        _put_uv(out, self.last_day)
+        _put_uv(out, len(self.visit_days))
+        for i, day in enumerate(self.visit_days):
+            _put_uv(out, self.visit_days[i - 1] - day if i else day)
         previous = 0
         for lot in self.lots:
             _put_uv(out, lot.lot_no)
@@ -208,21 +226,46 @@ def decode_lots(data):
     return [tuple(v[i:i + 3]) for i in range(0, len(v), 3)]
 
 
-def encode_coupon_issued(usable_from, how):
-    """A COUPON_ISSUED entry's data (records.py)."""
+def encode_coupon_issued(usable_from, how, *moved_from):
+    """A COUPON_ISSUED entry's data (records.py); `moved_from`, for
+    COUPON_MOVED: the merged member's account and coupon number."""
     out = bytearray()
-    _put_uv(out, usable_from)
-    _put_uv(out, how)
+    for value in (usable_from, how, *moved_from):
+        _put_uv(out, value)
     return bytes(out)
 
 
 def decode_coupon_issued(data):
     """(usable_from, how) of a COUPON_ISSUED entry's data; ValueError or
+    IndexError when malformed. See `coupon_moved_from` for COUPON_MOVED."""
+    v = _varints(data)
+    if len(v) not in (2, 4) or (len(v) == 4) != (v[1] == COUPON_MOVED):
+        raise ValueError("coupon issued: malformed")
+    return v[0], v[1]
+
+
+def encode_coupon_closed(value):
+    """A COUPON_CLOSED entry's data (records.py): the coupon's value."""
+    out = bytearray()
+    _put_uv(out, value)
+    return bytes(out)
+
+
+def decode_coupon_closed(data):
+    """The coupon's value a COUPON_CLOSED entry's data holds; ValueError or
     IndexError when malformed."""
     v = _varints(data)
-    if len(v) != 2:
-        raise ValueError("coupon issued: not two numbers")
-    return v[0], v[1]
+    if len(v) != 1:
+        raise ValueError("coupon closed: not one number")
+    return v[0]
+
+
+def coupon_moved_from(data):
+    """(account, number) of the coupon a COUPON_MOVED entry's data names."""
+    v = _varints(data)
+    if len(v) != 4 or v[1] != COUPON_MOVED:
+        raise ValueError("coupon issued: not moved")
+    return v[2], v[3]
 
 
 @dataclass

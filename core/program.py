@@ -77,6 +77,9 @@ recorded here so both sides read them alike:
   periods, visit periods and action limit periods are calendar periods in
   the program's time zone; tier periods are calendar periods of its
   standard UTC offset (the ledger's months of net spend: core/bonuses.py).
+- A regular customer made purchases on at least `min_visits` days (at most
+  16) among the `within_days` days ending on the receipt's day, in the
+  program's standard UTC offset; the receipt being priced does not count.
 - Tier numbers in the ledger are levels from 1; 0 (a member no close has
   placed) prices as the lowest level.
 """
@@ -379,11 +382,11 @@ class Program:
     def coalition(self):
         return bool(self.partners)
 
-    @property
+    @cached_property   # a frozen dataclass: reckoned once (checkouts ask each time)
     def zone(self):
         return ZoneInfo(self.time_zone)
 
-    @property
+    @cached_property
     def utc_offset_minutes(self):
         """The zone's standard offset (the smaller of winter's and summer's:
         daylight saving adds), which the ledger counts members' days by."""

@@ -18,6 +18,7 @@ from .program import (BASIS, BONUS_KINDS, EXPIRY_PERIODS, PERIODS, ROUNDING_SCOP
                       ProgramError, Rate, Referral, RegularCustomer, Spend,
                       Store, Tier, Tiers, Version, VisitBonus, format_time,
                       to_micros)
+from .records import VISIT_DAYS
 
 INT64_MAX = (1 << 63) - 1
 U32_MAX = (1 << 32) - 1
@@ -435,8 +436,10 @@ def _coupon(t):
 
 
 def _regular_customer(t):
-    return RegularCustomer(t.integer("min_visits", 1),
-                           t.integer("within_days", 1, MAX_DAYS))
+    return RegularCustomer(
+        t.integer("min_visits", 1, VISIT_DAYS,
+                  hint=f" (the ledger keeps a member's last {VISIT_DAYS} visit days)"),
+        t.integer("within_days", 1, MAX_DAYS))
 
 
 def _discounts(t):

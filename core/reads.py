@@ -6,12 +6,13 @@ and `scan` a database from a key; each ledger provides `_snapshot()`.
 
 from dataclasses import dataclass
 
-from .aggregates import CohortCounters, Counters
+from .aggregates import CohortCounters, Counters, CouponCounters, day_of
 from .audit import audit
 from .codec import Account, JournalEntry, Operation
 from .records import (ACTIVITY_KEY, ACTIVITY_VALUE, AGG_ACTIVITY, AGG_COHORT,
-                      AGG_MEMBER_DAY, AGG_MEMBER_MONTH, AGG_SETTLEMENT, CARD,
-                      COHORT_KEY, COHORT_VALUE, COUNTER_VALUE, DATABASES, HEAD,
+                      AGG_COUPONS, AGG_MEMBER_DAY, AGG_MEMBER_MONTH, AGG_SETTLEMENT,
+                      CARD, COHORT_KEY, COHORT_VALUE, COUNTER_VALUE,
+                      COUPON_AGG_KEY, COUPON_AGG_VALUE, DATABASES, HEAD,
                       I64, IDX_BIRTHDAY, IDX_TIER, MEMBER_DAY_VALUE,
                       MEMBER_INDEX_KEY, MEMBER_MONTH_KEY, MEMBER_MONTH_VALUE,
                       META_HEAD, META_NEXT_ACCOUNT, PROGRAM, SETTLEMENT_KEY,
@@ -76,6 +77,16 @@ def offered_coupon(account, now):
     return max(expired, key=lambda c: c.number, default=None)
 
 
+def is_regular(account, regular_customer, at, utc_offset):
+    """Whether the member is a regular customer (core/program.py) for a
+    receipt at business time `at`, by the visit days the account keeps."""
+    if regular_customer is None:
+        return False
+    last = day_of(at, utc_offset)
+    first = last - regular_customer.within_days + 1
+    return account.visits_in(first, last) >= regular_customer.min_visits
+
+
 @dataclass(frozen=True)
 class ProgramRecord:
     program: int
@@ -87,7 +98,13 @@ class ProgramRecord:
 
 
 class LedgerReads:
-    """Point reads over one read transaction each."""
+    """Point reads over one read transaction each (`_get`: a ledger may
+    read single keys more cheaply)."""
+
+    def _get(self, db, key):
+        """The value of `key` in database `db` as of the last commit, or None."""
+        with self._snapshot() as snap:
+            return snap.get(db, key)
 
     def programs(self):
         """Every program's record, by id."""
@@ -101,9 +118,8 @@ class LedgerReads:
             return records
 
     def account(self, account_id):
-        with self._snapshot() as snap:
-            raw = snap.get("accounts", U64.pack(account_id))
-            return Account.decode(raw) if raw is not None else None
+        raw = self._get("accounts", U64.pack(account_id))
+        return Account.decode(raw) if raw is not None else None
 
     def balances(self, account_id, now):
         account = self.account(account_id)
@@ -114,19 +130,16 @@ class LedgerReads:
         return list(account.lots) if account else []
 
     def operation(self, op_id):
-        with self._snapshot() as snap:
-            raw = snap.get("ops", bytes(op_id))
-            return Operation.decode(raw) if raw is not None else None
+        raw = self._get("ops", bytes(op_id))
+        return Operation.decode(raw) if raw is not None else None
 
     def profile(self, account_id):
         """The member's profile (opaque bytes), or None."""
-        with self._snapshot() as snap:
-            return snap.get("profiles", U64.pack(account_id))
+        return self._get("profiles", U64.pack(account_id))
 
     def card(self, number):
         """(account id, CardStatus) of a card number, or None."""
-        with self._snapshot() as snap:
-            raw = snap.get("cards", bytes(number))
+        raw = self._get("cards", bytes(number))
         if raw is None:
             return None
         account_id, status = CARD.unpack(raw)
@@ -189,6 +202,13 @@ class LedgerReads:
         for key, value in self._aggregates(AGG_COHORT, program, hour_from, hour_to):
             _, _, hour, partner = COHORT_KEY.unpack(key)
             yield hour, partner, CohortCounters(*COHORT_VALUE.unpack(value))
+
+    def coupon_rows(self, program, hour_from, hour_to):
+        """(hour, store, partner, CouponCounters) of the program's coupon
+        rows with hour_from <= hour < hour_to, in key order."""
+        for key, value in self._aggregates(AGG_COUPONS, program, hour_from, hour_to):
+            _, _, hour, store, partner = COUPON_AGG_KEY.unpack(key)
+            yield hour, store, partner, CouponCounters(*COUPON_AGG_VALUE.unpack(value))
 
     def member_months(self, program, month_from, month_to):
         """(month, account, net money, receipts) of every member with a

@@ -19,6 +19,7 @@ INT64_MIN = -(1 << 63)
 MAX_LOTS = 2048  # per account; keeps an account's value well under 100 KiB
 MAX_HOLDS = 256
 MAX_COUPONS = 16  # open at once, per account (one_per_customer keeps it to one)
+VISIT_DAYS = 16   # visit days an account keeps: a regular's min_visits at most
 SYSTEM = 1 << 63  # account ids with this bit are program system accounts
 
 
@@ -84,7 +85,7 @@ class Code(IntEnum):
     LINKED_FAILED = 40   # another operation of its chain failed: nothing applied
     LINK_OPEN = 41       # the batch ends inside a chain: nothing of it applied
     COUPON_HELD = 42     # one per customer: the member holds an open coupon
-    COUPON_NOT_FOUND = 43  # no such coupon of the member's (or revoked)
+    COUPON_NOT_FOUND = 43  # no such coupon of the member's (or revoked, merged)
     COUPON_NOT_USABLE = 44  # its window has not started (business time)
     COUPON_EXPIRED = 45  # its window has ended (business time), or it lapsed
     COUPON_REDEEMED = 46  # redeemed already
@@ -116,6 +117,10 @@ class CouponState(IntEnum):
     REDEEMED = 2
     REVOKED = 3    # the purchase that earned it was refunded below the threshold
     EXPIRED = 4    # lapsed unused: closed when its account was next touched
+    MOVED = 5      # its member was merged into another (TRANSFER_ALL): it went
+                   # on there, a new coupon of theirs with its value and window
+    DISPLACED = 6  # closed by a merge, one per customer (TRANSFER_ONE_COUPON):
+                   # the surviving member keeps a better one
 
 
 class Sys(IntEnum):
@@ -146,10 +151,15 @@ class Entry(IntEnum):
                      # (money), amount2 = expires_at, ref = its number; data
                      # = unsigned LEB128 usable_from, then how (COUPON_EARNED:
                      # issued, COUPON_GIVEN_BACK: a refund of the receipt that
-                     # redeemed it reopened it, same number and terms)
+                     # redeemed it reopened it, same number and terms;
+                     # COUPON_MOVED: a merge brought it from the merged
+                     # member, then their account id and the coupon's number
+                     # there, which a COUPON_CLOSED as MOVED just closed)
     COUPON_CLOSED = 13  # a coupon stops being open: amount = the money it
                      # took off (redeemed; 0 otherwise), amount2 = its new
-                     # CouponState, ref = its number
+                     # CouponState, ref = its number, data = unsigned LEB128
+                     # its value (what lapsed, was revoked or displaced is
+                     # worth that much in the coupon reports)
     BONUS = 14       # AWARD and VISIT: a member's counter counted one more;
                      # amount = points earned (0: none this time), amount2
                      # = the counter's count after, ref = the lot earned (0:
@@ -181,7 +191,9 @@ class Entry(IntEnum):
 # Operation flags.
 PROGRAM_ALLOW_DEBT = 1   # PUT_PROGRAM: a clawback may leave the member in debt
 REFUND_PROPORTIONAL = 1  # REFUND: derive points from money refunded / receipt money
+REFUND_KEEP_COUPON = 2   # REFUND of a REDEEM_COUPON: note it, keep the coupon used
 TRANSFER_ALL = 1         # TRANSFER: move every lot, pending included (card merge)
+TRANSFER_ONE_COUPON = 2  # TRANSFER_ALL: the target keeps at most one open coupon
 PROFILE_ERASE = 1        # SET_PROFILE: also delete the external id mapping `key`
 COUPON_ONE_PER_CUSTOMER = 1  # ISSUE_COUPON: refused while the member holds an
                              # open coupon unexpired at the business time
@@ -190,6 +202,7 @@ LINKED = 1  # the OP header's `link`: this and the next operation are one chain
 # How a COUPON_ISSUED entry came about (its data).
 COUPON_EARNED = 1
 COUPON_GIVEN_BACK = 2
+COUPON_MOVED = 3
 
 # Hold release reasons (journal entry `amount2` of HOLD_RELEASED).
 RELEASE_CAPTURED = 1
@@ -238,7 +251,8 @@ OP = struct.Struct("<BBBBBBHIIIIIIQQqqqqqq")
 #   when given, the receipt it pays for (as ISSUE_COUPON's). Judged at the
 #   business time: COUPON_NOT_USABLE before usable_from, COUPON_EXPIRED from
 #   expires_at on (or lapsed), COUPON_REDEEMED when redeemed already,
-#   COUPON_NOT_FOUND when the member has no such coupon (or it was revoked).
+#   COUPON_NOT_FOUND when the member has no such coupon (or it was revoked,
+#   moved or displaced by a merge).
 #   Result a = number, b = money taken off. Its record: a, b, money = b,
 #   and the coupon as its one `consumed` row (lot_no = number, amount =
 #   value, activates_at = usable_from, expires_at; partner, issued_hour 0),
@@ -255,6 +269,31 @@ OP = struct.Struct("<BBBBBBHIIIIIIQQqqqqqq")
 #   such a refund never fails for the coupon's sake, so it can be chained
 #   to the receipt's own refund. The coupon operation's record is marked
 #   (refunded_money = its money) and takes the refund's data, as receipts do.
+#   With REFUND_KEEP_COUPON (a REDEEM_COUPON only, else FLAGS_INVALID) the
+#   refund is noted and nothing else: its data joins the redemption's
+#   record, the coupon stays redeemed, the record is not marked (so it may
+#   come again, and a refund without the flag may follow), result a = 0.
+#   That is a partial return of a receipt the coupon paid in full: no
+#   capture holds its lines, the redemption does (the server's rule: such a
+#   receipt has nothing to give back but its coupon, which comes back when
+#   the last of its lines does, as for any receipt that redeemed one).
+# - TRANSFER_ALL (a merge: the source's every lot goes to the target) moves
+#   the source's open coupons too, after its lots: each is closed on the
+#   source as MOVED and opened on the target under the target's next
+#   number, with its value and window (COUPON_ISSUED how COUPON_MOVED,
+#   naming the source's coupon), in number order. TOO_MANY_COUPONS when
+#   the target would hold more than MAX_COUPONS open. With
+#   TRANSFER_ONE_COUPON (the program's one per customer; only with
+#   TRANSFER_ALL, else FLAGS_INVALID) the target ends with one open coupon
+#   at most: of the target's open ones and the source's, the one worth most
+#   stays, on equal value the one whose window ends later, then the
+#   target's own (a cashier already told the customer about it), then the
+#   lower number; every other one is closed as DISPLACED (the target's
+#   first, then the source's), and the best moves if it was the source's.
+#   Nothing of this happens when the source holds no open coupon: a
+#   target's own coupons are never touched by a merge that brings none.
+#   Coupons are judged by `now` here (touch closed the lapsed ones), not
+#   by business time: a merge is an administrative act, not a purchase.
 # - A touch of an account (any operation that loads it to change it) closes
 #   its open coupons whose window has ended by now (EXPIRED, journaled with
 #   store 0, like expiring lots). Issuing or reopening a coupon drops the
@@ -290,8 +329,10 @@ MAX_UTC_OFFSET = 1439  # minutes either way: less than a day
 #   program u, status u, n_lots u, n_holds u, next_lot u, next_hold u,
 #   balance z, debt z, held z, earned z, spent z, expired z, opened_at z,
 #   tier u (0: none),
-#   last_day u: 1 + the local day (aggregates) of the member's last receipt,
-#     0 before the first (plus one so that day 0 counts too),
+#   n_days u, then that many visit days: the local days (aggregates) on
+#     which the member's receipts were, newest first, at most VISIT_DAYS
+#     (the first as is, each next as its distance back from the one before;
+#     what the "regular customer" discount counts),
 #   lots (sorted by expires_at, lot_no): lot_no u, partner u, remaining z,
 #     expires_at u as the delta from the previous lot's (the first from 0),
 #     expires_at - activates_at u,
@@ -400,10 +441,21 @@ I64 = struct.Struct("<q")
 #     int64s: money (RECEIPT amounts: refunds subtract) and receipts
 #     (RECEIPT with amount > 0). What a tier period's close reads: the
 #     net spend of each member with a receipt (or refund) in the period.
+#   0x06 coupons: program u32, hour u32, store u32 (0: expiry, merges and
+#     what no store did), partner u32 (the entry's) -> COUPON_AGG_VALUE,
+#     int64s in pairs, a count then money (minor units): issued
+#     (COUPON_ISSUED how COUPON_EARNED; money its value), redeemed
+#     (COUPON_CLOSED REDEEMED; the money it took off), expired (EXPIRED; its
+#     value), revoked (REVOKED; its value), given back (COUPON_ISSUED how
+#     COUPON_GIVEN_BACK; its value: open again, while what it took off
+#     stays in redeemed), displaced (DISPLACED; its value). A coupon a merge
+#     moves (COUPON_CLOSED MOVED and COUPON_ISSUED COUPON_MOVED) is the same
+#     coupon going on elsewhere: not counted.
 # A row exists once an entry counted in it, whatever its values since.
 # Counter overflow rejects the operation (OVERFLOW), as anywhere else.
 AGG_ACTIVITY, AGG_SETTLEMENT, AGG_MEMBER_DAY, AGG_COHORT = 1, 2, 3, 4
 AGG_MEMBER_MONTH = 5
+AGG_COUPONS = 6
 ACTIVITY_KEY = struct.Struct(">BIIIIH")
 ACTIVITY_VALUE = struct.Struct("<10q")
 SETTLEMENT_KEY = struct.Struct(">BIIII")
@@ -413,6 +465,8 @@ COHORT_KEY = struct.Struct(">BIII")
 COHORT_VALUE = struct.Struct("<4q")
 MEMBER_MONTH_KEY = struct.Struct(">BIIQ")
 MEMBER_MONTH_VALUE = struct.Struct("<2q")
+COUPON_AGG_KEY = struct.Struct(">BIIII")
+COUPON_AGG_VALUE = struct.Struct("<12q")
 HOUR = 3_600_000_000      # microseconds
 DAY = 86_400_000_000
 MINUTE = 60_000_000

@@ -18,10 +18,12 @@ import lmdb
 from . import aggregates
 from .batch import Results
 from .codec import (Account, Consumed, Coupon, Hold, JournalEntry, Lot, Operation,
-                    encode_coupon_issued, encode_lots, iter_ops)
+                    encode_coupon_closed, encode_coupon_issued, encode_lots,
+                    iter_ops)
 from .reads import LedgerReads
 from .records import (BIRTHDAY_OF_KEY, BIRTHDAY_VALUE, CARD, COUNTER_VALUE,
-                      COUPON_EARNED, COUPON_GIVEN_BACK, COUPON_ONE_PER_CUSTOMER,
+                      COUPON_EARNED, COUPON_GIVEN_BACK, COUPON_MOVED,
+                      COUPON_ONE_PER_CUSTOMER,
                       DATABASES, DAYS_IN_MONTH, DIGEST_SIZE, EXPIRY_KEY,
                       HASH_SIZE, HEAD, I64, IDX_BIRTHDAY, IDX_BIRTHDAY_OF,
                       IDX_TIER, INT64_MAX, INT64_MIN, LINKED, MAX_COUPONS,
@@ -29,9 +31,10 @@ from .records import (BIRTHDAY_OF_KEY, BIRTHDAY_VALUE, CARD, COUNTER_VALUE,
                       MAX_DATA, MAX_LOTS, MAX_OP_ID, MAX_TIER,
                       MAX_UTC_OFFSET, MEMBER_INDEX_KEY, META_HEAD,
                       META_NEXT_ACCOUNT, NEVER, PROFILE_ERASE, PROGRAM,
-                      PROGRAM_ALLOW_DEBT, REFUND_PROPORTIONAL,
+                      PROGRAM_ALLOW_DEBT, REFUND_KEEP_COUPON, REFUND_PROPORTIONAL,
                       RELEASE_CAPTURED, RELEASE_EXPIRED, RELEASE_VOIDED,
-                      RESULT, RESULT_REPLAYED, SYSTEM_KEY, TRANSFER_ALL, U32,
+                      RESULT, RESULT_REPLAYED, SYSTEM_KEY, TRANSFER_ALL,
+                      TRANSFER_ONE_COUPON, U32,
                       U64, CardStatus, Code, CouponState, Entry, HoldState, Kind,
                       LedgerError, MapFullError, Status, Sys, external_key,
                       system_account)
@@ -345,9 +348,15 @@ class _Work:
             account.debt -= sum(c.amount for c in paid)
         for coupon in account.coupons:
             if coupon.state == CouponState.OPEN and coupon.expires_at <= self.now:
-                coupon.state = CouponState.EXPIRED
-                self.event(Entry.COUPON_CLOSED, account.program, account_id,
-                           amount2=CouponState.EXPIRED, ref=coupon.number, store=0)
+                self.close_coupon(account_id, coupon, CouponState.EXPIRED, store=0)
+
+    def close_coupon(self, account_id, coupon, state, amount=0, store=None):
+        """An open coupon of the account's is no longer: `state`; `amount`,
+        the money it took off when redeemed."""
+        coupon.state = state
+        self.event(Entry.COUPON_CLOSED, self.account(account_id).program, account_id,
+                   amount=amount, amount2=state, ref=coupon.number, store=store,
+                   data=encode_coupon_closed(coupon.value))
 
     def active_points(self, account):
         return sum(lot.remaining for lot in account.lots
@@ -512,8 +521,8 @@ class _Work:
             account = self.accounts[aggregates.member_of(entry)]
             offset = (self.utc_offset(entry.program)
                       if entry.type == Entry.RECEIPT else 0)
-            deltas, account.last_day = aggregates.changes(
-                entry, account.tier, offset, account.last_day)
+            deltas, account.visit_days = aggregates.changes(
+                entry, account.tier, offset, account.visit_days)
             for key, index, delta in deltas:
                 if index is None:  # a member-day row: its value is set
                     self.aggregates[key] = [delta]
@@ -825,7 +834,7 @@ def _void(work, op):
 def _refund(work, op):
     if not 1 <= len(op.key) <= MAX_OP_ID:
         raise Rejected(Code.KEY_INVALID)
-    if op.flags & ~REFUND_PROPORTIONAL:
+    if op.flags & ~(REFUND_PROPORTIONAL | REFUND_KEEP_COUPON):
         raise Rejected(Code.FLAGS_INVALID)
     if op.money < 0 or op.amount < 0 or op.amount2 < 0:
         raise Rejected(Code.AMOUNT_INVALID)
@@ -837,6 +846,8 @@ def _refund(work, op):
         return _refund_coupon(work, op, original)
     if original.kind not in REFUNDABLE:
         raise Rejected(Code.NOT_REFUNDABLE)
+    if op.flags & REFUND_KEEP_COUPON:
+        raise Rejected(Code.FLAGS_INVALID)
     if len(original.data) + len(op.data) > MAX_DATA:
         raise Rejected(Code.DATA_TOO_LONG)
     refunded_money = checked(original.refunded_money + op.money)
@@ -972,7 +983,8 @@ def _adjust(work, op):
 
 
 def _transfer(work, op):
-    if op.flags & ~TRANSFER_ALL:
+    if op.flags & ~(TRANSFER_ALL | TRANSFER_ONE_COUPON) or (
+            op.flags == TRANSFER_ONE_COUPON):
         raise Rejected(Code.FLAGS_INVALID)
     everything = bool(op.flags & TRANSFER_ALL)
     if (op.amount != 0) if everything else (op.amount <= 0):
@@ -1012,6 +1024,9 @@ def _transfer(work, op):
             0, Entry.TRANSFER, 0, source.program, 0, 0, op.version, op.store,
             work.now, op.business_time, op.account, op.account2, total, 0, 0,
             op.op_id, b""))
+    if everything:
+        _merge_coupons(work, op.account, op.account2,
+                       bool(op.flags & TRANSFER_ONE_COUPON))
     work.touch(op.account2)
     work.record.program, work.record.account = source.program, op.account
     work.record.a = total
@@ -1106,15 +1121,45 @@ def _coupon_member(work, op):
     return account_id, account
 
 
-def _open_coupon(work, account_id, coupon, how):
-    """Makes `coupon` the member's (open), dropping their closed ones."""
+def _open_coupon(work, account_id, coupon, how, moved_from=()):
+    """Makes `coupon` the member's (open), dropping their closed ones;
+    `moved_from`: (account, number) of the coupon a merge moves."""
     account = work.account(account_id)
     account.coupons = [c for c in account.coupons if c.state == CouponState.OPEN]
     account.coupons.append(coupon)
     account.coupons.sort(key=lambda c: c.number)
     work.event(Entry.COUPON_ISSUED, account.program, account_id,
                amount=coupon.value, amount2=coupon.expires_at, ref=coupon.number,
-               data=encode_coupon_issued(coupon.usable_from, how))
+               data=encode_coupon_issued(coupon.usable_from, how, *moved_from))
+
+
+def _merge_coupons(work, source_id, target_id, one):
+    """TRANSFER_ALL: the source's open coupons go to the target, or with
+    `one` (TRANSFER_ONE_COUPON) the best of both members' (records.py)."""
+    source, target = work.account(source_id), work.account(target_id)
+    moving = [c for c in source.coupons if c.state == CouponState.OPEN]
+    if not moving:
+        return
+    held = [c for c in target.coupons if c.state == CouponState.OPEN]
+    if one:
+        best = None
+        for c in held + moving:  # the target's first: they win ties
+            if best is None or (c.value, c.expires_at) > (best.value, best.expires_at):
+                best = c
+        for account_id, coupons in ((target_id, held), (source_id, moving)):
+            for c in coupons:
+                if c is not best:
+                    work.close_coupon(account_id, c, CouponState.DISPLACED)
+        moving = [c for c in moving if c is best]
+    elif len(held) + len(moving) > MAX_COUPONS:
+        raise Rejected(Code.TOO_MANY_COUPONS)
+    for c in moving:
+        work.close_coupon(source_id, c, CouponState.MOVED)
+        number = target.next_coupon
+        target.next_coupon += 1
+        _open_coupon(work, target_id, Coupon(number, CouponState.OPEN, c.value,
+                                             c.usable_from, c.expires_at),
+                     COUPON_MOVED, (source_id, c.number))
 
 
 def _issue_coupon(work, op):
@@ -1147,7 +1192,8 @@ def _redeem_coupon(work, op):
         raise Rejected(Code.AMOUNT_INVALID)
     account_id, account = _coupon_member(work, op)
     coupon = next((c for c in account.coupons if c.number == op.amount2), None)
-    if coupon is None or coupon.state == CouponState.REVOKED:
+    if coupon is None or coupon.state in (CouponState.REVOKED, CouponState.MOVED,
+                                          CouponState.DISPLACED):
         raise Rejected(Code.COUPON_NOT_FOUND)
     if coupon.state == CouponState.REDEEMED:
         raise Rejected(Code.COUPON_REDEEMED)
@@ -1157,9 +1203,7 @@ def _redeem_coupon(work, op):
         raise Rejected(Code.COUPON_NOT_USABLE)
     if op.amount > coupon.value:
         raise Rejected(Code.AMOUNT_INVALID)
-    coupon.state = CouponState.REDEEMED
-    work.event(Entry.COUPON_CLOSED, account.program, account_id, amount=op.amount,
-               amount2=CouponState.REDEEMED, ref=coupon.number)
+    work.close_coupon(account_id, coupon, CouponState.REDEEMED, op.amount)
     record = work.record
     record.program, record.account, record.partner = account.program, account_id, op.partner
     record.a = coupon.number
@@ -1170,8 +1214,10 @@ def _redeem_coupon(work, op):
 
 def _refund_coupon(work, op, original):
     """A REFUND of a coupon operation: revoke the coupon it issued, or give
-    back the one it redeemed, where that still can be (records.py)."""
-    if op.flags:
+    back the one it redeemed, where that still can be; with
+    REFUND_KEEP_COUPON only note it (records.py)."""
+    keep = op.flags == REFUND_KEEP_COUPON and original.kind == Kind.REDEEM_COUPON
+    if op.flags and not keep:
         raise Rejected(Code.FLAGS_INVALID)
     if op.money or op.amount or op.amount2:
         raise Rejected(Code.AMOUNT_INVALID)
@@ -1186,11 +1232,9 @@ def _refund_coupon(work, op, original):
     if original.kind == Kind.ISSUE_COUPON:
         for coupon in account.coupons:
             if coupon.number == original.a and coupon.state == CouponState.OPEN:
-                coupon.state = CouponState.REVOKED
-                work.event(Entry.COUPON_CLOSED, account.program, account_id,
-                           amount2=CouponState.REVOKED, ref=coupon.number)
+                work.close_coupon(account_id, coupon, CouponState.REVOKED)
                 changed = coupon.value
-    else:
+    elif not keep:
         c = original.consumed[0]
         if c.expires_at > work.now and not any(
                 x.state == CouponState.OPEN for x in account.coupons):
@@ -1198,7 +1242,8 @@ def _refund_coupon(work, op, original):
                                                   c.activates_at, c.expires_at),
                          COUPON_GIVEN_BACK)
             changed = c.amount
-    original.refunded_money = original.money
+    if not keep:
+        original.refunded_money = original.money
     original.data += op.data
     work.rewrite_operation(op.key, original)
     record = work.record

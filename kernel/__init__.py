@@ -8,9 +8,16 @@ per operation; reads and `audit()` come from `kopilka.core.reads`.
 from contextlib import contextmanager
 
 from kopilka.core.batch import Results
-from kopilka.core.reads import LedgerReads
+from kopilka.core.codec import Account, Coupon, Hold, Lot
+from kopilka.core.reads import Balances, LedgerReads
+from kopilka.core.records import U64
 
-from ._ledger import Environment
+from ._ledger import DB_NAMES, Environment, account_of, account_types
+
+account_types(Account, Lot, Hold, Coupon)
+
+_DB = {name.decode(): number for number, name in enumerate(DB_NAMES)}
+_ACCOUNTS = _DB["accounts"]
 
 
 class Ledger(LedgerReads):
@@ -24,6 +31,17 @@ class Ledger(LedgerReads):
     def apply_raw(self, batch, now):
         """The packed results as bytes: for callers that decode lazily."""
         return self._env.apply(batch, now)
+
+    def _get(self, db, key):
+        return self._env.get(_DB[db], key)
+
+    def account(self, account_id):
+        raw = self._env.get(_ACCOUNTS, U64.pack(account_id))
+        return account_of(raw) if raw is not None else None
+
+    def balances(self, account_id, now):
+        figures = self._env.balance_figures(account_id, now)
+        return Balances(account_id, *figures) if figures is not None else None
 
     @contextmanager
     def _snapshot(self):

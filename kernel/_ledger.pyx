@@ -73,6 +73,7 @@ cdef enum:
     MAX_LOTS = 2048
     MAX_HOLDS = 256
     MAX_COUPONS = 16
+    VISIT_DAYS = 16
     HASH_SIZE = 32
     DIGEST_SIZE = 16
     MAX_TIER = 65535
@@ -212,16 +213,21 @@ cdef enum:
     E_CLAWBACK = 22
     PROGRAM_ALLOW_DEBT = 1
     REFUND_PROPORTIONAL = 1
+    REFUND_KEEP_COUPON = 2
     TRANSFER_ALL = 1
+    TRANSFER_ONE_COUPON = 2
     PROFILE_ERASE = 1
     COUPON_ONE_PER_CUSTOMER = 1
     LINKED = 1
     COUPON_EARNED = 1
     COUPON_GIVEN_BACK = 2
+    COUPON_MOVED = 3
     CP_OPEN = 1
     CP_REDEEMED = 2
     CP_REVOKED = 3
     CP_EXPIRED = 4
+    CP_MOVED = 5
+    CP_DISPLACED = 6
     RELEASE_CAPTURED = 1
     RELEASE_VOIDED = 2
     RELEASE_EXPIRED = 3
@@ -232,6 +238,7 @@ cdef enum:
     AGG_MEMBER_DAY = 3
     AGG_COHORT = 4
     AGG_MEMBER_MONTH = 5
+    AGG_COUPONS = 6
     AGG_KEY_MAX = 19
     N_COUNTERS = 10
     C_ISSUED = 0
@@ -250,6 +257,14 @@ cdef enum:
     CO_EXPIRED = 2
     CO_CLAWED = 3
     N_MONTH = 2         # a member-month row's int64s: money, receipts
+    N_COUPON_AGG = 12   # a coupons row's int64s: count and money, six pairs
+    CA_ISSUED = 0       # ... the pairs' first int64s
+    CA_REDEEMED = 2
+    CA_EXPIRED = 4
+    CA_REVOKED = 6
+    CA_GIVEN_BACK = 8
+    CA_DISPLACED = 10
+    AGG_WIDTH = 12      # the widest row's int64s
     IDX_TIER = 1        # member_index key kinds
     IDX_BIRTHDAY = 2
     IDX_BIRTHDAY_OF = 3
@@ -354,6 +369,10 @@ cdef packed struct CohortKey:       # records.COHORT_KEY (big-endian)
     uint8_t kind
     uint32_t program, hour, partner
 
+cdef packed struct CouponAggKey:    # records.COUPON_AGG_KEY (big-endian)
+    uint8_t kind
+    uint32_t program, hour, store, partner
+
 cdef packed struct MemberMonthKey:  # records.MEMBER_MONTH_KEY (big-endian)
     uint8_t kind
     uint32_t program, month
@@ -386,6 +405,8 @@ cdef struct Acct:
     uint32_t n_holds, cap_holds
     CouponRec *coupons
     uint32_t n_coupons, cap_coupons
+    uint32_t n_days                  # visit days kept, most recent first
+    uint32_t days[VISIT_DAYS]
 
 cdef struct EntryRec:
     EntryHead h
@@ -408,11 +429,11 @@ cdef struct SysRec:
 cdef struct AggRow:                 # an aggregate row, as of the batch's last success
     uint8_t key[AGG_KEY_MAX]
     uint8_t key_len, width, changed
-    int64_t v[N_COUNTERS]
+    int64_t v[AGG_WIDTH]
 
 cdef struct AggStaged:              # a row as the operation in flight leaves it
     uint32_t row
-    int64_t v[N_COUNTERS]
+    int64_t v[AGG_WIDTH]
 
 cdef struct ProgramOffset:
     uint32_t program
@@ -437,7 +458,7 @@ cdef struct Work:
     uint32_t entry_store # store on the entries being made (0 inside touch)
     uint32_t folded      # entries folded into the aggregates (a chain's earlier ops')
     int programs_changed # a PUT_PROGRAM is among the changes: offsets go stale
-    uint8_t coupon_data[20]  # a COUPON_ISSUED entry's data
+    uint8_t coupon_data[32]  # a coupon event's data
     OperationRec rec
     LotBuf consumed      # rec's consumed lots
     LotBuf scratch_lots  # transfers' moved lots, loaded records' consumed
@@ -718,7 +739,13 @@ cdef int decode_account(Work *w, Acct *a, const void *data, size_t size) noexcep
     a.h.expired = get_zz(&r)
     a.h.opened_at = get_zz(&r)
     a.h.tier = get_uv(&r)
-    a.h.last_day = get_uv(&r)
+    n = get_uv(&r)
+    if n > VISIT_DAYS:
+        return fail(w, MDB_CORRUPTED)
+    a.n_days = <uint32_t>n
+    for i in range(a.n_days):  # the first as is, the others back from it
+        a.days[i] = <uint32_t>(get_uv(&r) if i == 0 else a.days[i - 1] - get_uv(&r))
+    a.h.last_day = a.days[0] + 1 if a.n_days else 0
     if grow(<void **>&a.lots.items, &a.lots.cap, a.h.n_lots + 1, sizeof(LotRec)):
         return fail(w, 12)
     if grow(<void **>&a.holds, &a.cap_holds, a.h.n_holds + 1, sizeof(HoldRec)):
@@ -761,9 +788,22 @@ cdef int decode_account(Work *w, Acct *a, const void *data, size_t size) noexcep
     return OK
 
 
+cdef void remember_visit(Acct *a, uint32_t day) noexcept nogil:
+    """Put `day` first in the account's visit days, keeping the newest
+    VISIT_DAYS (the pricing engine's "regular customer" counts them)."""
+    cdef uint32_t i
+    if a.n_days < VISIT_DAYS:
+        a.n_days += 1
+    i = a.n_days - 1
+    while i > 0:
+        a.days[i] = a.days[i - 1]
+        i -= 1
+    a.days[0] = day
+
+
 cdef size_t encode_account(Acct *a, uint8_t *p) noexcept nogil:
-    """Needs 15 * 10 + 50 per lot (at most 45) + 30 per hold + 20 + 50
-    per coupon bytes at most."""
+    """Needs 15 * 10 + 5 per visit day + 50 per lot (at most 45) + 30 per
+    hold + 20 + 50 per coupon bytes at most."""
     cdef size_t n = 0
     cdef uint32_t i
     cdef uint64_t previous = 0
@@ -782,7 +822,9 @@ cdef size_t encode_account(Acct *a, uint8_t *p) noexcept nogil:
     n += put_zz(p + n, a.h.expired)
     n += put_zz(p + n, a.h.opened_at)
     n += put_uv(p + n, a.h.tier)
-    n += put_uv(p + n, a.h.last_day)
+    n += put_uv(p + n, a.n_days)
+    for i in range(a.n_days):
+        n += put_uv(p + n, a.days[i] if i == 0 else a.days[i - 1] - a.days[i])
     for i in range(a.lots.n):
         lot = &a.lots.items[i]
         n += put_uv(p + n, lot.lot_no)
@@ -1161,12 +1203,19 @@ cdef int touch_account(Work *w, Acct *a) noexcept nogil:
             a.h.debt -= paid
     for i in range(a.n_coupons):
         if a.coupons[i].state == CP_OPEN and a.coupons[i].expires_at <= w.now:
-            a.coupons[i].state = CP_EXPIRED
-            rc = event(w, E_COUPON_CLOSED, a.h.program, a.id, 0, CP_EXPIRED,
-                       a.coupons[i].number, NULL, 0)
+            rc = close_coupon(w, a, &a.coupons[i], CP_EXPIRED, 0)
             if rc:
                 return rc
     return OK
+
+
+cdef int close_coupon(Work *w, Acct *a, CouponRec *coupon, int state,
+                      int64_t amount) noexcept nogil:
+    """An open coupon of the account's is no longer: `state`; `amount`,
+    the money it took off when redeemed."""
+    coupon.state = state
+    return coupon_entry(w, E_COUPON_CLOSED, a, amount, state, coupon.number,
+                        put_uv(w.coupon_data, <uint64_t>coupon.value))
 
 
 cdef int128 active_points(Work *w, Acct *a) noexcept nogil:
@@ -1508,6 +1557,11 @@ cdef int fold_aggregates(Work *w) noexcept nogil:
     cdef MemberMonthKey mm
     for i in range(w.folded, w.n_entries):
         e = &w.entries[i].h
+        if e.type == E_COUPON_ISSUED or e.type == E_COUPON_CLOSED:
+            rc = fold_coupon(w, &w.entries[i])
+            if rc:
+                return rc
+            continue
         index = counter_of(e.type)
         if index < 0:
             continue
@@ -1580,11 +1634,60 @@ cdef int fold_aggregates(Work *w) noexcept nogil:
                 if rc:
                     return rc
                 a.h.last_day = day + 1
+                remember_visit(a, <uint32_t>day)
         rc = fold_cohorts(w, &w.entries[i], act.hour)
         if rc:
             return rc
     w.folded = w.n_entries
     return OK
+
+
+cdef int fold_coupon(Work *w, EntryRec *entry) noexcept nogil:
+    """A coupon event in its hour's coupon row (`aggregates.coupon_changes`):
+    a count and money, by what became of the coupon; moves not counted."""
+    cdef EntryHead *e = &entry.h
+    cdef CouponAggKey key
+    cdef Reader r
+    cdef uint64_t how, value
+    cdef int64_t money = e.amount
+    cdef int index = -1
+    cdef int rc
+    r.p = <const uint8_t *>entry_data(w, entry)
+    r.size = e.n_data
+    r.pos = 0
+    r.bad = 0
+    if e.type == E_COUPON_ISSUED:
+        get_uv(&r)  # usable_from
+        how = get_uv(&r)
+        if how == COUPON_EARNED:
+            index = CA_ISSUED
+        elif how == COUPON_GIVEN_BACK:
+            index = CA_GIVEN_BACK
+    else:
+        value = get_uv(&r)
+        if e.amount2 == CP_REDEEMED:
+            index = CA_REDEEMED
+        else:
+            money = <int64_t>value
+            if e.amount2 == CP_EXPIRED:
+                index = CA_EXPIRED
+            elif e.amount2 == CP_REVOKED:
+                index = CA_REVOKED
+            elif e.amount2 == CP_DISPLACED:
+                index = CA_DISPLACED
+    if r.bad:  # never: the kernel wrote it a moment ago
+        return fail(w, MDB_CORRUPTED)
+    if index < 0:
+        return OK
+    key.kind = AGG_COUPONS
+    key.program = be32(e.program)
+    key.hour = be32(hour_of(e.time))
+    key.store = be32(e.store)
+    key.partner = be32(e.partner)
+    rc = agg_add(w, &key, sizeof(CouponAggKey), N_COUPON_AGG, index, 1)
+    if rc:
+        return rc
+    return agg_add(w, &key, sizeof(CouponAggKey), N_COUPON_AGG, index + 1, money)
 
 
 cdef int fold_cohorts(Work *w, EntryRec *entry, uint32_t hour_be) noexcept nogil:
@@ -1656,8 +1759,8 @@ cdef int commit_work(Work *w) noexcept nogil:
     cdef crypto_generichash_state hs
     for i in range(w.n_accts):
         a = &w.accts[i]
-        buf = need_buf(w, 15 * 10 + a.lots.n * 50 + a.n_holds * 30
-                       + 20 + a.n_coupons * 50)
+        buf = need_buf(w, 15 * 10 + VISIT_DAYS * 5 + a.lots.n * 50
+                       + a.n_holds * 30 + 20 + a.n_coupons * 50)
         if buf == NULL:
             return fail(w, 12)
         size = encode_account(a, <uint8_t *>buf)
@@ -2416,8 +2519,11 @@ cdef int coupon_member(Work *w, Acct **a) noexcept nogil:
     return named_receipt(w, account_id)
 
 
-cdef int open_coupon(Work *w, Acct *a, CouponRec *coupon, int how) noexcept nogil:
-    """Makes `coupon` the member's (open), dropping their closed ones."""
+cdef int open_coupon(Work *w, Acct *a, CouponRec *coupon, int how,
+                     uint64_t from_account, uint64_t from_number) noexcept nogil:
+    """Makes `coupon` the member's (open), dropping their closed ones;
+    COUPON_MOVED: `from_account` and `from_number` name the coupon a merge
+    moves."""
     cdef uint32_t i, j = 0
     cdef size_t n
     for i in range(a.n_coupons):
@@ -2434,11 +2540,21 @@ cdef int open_coupon(Work *w, Acct *a, CouponRec *coupon, int how) noexcept nogi
     a.n_coupons = j + 1
     n = put_uv(w.coupon_data, <uint64_t>coupon.usable_from)
     n += put_uv(w.coupon_data + n, how)
+    if how == COUPON_MOVED:
+        n += put_uv(w.coupon_data + n, from_account)
+        n += put_uv(w.coupon_data + n, from_number)
+    return coupon_entry(w, E_COUPON_ISSUED, a, coupon.value, coupon.expires_at,
+                        coupon.number, n)
+
+
+cdef int coupon_entry(Work *w, int type_, Acct *a, int64_t amount, int64_t amount2,
+                      uint64_t ref, size_t n) noexcept nogil:
+    """A coupon event of the account's whose data is w.coupon_data[:n]."""
     if grow(<void **>&w.lots_named.p, &w.lots_named.cap, w.lots_named.n + <uint32_t>n, 1):
         return fail(w, 12)
     memcpy(w.lots_named.p + w.lots_named.n, w.coupon_data, n)
-    if new_entry(w, E_COUPON_ISSUED, 0, a.h.program, w.op.partner, 0, 0, a.id,
-                 coupon.value, coupon.expires_at, coupon.number) == NULL:
+    if new_entry(w, type_, 0, a.h.program, w.op.partner, 0, 0, a.id,
+                 amount, amount2, ref) == NULL:
         return FATAL
     w.entries[w.n_entries - 1].names_lots = 1  # its data is kept with the named lots'
     w.entries[w.n_entries - 1].lots_off = w.lots_named.n
@@ -2477,7 +2593,7 @@ cdef int op_issue_coupon(Work *w) noexcept nogil:
     coupon.usable_from = op.activates_at
     coupon.expires_at = op.expires_at
     a.h.next_coupon += 1
-    rc = open_coupon(w, a, &coupon, COUPON_EARNED)
+    rc = open_coupon(w, a, &coupon, COUPON_EARNED, 0, 0)
     w.rec.program = a.h.program
     w.rec.account = a.id
     w.rec.partner = op.partner
@@ -2502,7 +2618,8 @@ cdef int op_redeem_coupon(Work *w) noexcept nogil:
     for i in range(a.n_coupons):
         if <int64_t>a.coupons[i].number == op.amount2:
             coupon = &a.coupons[i]
-    if coupon == NULL or coupon.state == CP_REVOKED:
+    if coupon == NULL or coupon.state == CP_REVOKED or coupon.state == CP_MOVED \
+            or coupon.state == CP_DISPLACED:
         return COUPON_NOT_FOUND
     if coupon.state == CP_REDEEMED:
         return COUPON_REDEEMED
@@ -2512,9 +2629,7 @@ cdef int op_redeem_coupon(Work *w) noexcept nogil:
         return COUPON_NOT_USABLE
     if op.amount > coupon.value:
         return AMOUNT_INVALID
-    coupon.state = CP_REDEEMED
-    rc = event(w, E_COUPON_CLOSED, a.h.program, a.id, op.amount, CP_REDEEMED,
-               coupon.number, NULL, 0)
+    rc = close_coupon(w, a, coupon, CP_REDEEMED, op.amount)
     if rc:
         return rc
     # the coupon, as the record's consumed row, for a refund to reopen it
@@ -2538,16 +2653,18 @@ cdef int op_redeem_coupon(Work *w) noexcept nogil:
 
 cdef int refund_coupon(Work *w, OperationRec *orig) noexcept nogil:
     """A REFUND of a coupon operation: revoke the coupon it issued, or give
-    back the one it redeemed, where that still can be (records.py)."""
+    back the one it redeemed, where that still can be; with
+    REFUND_KEEP_COUPON only note it (records.py)."""
     cdef const OpHead *op = w.op
     cdef Acct *a
     cdef uint32_t i
     cdef int64_t changed = 0
     cdef bint open_one = False
+    cdef bint keep = op.flags == REFUND_KEEP_COUPON and orig.kind == K_REDEEM_COUPON
     cdef CouponRec coupon
     cdef LotRec *c
     cdef int rc
-    if op.flags:
+    if op.flags and not keep:
         return FLAGS_INVALID
     if op.money or op.amount or op.amount2:
         return AMOUNT_INVALID
@@ -2564,13 +2681,11 @@ cdef int refund_coupon(Work *w, OperationRec *orig) noexcept nogil:
     if orig.kind == K_ISSUE_COUPON:
         for i in range(a.n_coupons):
             if <int64_t>a.coupons[i].number == orig.a and a.coupons[i].state == CP_OPEN:
-                a.coupons[i].state = CP_REVOKED
-                rc = event(w, E_COUPON_CLOSED, a.h.program, a.id, 0, CP_REVOKED,
-                           a.coupons[i].number, NULL, 0)
+                rc = close_coupon(w, a, &a.coupons[i], CP_REVOKED, 0)
                 if rc:
                     return rc
                 changed = a.coupons[i].value
-    else:
+    elif not keep:
         if w.scratch_lots.n != 1:  # never: a redemption names its coupon
             return fail(w, MDB_CORRUPTED)
         c = &w.scratch_lots.items[0]
@@ -2583,11 +2698,12 @@ cdef int refund_coupon(Work *w, OperationRec *orig) noexcept nogil:
             coupon.value = c.remaining
             coupon.usable_from = c.activates_at
             coupon.expires_at = c.expires_at
-            rc = open_coupon(w, a, &coupon, COUPON_GIVEN_BACK)
+            rc = open_coupon(w, a, &coupon, COUPON_GIVEN_BACK, 0, 0)
             if rc:
                 return rc
             changed = c.remaining
-    orig.refunded_money = orig.money
+    if not keep:
+        orig.refunded_money = orig.money
     if op.n_data:  # the refund's data is appended to the operation's
         if grow(<void **>&w.loaded_data.p, &w.loaded_data.cap,
                 w.loaded_data.n + op.n_data, 1):
@@ -2611,7 +2727,7 @@ cdef int op_refund(Work *w) noexcept nogil:
     cdef int rc
     if op.n_key < 1 or op.n_key > MAX_OP_ID:
         return KEY_INVALID
-    if op.flags & ~REFUND_PROPORTIONAL:
+    if op.flags & ~(REFUND_PROPORTIONAL | REFUND_KEEP_COUPON):
         return FLAGS_INVALID
     if op.money < 0 or op.amount < 0 or op.amount2 < 0:
         return AMOUNT_INVALID
@@ -2625,6 +2741,8 @@ cdef int op_refund(Work *w) noexcept nogil:
         return refund_coupon(w, &orig)
     if orig.kind != K_EARN and orig.kind != K_SPEND and orig.kind != K_CAPTURE:
         return NOT_REFUNDABLE
+    if op.flags & REFUND_KEEP_COUPON:
+        return FLAGS_INVALID
     if <size_t>w.loaded_data.n + op.n_data > MAX_DATA:
         return DATA_TOO_LONG
     if k_add(orig.refunded_money, op.money, &refunded_money):
@@ -2740,6 +2858,72 @@ cdef int op_adjust(Work *w) noexcept nogil:
     return rc
 
 
+cdef inline bint better_coupon(CouponRec *c, CouponRec *best) noexcept nogil:
+    """Worth more, or as much with a window that ends later."""
+    return best == NULL or c.value > best.value or (
+        c.value == best.value and c.expires_at > best.expires_at)
+
+
+cdef int displace_coupons(Work *w, Acct *a, CouponRec *best) noexcept nogil:
+    """Closes every open coupon of the account's but `best` as DISPLACED."""
+    cdef uint32_t i
+    cdef int rc
+    for i in range(a.n_coupons):
+        if a.coupons[i].state == CP_OPEN and &a.coupons[i] != best:
+            rc = close_coupon(w, a, &a.coupons[i], CP_DISPLACED, 0)
+            if rc:
+                return rc
+    return OK
+
+
+cdef int merge_coupons(Work *w, Acct *source, Acct *target, bint one) noexcept nogil:
+    """TRANSFER_ALL: the source's open coupons go to the target, or with
+    `one` (TRANSFER_ONE_COUPON) the best of both members' (records.py)."""
+    cdef uint32_t i, n_moving = 0, n_held = 0
+    cdef CouponRec *best = NULL
+    cdef CouponRec *c
+    cdef CouponRec moved
+    cdef int rc
+    for i in range(source.n_coupons):
+        if source.coupons[i].state == CP_OPEN:
+            n_moving += 1
+    if n_moving == 0:
+        return OK
+    for i in range(target.n_coupons):  # the target's first: they win ties
+        if target.coupons[i].state == CP_OPEN:
+            n_held += 1
+            if better_coupon(&target.coupons[i], best):
+                best = &target.coupons[i]
+    if one:
+        for i in range(source.n_coupons):
+            if source.coupons[i].state == CP_OPEN and better_coupon(
+                    &source.coupons[i], best):
+                best = &source.coupons[i]
+        rc = displace_coupons(w, target, best)
+        if rc:
+            return rc
+        rc = displace_coupons(w, source, best)
+        if rc:
+            return rc
+    elif n_held + n_moving > MAX_COUPONS:
+        return TOO_MANY_COUPONS
+    for i in range(source.n_coupons):  # what is still open moves, by number
+        c = &source.coupons[i]
+        if c.state != CP_OPEN:
+            continue
+        rc = close_coupon(w, source, c, CP_MOVED, 0)
+        if rc:
+            return rc
+        moved = c[0]
+        moved.number = target.h.next_coupon
+        moved.state = CP_OPEN
+        target.h.next_coupon += 1
+        rc = open_coupon(w, target, &moved, COUPON_MOVED, source.id, c.number)
+        if rc:
+            return rc
+    return OK
+
+
 cdef int op_transfer(Work *w) noexcept nogil:
     cdef const OpHead *op = w.op
     cdef bint everything
@@ -2750,7 +2934,8 @@ cdef int op_transfer(Work *w) noexcept nogil:
     cdef uint32_t i, lot_no
     cdef EntryRec *e
     cdef int rc
-    if op.flags & ~TRANSFER_ALL:
+    if (op.flags & ~(TRANSFER_ALL | TRANSFER_ONE_COUPON)
+            or op.flags == TRANSFER_ONE_COUPON):
         return FLAGS_INVALID
     everything = op.flags & TRANSFER_ALL
     if (op.amount != 0) if everything else (op.amount <= 0):
@@ -2809,6 +2994,10 @@ cdef int op_transfer(Work *w) noexcept nogil:
                       op.account2, total, 0, 0)
         if e == NULL:
             return FATAL
+    if everything:
+        rc = merge_coupons(w, source, target, op.flags & TRANSFER_ONE_COUPON)
+        if rc:
+            return rc
     rc = touch(w, target)
     w.rec.program = source.h.program
     w.rec.account = op.account
@@ -3344,6 +3533,85 @@ cdef size_t count_ops(const char *batch, size_t size) except? 0:
 
 
 _OPEN_PATHS = set()  # environments open in this process, by real path
+_ACCOUNT_TYPES = None  # (Account, Lot, Hold, Coupon) of kopilka.core.codec
+
+
+def account_types(account, lot, hold, coupon):
+    """The classes `account_of` builds (core/codec.py's): set once by
+    kopilka.kernel, so the kernel itself imports nothing of core."""
+    global _ACCOUNT_TYPES
+    _ACCOUNT_TYPES = (account, lot, hold, coupon)
+
+
+def balance_figures_of(bytes data, int64_t now):
+    """(program, status, available, pending, held, balance, debt, earned,
+    spent, expired, tier) of an account value as of `now`: what
+    core.reads.balances_of reckons, with no Account built."""
+    cdef Work w
+    cdef Acct a
+    cdef int64_t active = 0, pending = 0, held = 0
+    cdef uint32_t i
+    cdef LotRec *lot
+    memset(&w, 0, sizeof(Work))
+    memset(&a, 0, sizeof(Acct))
+    try:
+        if decode_account(&w, &a, PyBytes_AS_STRING(data), len(data)):
+            raise ValueError("account value of the wrong size or layout")
+        for i in range(a.n_holds):
+            if a.holds[i].expires_at > now:
+                held += a.holds[i].amount
+        for i in range(a.lots.n):
+            lot = &a.lots.items[i]
+            if lot.expires_at <= now:
+                continue  # expired, burned when the account is next touched
+            if lot.activates_at <= now:
+                active += lot.remaining
+            else:
+                pending += lot.remaining
+        return (a.h.program, a.h.status, active - held - a.h.debt, pending, held,
+                a.h.balance, a.h.debt, a.h.earned, a.h.spent, a.h.expired, a.h.tier)
+    finally:
+        free(a.lots.items)
+        free(a.holds)
+        free(a.coupons)
+
+
+def account_of(bytes data):
+    """An account value (records.py) as a codec.Account, decoded in C as the
+    kernel reads it: what codec.Account.decode returns, much faster."""
+    cdef Work w
+    cdef Acct a
+    cdef int rc
+    cdef uint32_t i
+    cdef LotRec *lot
+    if _ACCOUNT_TYPES is None:
+        raise LedgerError("account_types() was not called")
+    account, lot_type, hold_type, coupon_type = _ACCOUNT_TYPES
+    memset(&w, 0, sizeof(Work))
+    memset(&a, 0, sizeof(Acct))
+    try:
+        rc = decode_account(&w, &a, PyBytes_AS_STRING(data), len(data))
+        if rc:
+            raise ValueError("account value of the wrong size or layout")
+        lots = []
+        for i in range(a.lots.n):
+            lot = &a.lots.items[i]
+            lots.append(lot_type(lot.lot_no, lot.partner, lot.remaining,
+                                 lot.activates_at, lot.expires_at, lot.issued_hour))
+        holds = [hold_type(a.holds[i].hold_no, a.holds[i].amount, a.holds[i].expires_at)
+                 for i in range(a.n_holds)]
+        coupons = [coupon_type(a.coupons[i].number, a.coupons[i].state,
+                               a.coupons[i].value, a.coupons[i].usable_from,
+                               a.coupons[i].expires_at) for i in range(a.n_coupons)]
+        days = [a.days[i] for i in range(a.n_days)]
+        return account(a.h.program, a.h.status, a.h.next_lot, a.h.next_hold,
+                       a.h.balance, a.h.debt, a.h.held, a.h.earned, a.h.spent,
+                       a.h.expired, a.h.opened_at, a.h.tier, days, lots, holds,
+                       a.h.next_coupon, coupons)
+    finally:
+        free(a.lots.items)
+        free(a.holds)
+        free(a.coupons)
 
 # With MDB_WRITEMAP the map is the data file's size and every byte of it is
 # allocated on disk first (posix_fallocate), so that LMDB never writes into a
@@ -3386,6 +3654,7 @@ cdef class Environment:
     cdef int fd
     cdef PyThread_type_lock write_lock
     cdef object readers  # the ReadTxns still open
+    cdef MDB_txn *point  # get()'s read-only transaction, reset between reads
 
     def __cinit__(self, path, size_t map_size=1 << 30, bint sync=True,
                   bint writemap=True):
@@ -3527,12 +3796,18 @@ cdef class Environment:
     cdef _close_env(self):
         for txn in list(self.readers):
             txn.close()
+        if self.point != NULL:
+            mdb_txn_abort(self.point)
+            self.point = NULL
         mdb_env_close(self.env)
         self.env = NULL
         _OPEN_PATHS.discard(self.path)
 
     def __dealloc__(self):
         if self.env != NULL:  # nothing can be busy or reading any more
+            if self.point != NULL:
+                mdb_txn_abort(self.point)
+                self.point = NULL
             mdb_env_close(self.env)
             self.env = NULL
             if _OPEN_PATHS is not None:  # None while the interpreter shuts down
@@ -3578,6 +3853,43 @@ cdef class Environment:
     def read(self):
         self._check_open()
         return ReadTxn(self)
+
+    def balance_figures(self, uint64_t account_id, int64_t now):
+        """`balance_figures_of` the account's stored value, or None."""
+        cdef uint64_t key = be64(account_id)
+        raw = self.get(DB_ACCOUNTS, PyBytes_FromStringAndSize(<char *>&key, 8))
+        return balance_figures_of(raw, now) if raw is not None else None
+
+    def get(self, int db, bytes key):
+        """The value (bytes) of `key` in database number `db` (DB_NAMES), or
+        None, as of the last commit.
+
+        One read-only transaction serves every such point read: renewed for
+        the read (it then sees the last commit) and reset after it, which
+        costs much less than a transaction begun and aborted each time. The
+        GIL is held throughout, so no two threads ever use it at once."""
+        cdef MDB_val k, v
+        cdef int rc
+        cdef object out = None
+        if self.env == NULL:
+            raise LedgerError("ledger is closed")
+        if not 0 <= db < NDB:
+            raise ValueError(f"no database number {db}")
+        if self.point == NULL:
+            rc = mdb_txn_begin(self.env, NULL, MDB_RDONLY, &self.point)
+        else:
+            rc = mdb_txn_renew(self.point)
+        if rc:
+            _raise(rc)
+        k.mv_size = len(key)
+        k.mv_data = <void *>PyBytes_AS_STRING(key)
+        rc = mdb_get(self.point, self.dbi[db], &k, &v)
+        if rc == MDB_SUCCESS:
+            out = PyBytes_FromStringAndSize(<char *>v.mv_data, v.mv_size)
+        mdb_txn_reset(self.point)
+        if rc != MDB_SUCCESS and rc != MDB_NOTFOUND:
+            _raise(rc)
+        return out
 
     def copy(self, path, bint compact=True):
         """A consistent copy of the environment into an empty directory."""

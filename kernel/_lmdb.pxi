@@ -58,6 +58,8 @@ cdef extern from "lmdb.h" nogil:
     int mdb_txn_begin(MDB_env *env, MDB_txn *parent, unsigned int flags, MDB_txn **txn)
     int mdb_txn_commit(MDB_txn *txn)
     void mdb_txn_abort(MDB_txn *txn)
+    void mdb_txn_reset(MDB_txn *txn)
+    int mdb_txn_renew(MDB_txn *txn)
     int mdb_dbi_open(MDB_txn *txn, const char *name, unsigned int flags, MDB_dbi *dbi)
     int mdb_get(MDB_txn *txn, MDB_dbi dbi, MDB_val *key, MDB_val *data)
     int mdb_put(MDB_txn *txn, MDB_dbi dbi, MDB_val *key, MDB_val *data, unsigned int flags)

@@ -25,7 +25,7 @@ from kopilka.v1 import (admin_pb2, checkout_pb2, checkout_pb2_grpc, feed_pb2,
 from .auth import Authenticator, TokenFile
 from .backend import Backend
 from .checkout import Checkout
-from .interceptor import ServerInterceptor
+from .interceptor import Guard, MethodTable
 from .metrics import Metrics
 from .registry import Registry
 from .scheduler import Scheduler
@@ -118,17 +118,18 @@ class Server:
         authenticator = Authenticator(self.tokens,
                                       client_certificates=bool(c.client_ca))
         self._server = grpc.aio.server(
-            interceptors=[ServerInterceptor(authenticator, self.metrics)],
             options=[("grpc.max_receive_message_length", MAX_MESSAGE),
                      ("grpc.max_send_message_length", MAX_MESSAGE),
                      ("grpc.so_reuseport", 0)])
         names = []
         self.services = {}
+        methods = MethodTable(Guard(authenticator, self.metrics))
         for add, factory, name in _registrations():
             servicer = factory(self.backend)
             self.services[factory.__name__] = servicer
-            add(servicer, self._server)
+            methods.add(add, servicer)
             names.append(name)
+        methods.register(self._server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(

@@ -55,7 +55,8 @@ ALLOWED = {
 }
 for _name in ("Subscribe", "GetPointsReport", "GetBreakageReport",
               "GetActiveMembersReport", "GetAverageReceiptReport",
-              "GetVisitFrequencyReport", "GetPartnerSettlementReport"):
+              "GetVisitFrequencyReport", "GetPartnerSettlementReport",
+              "GetCouponsReport"):
     ALLOWED[f"/kopilka.v1.Feed/{_name}"] = _INTEGRATION
 
 
@@ -124,6 +125,7 @@ class TokenFile:
         self._checked = -1e9
         self._stamp = None
         self._tokens = {}
+        self._verified = {}   # token text -> (record, Principal), of _tokens
 
     def add(self, role, stores=(), note="", expires=None):
         """Creates a token, stores its hash; returns the token text."""
@@ -159,6 +161,7 @@ class TokenFile:
         if stamp != self._stamp:
             self._stamp = stamp
             self._tokens = self._load()
+            self._verified = {}
 
     def _load(self):
         """The usable records by id. An unreadable file accepts no token (fail
@@ -182,17 +185,29 @@ class TokenFile:
         return tokens
 
     def verify(self, text):
-        """The Principal of a token text, or None."""
-        parts = text.split("_", 2)
-        if len(parts) != 3 or parts[0] != "kop":
-            return None
+        """The Principal of a token text, or None.
+
+        A token verified once is remembered (its Principal) until the file
+        changes; its expiry is checked at every call."""
         self._refresh()
-        record = self._tokens.get(parts[1])
-        if record is None or not hmac.compare_digest(record["sha256"], _digest(parts[2])):
-            return None
+        known = self._verified.get(text)
+        if known is None:
+            parts = text.split("_", 2)
+            if len(parts) != 3 or parts[0] != "kop":
+                return None
+            record = self._tokens.get(parts[1])
+            if record is None or not hmac.compare_digest(record["sha256"],
+                                                         _digest(parts[2])):
+                return None
+            known = (record, Principal(record["role"], frozenset(record["stores"]),
+                                       record["id"]))
+            if len(self._verified) >= 4096:   # bounded: forget, verify again
+                self._verified = {}
+            self._verified[text] = known
+        record, principal = known
         if record.get("expires") is not None and self._clock() >= record["expires"]:
             return None
-        return Principal(record["role"], frozenset(record["stores"]), record["id"])
+        return principal
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -302,6 +317,12 @@ class Authenticator:
             if key == "authorization" and value.startswith("Bearer "):
                 return self.tokens.verify(value[7:].strip())
         return None
+
+    def check_call(self, method, context):
+        """`check` of a call's context; its TLS context is asked for only
+        when client certificates are in use."""
+        return self.check(method, context.invocation_metadata() or (),
+                          context.auth_context() if self.client_certificates else {})
 
     def check(self, method, metadata, auth_context):
         """The caller's Principal; raises ApiError when it may not call."""

@@ -17,7 +17,7 @@ import json
 import logging
 
 from kopilka.core.batch import Batch
-from kopilka.core.reads import balances_of, coupon_state, offered_coupon
+from kopilka.core.reads import balances_of, coupon_state, is_regular, offered_coupon
 from kopilka.core.receipt import Member, MemberCoupon
 from kopilka.core.records import (DAY, MAX_OP_ID, CardStatus, Code, CouponState,
                                   LedgerError, MapFullError)
@@ -58,8 +58,11 @@ def main_result(results):
     return next((r for r in results if r.code != Code.LINKED_FAILED), first)
 
 
+_PACK = json.JSONEncoder(separators=(",", ":")).encode  # one encoder, not one a call
+
+
 def pack(answer):
-    return json.dumps(answer, separators=(",", ":")).encode()
+    return _PACK(answer).encode()
 
 
 def unpack(data):
@@ -188,6 +191,12 @@ class Backend:
         b = self.ledger.balances(account_id, now)
         return convert.balances(b, now) if b is not None else None
 
+    def balances_fields(self, account_id, now=None):
+        """`balances` as a dict, for a response built in one call."""
+        now = self.clock() if now is None else now
+        b = self.ledger.balances(account_id, now)
+        return convert.balances_fields(b, now) if b is not None else None
+
     def version_at(self, program_id, at):
         """The program version in force at `at`, or None (no such program,
         or none in force yet)."""
@@ -201,6 +210,16 @@ class Backend:
         """The name of tier number `tier` in the version in force at `at`."""
         return _tier_name(self.version_at(program_id, at), tier)
 
+    def regular(self, account, at):
+        """Whether the member is a regular customer at `at` (core/program.py)."""
+        return self._regular(account, self.version_at(account.program, at), at)
+
+    def _regular(self, account, version, at):
+        if version is None:
+            return False
+        offset = self.registry.get(account.program).program.utc_offset_minutes
+        return is_regular(account, version.regular_customer, at, offset)
+
     def member_context(self, account_id, account, card=b"", held=0, now=None,
                        at=None):
         """The pricing engine's view of a member (its Account as read), for a
@@ -209,12 +228,14 @@ class Backend:
         A referral matters only within its window after enrolment, so the
         profile (with the referrer) is read only then: the newcomer's first
         purchase takes the newcomer discount, and the referrer earns a share.
-        The coupon is the one a checkout prices with (`reads.offered_coupon`)."""
+        The coupon is the one a checkout prices with (`reads.offered_coupon`);
+        whether the member is a regular, by the visit days the account keeps."""
         now = self.clock() if now is None else now
         at = now if at is None else at
         b = balances_of(account_id, account, now)
         version = self.version_at(account.program, at)
         tier = _tier_name(version, account.tier) or None
+        regular = self._regular(account, version, at)
         referrer = 0
         referral = version.referral if version is not None else None
         if referral is not None and at < account.opened_at + referral.window_days * DAY:
@@ -230,7 +251,7 @@ class Backend:
             coupon = MemberCoupon(convert.coupon_code(account_id, c.number), c.value,
                                   *window, c.number)
         return Member(available=b.available, held=held, account=account_id,
-                      card=card, tier=tier, referrer=referrer,
+                      card=card, tier=tier, regular=regular, referrer=referrer,
                       newcomer=bool(referrer) and account.last_day == 0,
                       enrolled_at=account.opened_at if referrer else None,
                       coupon=coupon)

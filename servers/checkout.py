@@ -13,6 +13,7 @@ import weakref
 
 from kopilka.core.batch import Batch
 from kopilka.core.pricing import quote
+from kopilka.core.reads import balances_of
 from kopilka.core.records import Code
 from kopilka.v1 import checkout_pb2, checkout_pb2_grpc
 
@@ -44,8 +45,9 @@ class Checkout(checkout_pb2_grpc.CheckoutServicer):
         if spend is not None and not 0 <= spend <= q.max_spend:
             raise invalid([("spend_points", f"must be from 0 to {q.max_spend}, the "
                                             "most this receipt may spend")])
-        return receipts.quote_response(q, program, account, b.balances(account, now),
-                                       spend)
+        # the balances of the account as priced (read once, above)
+        balances = convert.balances_fields(balances_of(account, record, now), now)
+        return receipts.quote_response(q, program, account, balances, spend)
 
     async def Hold(self, request, context):
         return await self._one(prepare_hold, request, context)
@@ -113,6 +115,7 @@ class Checkout(checkout_pb2_grpc.CheckoutServicer):
 
     async def _post(self, request, context):
         b = self.backend
+        full = request.view != checkout_pb2.POST_RESULT_VIEW_STATUS
         results = [None] * len(request.operations)
         pending, batch, follow = [], Batch(), Batch()
         touched = set()  # what the pending operations change
@@ -135,7 +138,8 @@ class Checkout(checkout_pb2_grpc.CheckoutServicer):
                 result = main_result(outcome[at:at + len(prepared.batch)])
                 at += len(prepared.batch)
                 if result.code == Code.OK:
-                    results[i] = _result(which, prepared.finish(result))
+                    results[i] = (_result(which, prepared.finish(result)) if full
+                                  else _OK_RESULT)
                     follow.extend(prepared.follow_up)
                     continue
                 message = getattr(request.operations[i], which)
@@ -147,7 +151,7 @@ class Checkout(checkout_pb2_grpc.CheckoutServicer):
                 else:
                     failure = b.refusal(result.code, prepared.field_of)
                 if prepared is not None and prepared.answer is not None:
-                    results[i] = _result(which, prepared.answer)
+                    results[i] = _result(which, prepared.answer) if full else _OK_RESULT
                     follow.extend(prepared.follow_up)
                 else:
                     results[i] = checkout_pb2.PostResult(status=failure.to_proto())
@@ -176,7 +180,7 @@ class Checkout(checkout_pb2_grpc.CheckoutServicer):
                 results[i] = checkout_pb2.PostResult(status=err.to_proto())
                 continue
             if prepared.answer is not None:
-                results[i] = _result(which, prepared.answer)
+                results[i] = _result(which, prepared.answer) if full else _OK_RESULT
                 follow.extend(prepared.follow_up)
             else:
                 pending.append((i, which, prepared))
@@ -234,7 +238,8 @@ _PREPARE = {"hold": prepare_hold, "capture": prepare_capture, "void": prepare_vo
             "refund": prepare_refund}
 
 
+_OK_RESULT = checkout_pb2.PostResult(status=ok_proto())  # copied into the response
+
+
 def _result(which, answer):
-    out = checkout_pb2.PostResult(status=ok_proto())
-    getattr(out, which).CopyFrom(answer)
-    return out
+    return checkout_pb2.PostResult(status=_OK_RESULT.status, **{which: answer})

@@ -43,6 +43,7 @@ from kopilka.core.records import Code, HoldState, Kind
 from kopilka.v1 import checkout_pb2
 
 from . import auth, convert, receipts
+from .convert import money_fields
 from .backend import derived_id, id_base, pack, request_digest, unpack
 from .status import ApiError, from_kernel, invalid
 
@@ -126,12 +127,11 @@ def prepare_hold(backend, request, prefix=""):
 
 
 def _hold_answer(backend, record, answer, replayed):
-    out = checkout_pb2.HoldResponse(
+    return checkout_pb2.HoldResponse(
         member=convert.member_name(record.program, record.account),
         held_points=answer["p"],
-        balances=backend.balances(record.account), replayed=replayed)
-    convert.set_time(out, "expire_time", answer.get("e"))
-    return out
+        balances=backend.balances_fields(record.account), replayed=replayed,
+        expire_time=convert.time_fields(answer.get("e")))
 
 
 # --- capture ------------------------------------------------------------------
@@ -318,38 +318,35 @@ def _referral(answer):
 def _capture_answer(backend, f, answer, replayed, allocation=None):
     cur = answer["cur"]
     allocation = allocation or allocation_of(answer["al"])
-    out = checkout_pb2.CaptureResponse(
+    visit_bonus = 0
+    if allocation.capture:
+        visit = backend.ledger.operation(visit_id(allocation.capture.encode()))
+        visit_bonus = visit.earned if visit is not None else 0
+    redeemed, earned = answer.get("cpr"), answer.get("cpi")
+    issued = backend.ledger.operation(earned["op"].encode()) if earned else None
+    return checkout_pb2.CaptureResponse(
         member=convert.member_name(f.program, f.account),
         program_version=convert.version_name(f.program, allocation.version),
         partner=convert.partner_name(f.program, f.partner),
         replayed=replayed, spent_points=f.spent, earned_points=f.earned,
         released_points=max(0, answer["held"] - f.spent),
-        paid=convert.money(f.money, cur), discount=convert.money(answer["disc"], cur),
-        lines=[checkout_pb2.SettledLine(
-            line_number=s.number, quantity=s.quantity,
-            discount=convert.money(s.discount, cur), spent_points=s.spent,
-            earned_points=s.earned, paid=convert.money(s.paid, cur))
-            for s in allocation.lines],
-        balances=backend.balances(f.account))
-    if allocation.capture:
-        visit = backend.ledger.operation(visit_id(allocation.capture.encode()))
-        out.visit_bonus_points = visit.earned if visit is not None else 0
-    redeemed, earned = answer.get("cpr"), answer.get("cpi")
-    if redeemed:
-        out.coupon_redeemed.code = redeemed["code"]
-        out.coupon_redeemed.discount.CopyFrom(convert.money(redeemed["off"], cur))
-    issued = backend.ledger.operation(earned["op"].encode()) if earned else None
-    if issued is not None:
-        out.coupon_issued.code = convert.coupon_code(f.account, issued.a)
-        terms = out.coupon_issued.terms
-        terms.value.CopyFrom(convert.money(earned["v"], cur))
-        convert.set_time(terms, "usable_time", earned["u"])
-        convert.set_time(terms, "expire_time", earned["e"])
-    if f.earned:
-        convert.set_time(out, "earn_activate_time", answer["act"])
-        convert.set_time(out, "earn_expire_time", answer["exp"])
-    convert.set_time(out, "operation_time", answer["t"])
-    return out
+        paid=money_fields(f.money, cur), discount=money_fields(answer["disc"], cur),
+        lines=[{"line_number": s.number, "quantity": s.quantity,
+                "discount": money_fields(s.discount, cur), "spent_points": s.spent,
+                "earned_points": s.earned, "paid": money_fields(s.paid, cur)}
+               for s in allocation.lines],
+        balances=backend.balances_fields(f.account),
+        visit_bonus_points=visit_bonus,
+        coupon_redeemed=None if not redeemed else {
+            "code": redeemed["code"], "discount": money_fields(redeemed["off"], cur)},
+        coupon_issued=None if issued is None else {
+            "code": convert.coupon_code(f.account, issued.a),
+            "terms": {"value": money_fields(earned["v"], cur),
+                      "usable_time": convert.time_fields(earned["u"]),
+                      "expire_time": convert.time_fields(earned["e"])}},
+        earn_activate_time=convert.time_fields(answer["act"]) if f.earned else None,
+        earn_expire_time=convert.time_fields(answer["exp"]) if f.earned else None,
+        operation_time=convert.time_fields(answer["t"]))
 
 
 # --- void ---------------------------------------------------------------------
@@ -375,7 +372,7 @@ def prepare_void(backend, request, prefix=""):
 def _void_answer(backend, record, answer, replayed):
     return checkout_pb2.VoidResponse(
         member=convert.member_name(record.program, record.account),
-        released_points=record.a, balances=backend.balances(record.account),
+        released_points=record.a, balances=backend.balances_fields(record.account),
         replayed=replayed)
 
 
@@ -383,11 +380,15 @@ def _void_answer(backend, record, answer, replayed):
 
 def original_of(backend, request, prefix=""):
     """(kernel id, record, capture answer, lines returned so far) of the
-    capture a refund names."""
+    capture a refund names, or of the coupon redemption that stands for a
+    receipt its coupon paid in full."""
     client = convert.operation_id(request.original_operation_id,
                                   prefix + "original_operation_id")
     kernel_id = capture_id(client)
     record = backend.ledger.operation(kernel_id)
+    if record is None:
+        kernel_id = redeem_id(client)
+        record = backend.ledger.operation(kernel_id)
     if record is None:
         raise ApiError("NOT_FOUND", "ORIGINAL_OPERATION_NOT_FOUND",
                        f"{prefix}original_operation_id: no receipt was captured "
@@ -444,6 +445,9 @@ def prepare_refund(backend, request, prefix=""):
             raise invalid(problems)
     lines = _refunded_lines(allocation, returns, already)
     answer = {"rq": digest, "r": returns, "cur": capture["cur"], "lines": lines}
+    if original.kind == Kind.REDEEM_COUPON:
+        return _coupon_paid_refund(backend, op_id, kernel_id, allocation, returns,
+                                   already, answer, business_time, store, lane)
     answer.update(_coupon_refunds(backend, op_id, capture, allocation, returns, already))
     if referral and allocation.referral_op:
         answer["claw"] = {"op": derived_id(op_id, "/referral").decode(),
@@ -458,10 +462,46 @@ def prepare_refund(backend, request, prefix=""):
         if name in answer:     # for the coupon's sake (records.py)
             batch.link().refund(answer[name][0], answer[name][1], store=store, lane=lane)
 
+    return Prepared(batch=batch, finish=_refund_finish(backend, op_id),
+                    follow_up=_clawback(answer))
+
+
+def _refund_finish(backend, op_id):
     def finish(result):
         record = backend.ledger.operation(op_id)
         return _refund_answer(backend, record, unpack(record.data), bool(result.replayed))
-    return Prepared(batch=batch, finish=finish, follow_up=_clawback(answer))
+    return finish
+
+
+def _coupon_paid_refund(backend, op_id, redemption, allocation, returns, already,
+                        answer, business_time, store, lane):
+    """A refund of a receipt its coupon paid in full: nothing was charged
+    or earned, so there is nothing to give back but the coupon, and that
+    by the rule of every receipt that redeemed one: once every line has
+    come back. The refund is the redemption's own (there is no capture):
+    until then only noted (its lines join the redemption's data, so that
+    they are not returned twice), then giving the coupon back."""
+    whole = _whole(allocation, _after(returns, already))
+    answer["cp"] = 1
+    if whole:
+        answer["gb"] = (op_id.decode(), redemption.decode())
+    batch = Batch().refund(op_id, redemption, keep_coupon=not whole,
+                           version=allocation.version, business_time=business_time,
+                           store=store, lane=lane, data=b"\n" + pack(answer))
+    return Prepared(batch=batch, finish=_refund_finish(backend, op_id))
+
+
+def _after(returns, already):
+    """{line number: units returned} once `returns` are, after `already`."""
+    after = dict(already)
+    for number, quantity in returns:
+        after[number] = after.get(number, 0) + quantity
+    return after
+
+
+def _whole(allocation, after):
+    """Whether every unit of every line is back, `after` returned."""
+    return all(after.get(s.number, 0) == s.quantity for s in allocation.lines)
 
 
 def _coupon_refunds(backend, op_id, capture, allocation, returns, already):
@@ -471,9 +511,7 @@ def _coupon_refunds(backend, op_id, capture, allocation, returns, already):
     returned units' share, as refund_lines reckons) is below the threshold
     that earned it; the coupon it redeemed when every line has come back.
     Each once: a coupon operation refunded before is left alone."""
-    after = dict(already)
-    for number, quantity in returns:
-        after[number] = after.get(number, 0) + quantity
+    after = _after(returns, already)
     out = {}
     earned, redeemed = capture.get("cpi"), capture.get("cpr")
     if earned and not _refunded(backend, earned["op"]):
@@ -481,8 +519,7 @@ def _coupon_refunds(backend, op_id, capture, allocation, returns, already):
                    for due, s in zip(earned["du"], allocation.lines))
         if kept < earned["th"]:
             out["rv"] = (derived_id(op_id, "/coupon-revoke").decode(), earned["op"])
-    whole = all(after.get(s.number, 0) == s.quantity for s in allocation.lines)
-    if redeemed and whole and not _refunded(backend, redeemed["op"]):
+    if redeemed and _whole(allocation, after) and not _refunded(backend, redeemed["op"]):
         out["gb"] = (derived_id(op_id, "/coupon-back").decode(), redeemed["op"])
     return out
 
@@ -513,7 +550,9 @@ def _clawback(answer):
 
 def _refund_answer(backend, record, answer, replayed):
     cur = answer["cur"]
-    balances = backend.balances(record.account)
+    balances = backend.balances_fields(record.account)
+    # the refund of a receipt its coupon paid: its result a is the coupon's value
+    returned, clawed = (0, 0) if answer.get("cp") else (record.a, record.b)
     coupons = {}
     for name in ("rv", "gb"):  # changed: the coupon refund's result a, its value
         if name in answer:
@@ -524,9 +563,9 @@ def _refund_answer(backend, record, answer, replayed):
     return checkout_pb2.RefundResponse(
         coupon_revoked=coupons.get("rv", ""), coupon_given_back=coupons.get("gb", ""),
         member=convert.member_name(record.program, record.account),
-        returned_points=record.a, clawed_back_points=record.b,
-        refunded=convert.money(record.money, cur),
-        lines=[checkout_pb2.RefundedLine(
-            line_number=n, quantity=q, returned_points=g, clawed_back_points=c,
-            refunded=convert.money(m, cur)) for n, q, g, c, m in answer["lines"]],
-        debt_points=balances.debt_points, balances=balances, replayed=replayed)
+        returned_points=returned, clawed_back_points=clawed,
+        refunded=money_fields(record.money, cur),
+        lines=[{"line_number": n, "quantity": q, "returned_points": g,
+                "clawed_back_points": c, "refunded": money_fields(m, cur)}
+               for n, q, g, c, m in answer["lines"]],
+        debt_points=balances["debt_points"], balances=balances, replayed=replayed)

@@ -44,12 +44,22 @@ def parse_member(name, field):
     return int(m[1]), int(m[2])
 
 
+_LANES = {}          # lane names parsed, the valid ones (tills are few)
+_MAX_LANES = 65_536  # then forgotten all at once, and learnt again
+
+
 def parse_lane(name, field="lane"):
     """(store, lane) of `stores/{store}/lanes/{lane}`."""
+    found = _LANES.get(name)
+    if found is not None:
+        return found
     m = _LANE.fullmatch(name)
     if not m or _u32(m[1]) is None or _u32(m[2]) is None:
         raise invalid([(field, "must be stores/{store}/lanes/{lane}")])
-    return int(m[1]), int(m[2])
+    if len(_LANES) >= _MAX_LANES:
+        _LANES.clear()
+    found = _LANES[name] = (int(m[1]), int(m[2]))
+    return found
 
 
 def program_name(program):
@@ -101,6 +111,15 @@ def money(value, currency):
     return common_pb2.Money(currency_code=currency, minor_units=value)
 
 
+# Responses on the hot paths are built in one constructor call from plain
+# dicts (`*_fields`): protobuf builds nested messages from dicts faster than
+# from messages made one by one (each then copied into its parent).
+
+def money_fields(value, currency):
+    """A common.Money, as a dict for a message constructor."""
+    return {"currency_code": currency, "minor_units": value}
+
+
 def parse_money(message, field, currency, problems):
     """Minor units of a Money field; appends (path, why) to `problems`."""
     if message.currency_code != currency:
@@ -118,6 +137,20 @@ def timestamp(micros):
     ts = Timestamp()
     ts.FromMicroseconds(micros)
     return ts
+
+
+_MIN_SECONDS = -62_135_596_800   # Timestamp's range: 0001-01-01 ...
+
+
+def time_fields(micros):
+    """A Timestamp as a dict for a message constructor (what `timestamp`
+    makes), or None for NEVER (absent: a constructor skips None)."""
+    if micros is None or micros >= NEVER:
+        return None
+    seconds, rest = divmod(micros, 1_000_000)
+    if not _MIN_SECONDS <= seconds <= MAX_SECONDS:
+        raise ValueError(f"Timestamp is not valid: {micros} microseconds")
+    return {"seconds": seconds, "nanos": rest * 1000}
 
 
 def set_time(message, field, micros):
@@ -152,9 +185,13 @@ def member_coupon(account, coupon, currency, now):
 
 def balances(b, now):
     """common.Balances of a `core.reads.Balances`."""
-    out = common_pb2.Balances(
-        available_points=b.available, pending_points=b.pending,
-        held_points=b.held, balance_points=b.balance, debt_points=b.debt,
-        earned_points=b.earned, spent_points=b.spent, expired_points=b.expired)
-    set_time(out, "as_of_time", now)
-    return out
+    return common_pb2.Balances(**balances_fields(b, now))
+
+
+def balances_fields(b, now):
+    """common.Balances of a `core.reads.Balances`, as a dict."""
+    return {"available_points": b.available, "pending_points": b.pending,
+            "held_points": b.held, "balance_points": b.balance,
+            "debt_points": b.debt, "earned_points": b.earned,
+            "spent_points": b.spent, "expired_points": b.expired,
+            "as_of_time": time_fields(now)}

@@ -270,6 +270,19 @@ class Feed(feed_pb2_grpc.FeedServicer):
                              for n, m in r.histogram])
         return out
 
+    async def GetCouponsReport(self, request, context):
+        q = _query(request, self.backend, "coupons")
+        rows, head = await _gather(self.backend, "coupons", q)
+        currency = q.program.currency
+        out = feed_pb2.GetCouponsReportResponse(as_of_cursor=head)
+        for r in rows:
+            row = out.rows.add(key=_key(q.program_id, r.key))
+            for what, money in _COUPON_FIGURES:
+                setattr(row, f"{what}_coupons", getattr(r, what))
+                getattr(row, money).CopyFrom(
+                    convert.money(getattr(r, f"{what}_money"), currency))
+        return out
+
     async def GetPartnerSettlementReport(self, request, context):
         q = _query(request, self.backend, "settlement")
         rows, head = await _gather(self.backend, "settlement", q)
@@ -284,6 +297,12 @@ class Feed(feed_pb2_grpc.FeedServicer):
 
 
 # --- reports -------------------------------------------------------------------
+
+# CouponsReportRow: (figure of reports.CouponsRow, its money field)
+_COUPON_FIGURES = (("issued", "issued_value"), ("redeemed", "redeemed_discount"),
+                   ("expired", "expired_value"), ("revoked", "revoked_value"),
+                   ("given_back", "given_back_value"),
+                   ("displaced", "displaced_value"))
 
 _DIMENSIONS = frozenset(int(d) for d in reports.Dimension)
 _LAST_SECOND = 253_402_300_799   # 9999-12-31T23:59:59Z

@@ -8,9 +8,9 @@ to `credit`, one side a program system account, `ref` the lot concerned.
 Entry types the API does not know yet pass through as their number.
 """
 
-from kopilka.core.codec import decode_coupon_issued
-from kopilka.core.records import (COUPON_GIVEN_BACK, PROGRAM_ALLOW_DEBT, SYSTEM,
-                                  CouponState, Entry)
+from kopilka.core.codec import coupon_moved_from, decode_coupon_issued
+from kopilka.core.records import (COUPON_GIVEN_BACK, COUPON_MOVED, PROGRAM_ALLOW_DEBT,
+                                  SYSTEM, CouponState, Entry)
 from kopilka.v1 import common_pb2, feed_pb2
 
 from . import convert
@@ -73,6 +73,8 @@ def _details(event, entry, currency):
         d = event.coupon_issued
         usable_from, how = decode_coupon_issued(entry.data)
         d.coupon_number, d.given_back = entry.ref, how == COUPON_GIVEN_BACK
+        if how == COUPON_MOVED:
+            d.moved_from = convert.coupon_code(*coupon_moved_from(entry.data))
         d.value.CopyFrom(convert.money(entry.amount, currency))
         convert.set_time(d, "usable_time", usable_from)
         convert.set_time(d, "expire_time", entry.amount2)

@@ -1,16 +1,21 @@
 """Around every RPC: authenticate, count, time, and turn refusals into statuses.
 
 Authentication needs the call's TLS context (for client certificates), which
-only the handler's context offers, so the interceptor wraps each handler
-rather than deciding from the method name alone. A handler raises
-`ApiError` for a refusal; anything else escaping a handler is a server bug,
-logged with its traceback (masked, see logs.py) and answered INTERNAL with
-a message that says nothing of it.
+only the handler's context offers, so each handler is wrapped rather than
+decided from the method name alone. A handler raises `ApiError` for a
+refusal; anything else escaping a handler is a server bug, logged with its
+traceback (masked, see logs.py) and answered INTERNAL with a message that
+says nothing of it.
 
 Requests reach the wrapped handler as bytes and are parsed there, after
 authentication: gRPC's own parsing would answer a malformed message (bad
 wire format, invalid UTF-8 in a string) with UNKNOWN, before the caller is
 even known; here it is INVALID_ARGUMENT, and only for a known caller.
+
+The server wraps every method once, at start (`MethodTable`): a gRPC
+interceptor would instead be asked for each call, and build a new handler
+and closures each time. `ServerInterceptor` does the same wrapping per call,
+for a server that wants an interceptor.
 """
 
 import logging
@@ -24,18 +29,24 @@ from . import auth
 from .status import ApiError, server
 
 log = logging.getLogger("kopilka.rpc")
+_perf_counter = time.perf_counter
 
 
-class ServerInterceptor(grpc.aio.ServerInterceptor):
+class Guard:
+    """Wraps method handlers: the caller authenticated (and bound, see
+    auth.current) before the request is parsed, every call counted and timed
+    by method and code, a refusal answered with its status and logged."""
+
     def __init__(self, authenticator, metrics):
         self._auth = authenticator
         self._metrics = metrics
+        self._counters = {}   # (method, code) -> the counter's child
 
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(auth.PUBLIC):
+    def wrap(self, method, handler):
+        """The guarded handler of `handler` (None stays None; the public
+        health and reflection services are left as they are)."""
+        if handler is None or method.startswith(auth.PUBLIC):
             return handler
-        method = details.method
         parse = handler.request_deserializer
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
@@ -50,77 +61,122 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 self._stream(method, handler.stream_stream, _each(parse)),
                 response_serializer=handler.response_serializer)
         # client streaming: none in the API yet, but never let one through
-        # unauthenticated (a handler returned as it is would skip _Call)
+        # unauthenticated (a handler returned as it is would skip the guard)
         return grpc.stream_unary_rpc_method_handler(
             self._unary(method, handler.stream_unary, _each(parse)),
             response_serializer=handler.response_serializer)
 
-    def _enter(self, method, context):
-        principal = self._auth.check(method, context.invocation_metadata() or (),
-                                     context.auth_context())
-        auth.bind(principal)
-        return principal
-
     def _unary(self, method, behavior, parse):
+        check, bind = self._auth.check_call, auth.bind
+        seconds = self._metrics.rpc_seconds.labels(method)
+
         async def wrapped(request, context):
-            async with _Call(self, method, context):
+            started = _perf_counter()
+            code = "OK"
+            try:
+                bind(check(method, context))
                 return await behavior(_parsed(parse, request), context)
+            except BaseException as exc:
+                code, bug = _ended(exc, context)
+                await self._refuse(context, method, exc, bug)
+                raise
+            finally:
+                self._count(method, code)
+                seconds.observe(_perf_counter() - started)
         return wrapped
 
     def _stream(self, method, behavior, parse):
+        check, bind = self._auth.check_call, auth.bind
+        seconds = self._metrics.rpc_seconds.labels(method)
+
         async def wrapped(request, context):
-            async with _Call(self, method, context):
+            started = _perf_counter()
+            code = "OK"
+            try:
+                bind(check(method, context))
                 async for response in behavior(_parsed(parse, request), context):
                     yield response
+            except BaseException as exc:
+                code, bug = _ended(exc, context)
+                await self._refuse(context, method, exc, bug)
+                raise
+            finally:
+                self._count(method, code)
+                seconds.observe(_perf_counter() - started)
         return wrapped
 
-    async def _abort(self, context, method, err):
-        principal = auth.current()
-        log.info("refused", extra={"fields": {
-            "method": method, "code": err.status.name, "reason": err.reason,
-            "caller": principal.name if principal else None}})
-        await context.abort_with_status(rpc_status.to_status(err.to_proto()))
+    async def _refuse(self, context, method, exc, bug):
+        """Ends the call with the status of `exc`: an ApiError's (logged as a
+        refusal), or for a server bug INTERNAL (not gRPC's UNKNOWN), logged
+        with its traceback and telling nothing of it (it may quote the
+        request: a card number). Anything else (an abort, a cancel) ends the
+        call as it is."""
+        if isinstance(exc, ApiError):
+            principal = auth.current()
+            log.info("refused", extra={"fields": {
+                "method": method, "code": exc.status.name, "reason": exc.reason,
+                "caller": principal.name if principal else None}})
+            await context.abort_with_status(rpc_status.to_status(exc.to_proto()))
+        elif bug:
+            log.error("unexpected error in a handler", exc_info=exc,
+                      extra={"fields": {"method": method}})
+            await context.abort_with_status(rpc_status.to_status(
+                server("INTERNAL_ERROR",
+                       "internal error; the server logged it").to_proto()))
 
-    def _count(self, method, code, started):
-        self._metrics.rpcs.labels(method, code).inc()
-        self._metrics.rpc_seconds.labels(method).observe(time.perf_counter() - started)
+    def _count(self, method, code):
+        counter = self._counters.get((method, code))
+        if counter is None:
+            counter = self._counters[method, code] = \
+                self._metrics.rpcs.labels(method, code)
+        counter.inc()
 
 
-class _Call:
-    """One RPC: authenticated on entry; on exit counted and timed, and an
-    ApiError turned into its status."""
+class MethodTable:
+    """Every method's guarded handler, built once, for the server's own
+    services: `add(add_XServicer_to_server, servicer)` then `register(server)`."""
 
-    def __init__(self, interceptor, method, context):
-        self.interceptor, self.method, self.context = interceptor, method, context
+    def __init__(self, guard):
+        self._guard = guard
+        self.services = {}   # service name -> {method name: guarded handler}
 
-    async def __aenter__(self):
-        self.started = time.perf_counter()
-        try:
-            self.interceptor._enter(self.method, self.context)
-        except ApiError as err:  # no __aexit__ for a failed __aenter__
-            await self.__aexit__(type(err), err, None)
-            raise
+    def add(self, add_to_server, servicer):
+        collected = _Collect()
+        add_to_server(servicer, collected)
+        for service, handlers in collected.services.items():
+            self.services.setdefault(service, {}).update(
+                (name, self._guard.wrap(f"/{service}/{name}", handler))
+                for name, handler in handlers.items())
 
-    async def __aexit__(self, kind, exc, tb):
-        code = "OK"
-        try:
-            if isinstance(exc, ApiError):
-                code = exc.status.name
-                await self.interceptor._abort(self.context, self.method, exc)
-            elif exc is not None:
-                code = _code_of(exc, self.context)
-                if code is None:   # a server bug
-                    code = "INTERNAL"
-                    log.error("unexpected error in a handler", exc_info=exc,
-                              extra={"fields": {"method": self.method}})
-                    # INTERNAL, not gRPC's UNKNOWN, and nothing of the error
-                    # (it may quote the request: a card number) to the client
-                    await self.context.abort_with_status(rpc_status.to_status(
-                        server("INTERNAL_ERROR",
-                               "internal error; the server logged it").to_proto()))
-        finally:
-            self.interceptor._count(self.method, code, self.started)
-        return False
+    def register(self, grpc_server):
+        for service, handlers in self.services.items():
+            grpc_server.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler(service, handlers),))
+            grpc_server.add_registered_method_handlers(service, handlers)
+
+
+class _Collect:
+    """Stands in for the server while generated code adds a servicer: what
+    it would have registered, by service."""
+
+    def __init__(self):
+        self.services = {}
+
+    def add_generic_rpc_handlers(self, handlers):
+        pass   # the same handlers come by add_registered_method_handlers
+
+    def add_registered_method_handlers(self, service, handlers):
+        self.services.setdefault(service, {}).update(handlers)
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    """The guard as a gRPC interceptor (wraps each call's handler)."""
+
+    def __init__(self, authenticator, metrics):
+        self._guard = Guard(authenticator, metrics)
+
+    async def intercept_service(self, continuation, details):
+        return self._guard.wrap(details.method, await continuation(details))
 
 
 def _parsed(parse, raw):
@@ -146,6 +202,14 @@ def _each(parse):
                 yield _parsed(parse, raw)
         return messages()
     return parse_stream
+
+
+def _ended(exc, context):
+    """(code name the call ends with on `exc`, whether it is a server bug)."""
+    if isinstance(exc, ApiError):
+        return exc.status.name, False
+    code = _code_of(exc, context)
+    return (code, False) if code is not None else ("INTERNAL", True)
 
 
 def _code_of(exc, context):

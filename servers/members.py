@@ -22,8 +22,10 @@ skipped when already applied: a retry completes what a crash interrupted.
   issued meanwhile) can refuse the link after the member exists; that refusal
   is reported, and the member stays enrolled without the card.
 - UpdateMember: SET_ACCOUNT_STATUS, then SET_PROFILE (the client's id).
-- MergeMembers: TRANSFER of every lot (the client's id), then closing the
-  source and recording `merged_into` in its profile.
+- MergeMembers: TRANSFER of every lot and open coupon (the client's id; the
+  survivor keeps one coupon at most where the program has one per
+  customer), then closing the source and recording `merged_into` in its
+  profile.
 Profile writes read, change and write the whole blob, so they run under a
 per-member lock (one server process writes the ledger).
 """
@@ -154,6 +156,7 @@ class Members(members_pb2_grpc.MembersServicer):
             name=convert.member_name(program, account_id),
             external_id=profile.external_id, state=account.status,
             tier=b.tier_name(program, account.tier, now),
+            regular=b.regular(account, now),
             balances=convert.balances(balances, now))
         if profile.birthday:
             out.birthday.CopyFrom(date_pb2.Date(month=profile.birthday[0],
@@ -532,10 +535,11 @@ class Members(members_pb2_grpc.MembersServicer):
                 (record, _), replayed = first, True
             else:
                 self._check_merge(program, target, source_program, merged)
+                one = _one_coupon(b.program(program, "name").program, b.clock())
                 try:
                     record, _, replayed = await b.write_one(
                         op_id, digest, lambda batch: batch.transfer(
-                            op_id, merged, target, everything=True,
+                            op_id, merged, target, everything=True, one_coupon=one,
                             data=pack({"rq": digest})), context)
                 except ApiError as err:
                     if err.reason == "INSUFFICIENT_POINTS":  # a hold placed meanwhile
@@ -578,6 +582,17 @@ class Members(members_pb2_grpc.MembersServicer):
             for result in await b.apply(batch, context):
                 if result.code not in (Code.OK, Code.ACCOUNT_CLOSED):
                     raise b.refusal(result.code)
+
+
+def _one_coupon(program, now):
+    """Whether a merge leaves the survivor one open coupon at most: the
+    program's one per customer, by the version in force now (a version
+    without coupons: one, the rule DESIGN.md's programs have)."""
+    try:
+        coupon = program.version_at(now).coupon
+    except LookupError:   # before version 1
+        coupon = program.versions[0].coupon
+    return coupon is None or coupon.one_per_customer
 
 
 def _open_holds():

@@ -13,6 +13,7 @@ from kopilka.core.receipt import Line, PricingError, Receipt
 from kopilka.v1 import checkout_pb2
 
 from . import convert
+from .convert import money_fields
 from .status import invalid
 
 _POSITION = re.compile(r"\[(\d+)\]")
@@ -40,64 +41,71 @@ def receipt(message, store, lane, currency, field="receipt"):
                                        problems)
     lines = []
     for i, line in enumerate(message.lines):
-        at = f"{field}.lines[{i}]"
-        unit = convert.parse_money(line.unit_price, f"{at}.unit_price", currency, problems)
-        total = convert.parse_money(line.total, f"{at}.total", currency, problems)
+        unit, total = line.unit_price, line.total
+        if not (unit.currency_code == total.currency_code == currency
+                and unit.minor_units >= 0 and total.minor_units >= 0):
+            at = f"{field}.lines[{i}]"  # named only when something is wrong
+            convert.parse_money(unit, f"{at}.unit_price", currency, problems)
+            convert.parse_money(total, f"{at}.total", currency, problems)
         lines.append(Line(line.line_number, line.sku, line.category, line.quantity,
-                          unit, total, tuple(line.flags)))
+                          unit.minor_units, total.minor_units, tuple(line.flags)))
     if problems:
         raise invalid(problems)
     return Receipt(message.receipt_id, store, lane, business_time, tuple(lines))
 
 
 def reason(r, currency):
-    out = checkout_pb2.PricingReason(
-        code=f"PRICING_REASON_CODE_{r.code.value}", subject=r.name,
-        text=TEXT[r.code].format(name=r.name, amount=r.amount))
+    """checkout.PricingReason of a core reason, as a dict."""
+    out = {"code": f"PRICING_REASON_CODE_{r.code.value}", "subject": r.name,
+           "text": TEXT[r.code].format(name=r.name, amount=r.amount)}
     if r.amount:
         if r.code in _POINTS:
-            out.points = r.amount
+            out["points"] = r.amount
         else:
-            out.money.CopyFrom(convert.money(r.amount, currency))
+            out["money"] = money_fields(r.amount, currency)
     return out
 
 
 def quote_response(q, program, account, balances, spend=None):
-    """QuoteResponse of a core Quote (and the chosen spend's preview)."""
+    """QuoteResponse of a core Quote (and the chosen spend's preview), built
+    in one call; `balances` a common.Balances or its dict."""
     cur, pid = program.currency, program.id
-    money = lambda v: convert.money(v, cur)  # noqa: E731
-    out = checkout_pb2.QuoteResponse(
+    earned = q.coupon_earned
+    preview = None
+    if spend is not None:
+        priced = q.at(spend)
+        preview = {"spend_points": priced.spend, "paid": money_fields(priced.paid, cur),
+                   "earn_points": priced.earn,
+                   "lines": [{"line_number": p.number, "spent_points": p.spent,
+                              "paid": money_fields(p.paid, cur), "earn_points": p.earn}
+                             for p in priced.lines]}
+    return checkout_pb2.QuoteResponse(
         member=convert.member_name(pid, account),
         program_version=convert.version_name(pid, q.version.number),
         partner=convert.partner_name(pid, q.partner), tier=q.member.tier or "",
-        balances=balances, total=money(q.total), discount=money(q.discount),
-        coupon_discount=money(q.coupon), due=money(q.due), payable=money(q.payable),
+        balances=balances, total=money_fields(q.total, cur),
+        discount=money_fields(q.discount, cur),
+        coupon_discount=money_fields(q.coupon, cur), due=money_fields(q.due, cur),
+        payable=money_fields(q.payable, cur),
         discounts=[reason(r, cur) for r in q.discounts],
         max_spend_points=q.max_spend, min_spend_points=q.min_spend,
         spend_bound=f"PRICING_REASON_CODE_{q.spend_bound.value}",
         spend_limits=[reason(r, cur) for r in q.spend_limits],
         earn_points=q.earn, reasons=[reason(r, cur) for r in q.reasons],
-        lines=[checkout_pb2.LineQuote(
-            line_number=line.number, total=money(line.total),
-            discount=money(line.discount), coupon_discount=money(line.coupon),
-            due=money(line.due), payable_by_points=line.payable, earn_points=line.earn,
-            reasons=[reason(r, cur) for r in line.reasons]) for line in q.lines])
-    convert.set_time(out, "quote_time", q.now)
-    convert.set_time(out, "earn_activate_time", q.activates_at)
-    convert.set_time(out, "earn_expire_time", q.expires_at)
-    if q.coupon_earned is not None:
-        terms = out.coupon_earned
-        terms.value.CopyFrom(money(q.coupon_earned.value))
-        convert.set_time(terms, "usable_time", q.coupon_earned.usable_from)
-        convert.set_time(terms, "expire_time", q.coupon_earned.expires_at)
-    if spend is not None:
-        priced = q.at(spend)
-        out.spend_preview.CopyFrom(checkout_pb2.SpendPreview(
-            spend_points=priced.spend, paid=money(priced.paid), earn_points=priced.earn,
-            lines=[checkout_pb2.LinePreview(line_number=p.number, spent_points=p.spent,
-                                            paid=money(p.paid), earn_points=p.earn)
-                   for p in priced.lines]))
-    return out
+        lines=[{"line_number": line.number, "total": money_fields(line.total, cur),
+                "discount": money_fields(line.discount, cur),
+                "coupon_discount": money_fields(line.coupon, cur),
+                "due": money_fields(line.due, cur), "payable_by_points": line.payable,
+                "earn_points": line.earn,
+                "reasons": [reason(r, cur) for r in line.reasons]} for line in q.lines],
+        quote_time=convert.time_fields(q.now),
+        earn_activate_time=convert.time_fields(q.activates_at),
+        earn_expire_time=convert.time_fields(q.expires_at),
+        coupon_earned=None if earned is None else {
+            "value": money_fields(earned.value, cur),
+            "usable_time": convert.time_fields(earned.usable_from),
+            "expire_time": convert.time_fields(earned.expires_at)},
+        spend_preview=preview)
 
 
 def check(fn, prefix):

@@ -1,8 +1,9 @@
 """The Feed's reports, from the ledger's aggregates (no gRPC here).
 
 The kernel keeps, as it commits, hourly activity rows per (store, partner,
-tier), hourly settlement rows per (issuing, redeeming) partner pair, and
-member-day rows (layout in core/records.py). A report reads those rows and
+tier), hourly settlement rows per (issuing, redeeming) partner pair,
+member-day rows and hourly coupon rows per (store, partner) (layout in
+core/records.py). A report reads those rows and
 nothing else: never the journal, never the accounts. This module has two
 halves:
 
@@ -88,6 +89,10 @@ UNSUPPORTED = {
                         for d, n in ((Dimension.STORE, "store"),
                                      (Dimension.PARTNER, "partner"),
                                      (Dimension.TIER, "tier"))},
+    "coupons": {Dimension.TIER: "coupons are counted from the kernel's coupon rows, "
+                                "which record the hour, store and partner, not the "
+                                "tier: REPORT_DIMENSION_STORE, _PARTNER and _DAY "
+                                "can be given"},
 }
 
 
@@ -490,6 +495,44 @@ def breakage_rows(dims, calendar, cohorts):
     return _sorted(rows, calendar)
 
 
+# --- coupons -----------------------------------------------------------------------
+
+@dataclass
+class CouponsRow:
+    """Counts and money (minor units) of what became of coupons; see
+    records.py (0x06) for what each counts."""
+    key: Key
+    issued: int = 0
+    issued_money: int = 0
+    redeemed: int = 0
+    redeemed_money: int = 0
+    expired: int = 0
+    expired_money: int = 0
+    revoked: int = 0
+    revoked_money: int = 0
+    given_back: int = 0
+    given_back_money: int = 0
+    displaced: int = 0
+    displaced_money: int = 0
+
+
+def coupons_rows(dims, calendar, coupon_rows):
+    """Rows of the coupons report from coupon rows (hour, store, partner,
+    CouponCounters) of the interval."""
+    key_of = _keyer(frozenset(dims), calendar)
+    rows = {}
+    for hour, store, partner, c in coupon_rows:
+        key = key_of(hour, store, partner, 0)
+        row = rows.get(key)
+        if row is None:
+            row = rows[key] = CouponsRow(key)
+        for name, value in c._asdict().items():
+            setattr(row, name, getattr(row, name) + value)
+    if not dims and not rows:
+        rows[Key()] = CouponsRow(Key())
+    return _sorted(rows, calendar)
+
+
 # --- reading: one snapshot per report -----------------------------------------------
 
 class _Pinned(LedgerReads):
@@ -581,6 +624,12 @@ def _breakage(reads, calendar, q):
     return breakage_rows(q.dims, calendar, reads.cohorts(q.program_id, hour_from, hour_to))
 
 
+def _coupons(reads, calendar, q):
+    hour_from, hour_to = hour_range(q.start, q.end)
+    return coupons_rows(q.dims, calendar,
+                        reads.coupon_rows(q.program_id, hour_from, hour_to))
+
+
 _READERS = {"points": _points, "average_receipt": _average_receipt,
             "active_members": _active_members, "visit_frequency": _visit_frequency,
-            "settlement": _settlement, "breakage": _breakage}
+            "settlement": _settlement, "breakage": _breakage, "coupons": _coupons}

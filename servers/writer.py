@@ -137,12 +137,12 @@ class GroupCommitWriter:
 
     def _commit(self, batch):
         now = self._monotonic()
-        live, expired = [], 0
+        live, expired, answers = [], 0, []
         for request in batch:
             if request.deadline is not None and request.deadline <= now:
                 expired += 1
-                _answer(request, exception=DeadlineExceeded(
-                    "deadline passed before the request's batch"))
+                answers.append((request, None, DeadlineExceeded(
+                    "deadline passed before the request's batch")))
             else:
                 live.append(request)
         started = time.perf_counter()
@@ -152,15 +152,15 @@ class GroupCommitWriter:
                 results = self._ledger.apply(b"".join(r.ops for r in live),
                                              self._clock())
             except Exception as exc:  # the whole batch was refused
-                for request in live:
-                    _answer(request, exception=exc)
+                answers.extend((request, None, exc) for request in live)
             else:
                 raw = results.raw
                 offset = 0
                 for request in live:
                     end = offset + request.count * RESULT.size
-                    _answer(request, result=Results(raw[offset:end]))
+                    answers.append((request, Results(raw[offset:end]), None))
                     offset = end
+        _answer_all(answers)
         if self._on_commit is not None:
             try:    # a failing hook must not stop the writer (callers would hang)
                 self._on_commit(CommitStats(len(live), operations, expired,
@@ -169,15 +169,24 @@ class GroupCommitWriter:
                 log.exception("the commit hook failed")
 
 
-def _answer(request, *, result=None, exception=None):
-    def settle():
+def _answer_all(answers):
+    """Settles the futures of (request, result, exception) triples: one
+    wake-up of each callers' loop for the whole commit, not one per caller."""
+    by_loop = {}
+    for answer in answers:
+        by_loop.setdefault(answer[0].loop, []).append(answer)
+    for loop, settled in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle, settled)
+        except RuntimeError:
+            pass  # the callers' loop is closed: nobody is waiting any more
+
+
+def _settle(answers):
+    for request, result, exception in answers:
         if request.future.done():  # the caller gave up (cancelled)
-            return
+            continue
         if exception is not None:
             request.future.set_exception(exception)
         else:
             request.future.set_result(result)
-    try:
-        request.loop.call_soon_threadsafe(settle)
-    except RuntimeError:
-        pass  # the caller's loop is closed: nobody is waiting any more

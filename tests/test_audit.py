@@ -169,15 +169,15 @@ def test_lost_and_stray_aggregate_rows_are_found(path):
         "aggregates key b'\\tjunk': stored, journal says none"]
 
 
-def test_an_edited_last_day_is_found(path):
+def test_edited_visit_days_are_found(path):
     where, Ledger = path
 
     def change(txn):
         account = Account.decode(txn.get(U64.pack(1)))
-        account.last_day = 5
+        account.visit_days = [4]
         txn.put(U64.pack(1), account.encode())
     tamper(where, b"accounts", change)
-    assert audit(where, Ledger) == ["account 1: last day 5, journal says 0"]
+    assert audit(where, Ledger) == ["account 1: visit days [4], journal says []"]
 
 
 COHORT = COHORT_KEY.pack(AGG_COHORT, 1, DAY // HOUR, 0)  # both earns, the spend

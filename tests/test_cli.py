@@ -238,6 +238,8 @@ def test_feed_tail_and_reports(srv, capsys):
     # reports may not be written yet: then the message names the RPC
     assert (code == 0 and "points report" in out) or \
         (code == 1 and "does not implement kopilka.v1.Feed/GetPointsReport" in err)
+    code, out, err = kopilka(capsys, "report", "coupons", *client(srv, "integration"))
+    assert code == 0 and "coupons report" in out and "all: issued_coupons=0" in out, err
     code, _, err = kopilka(capsys, "report", "points", "--by", "colour",
                            *client(srv, "integration"))
     assert code == 1 and "--by 'colour'" in err

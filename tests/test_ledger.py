@@ -16,7 +16,7 @@ from kopilka.core.batch import Batch, Result
 from kopilka.core.codec import Account, Consumed, Lot, decode_lots, iter_ops
 from kopilka.core.records import (HASH_SIZE, I64, INT64_MAX, INT64_MIN,
                                   MAX_DATA, MAX_HOLDS, MAX_LOTS, MAX_TIER,
-                                  NEVER, PROFILE_ERASE, PROGRAM,
+                                  NEVER, PROFILE_ERASE, PROGRAM, VISIT_DAYS,
                                   PROGRAM_ALLOW_DEBT, RELEASE_CAPTURED,
                                   MEMBER_DAY_KEY, MEMBER_DAY_VALUE,
                                   RELEASE_EXPIRED, RELEASE_VOIDED, SYSTEM_KEY,
@@ -1685,6 +1685,7 @@ def test_member_days_are_local_days_of_the_programs_offset(ledger, open_program)
             if "member_days" in c}
     assert days == {T // HOUR - 4: 1, T // HOUR - 2: 1}
     assert ledger.account(a).last_day == day + 1
+    assert ledger.account(a).visit_days == [day, day - 1]
     # a refund's money is no visit; an earlier day once a later one counted
     # is not looked back on (operation time is the server's clock)
     ok(ledger, T + 30 * HOUR, "refund", "r1", "a1", money=100)
@@ -1694,6 +1695,23 @@ def test_member_days_are_local_days_of_the_programs_offset(ledger, open_program)
     ok(ledger, T, "put_program", "msk2", 2, utc_offset_minutes=-180)
     ok(ledger, T + 46 * HOUR, "earn", "a5", a, 1, money=100)  # 19:00 on day + 1
     assert list(ledger.member_days(2, day + 1, 2**32)) == [(day + 1, a)]  # not + 2
+    assert ledger.account(a).visit_days == [day + 1, day, day - 1]
+
+
+def test_an_account_keeps_its_newest_visit_days(ledger, open_program):
+    """What the "regular customer" discount counts: one day per day with a
+    receipt, newest first, the oldest dropped past VISIT_DAYS."""
+    [a] = open_program(1, 1)
+    day = T // DAY
+    for n in range(VISIT_DAYS + 4):  # every other day, twice on each
+        for twice in "ab":
+            ok(ledger, T + 2 * n * DAY + HOUR, "earn", f"e{n}{twice}", a, 1, money=100)
+    kept = ledger.account(a).visit_days
+    assert kept == [day + 2 * n for n in reversed(range(4, VISIT_DAYS + 4))]
+    last = day + 2 * (VISIT_DAYS + 3)
+    assert ledger.account(a).visits_in(last - 4, last) == 3
+    assert ledger.account(a).visits_in(last - 4, last - 1) == 2
+    assert Account.decode(ledger.account(a).encode()) == ledger.account(a)
 
 
 def cohorts(ledger, program=1, hours=ALL):
@@ -1935,3 +1953,35 @@ def test_the_member_index_follows_tiers_and_birthdays(ledger, open_program):
     assert list(ledger.tiered(1)) == [(1, a), (3, 2)]
     assert list(ledger.tiered(1, 2)) == [(3, 2)]
     assert ledger.audit() == []
+
+
+def test_point_reads_see_every_commit_from_any_thread(ledger, open_program):
+    """Account, operation, card and profile reads see the last commit, read
+    after read (the kernel keeps one transaction for them), and work from
+    another thread between commits; a closed ledger refuses them."""
+    import threading
+    account = open_program()[0]
+    ok(ledger, 1, "link_card", "c1", account, b"7700")
+    for i in range(1, 4):
+        assert ledger.account(account).balance == 10 * (i - 1)
+        ok(ledger, 1, "earn", f"e{i}", account, 10, activates_at=0, expires_at=NEVER)
+        assert ledger.account(account).balance == 10 * i
+        assert ledger.operation(f"e{i}".encode()).account == account
+        assert ledger.operation(f"e{i + 1}".encode()) is None
+    ok(ledger, 1, "block_card", "b1", b"7700")
+    assert ledger.card(b"7700") == (account, CardStatus.BLOCKED)
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(ledger.account(account).balance))
+    thread.start()
+    thread.join()
+    assert seen == [30]
+    ok(ledger, 1, "earn", "e9", account, 5, activates_at=0, expires_at=NEVER)
+    assert ledger.account(account).balance == 35 and ledger.profile(account) is None
+
+
+def test_point_reads_refuse_a_closed_ledger(ledger_class, tmp_path):
+    ledger = ledger_class(tmp_path / "closed", sync=False)
+    assert ledger.account(1) is None
+    ledger.close()
+    with pytest.raises(Exception):
+        ledger.account(1)

@@ -13,8 +13,9 @@ byte comparison with the twin.
 import pytest
 
 from kopilka.core.batch import Batch, Result
-from kopilka.core.codec import Coupon, decode_coupon_issued
-from kopilka.core.records import (COUPON_EARNED, COUPON_GIVEN_BACK, MAX_COUPONS,
+from kopilka.core.codec import Coupon, coupon_moved_from, decode_coupon_issued
+from kopilka.core.records import (COUPON_EARNED, COUPON_GIVEN_BACK, COUPON_MOVED,
+                                  MAX_COUPONS,
                                   Code, CouponState, Entry, Kind)
 
 from test_ledger import numbers, ok, rejected, rejected_raw, run, stored
@@ -304,3 +305,179 @@ def test_a_checkout_chain_cannot_redeem_one_coupon_twice(ledger, member):
                                Code.COUPON_REDEEMED]
     assert ledger.operation(b"b/capture") is None
     assert numbers(ledger, member, now)["spent"] == 10
+
+
+def test_a_redemption_refund_may_be_noted_keeping_the_coupon_used(ledger, member):
+    """REFUND_KEEP_COUPON: a part of a receipt the coupon paid in full comes
+    back; the redemption notes it (its data) and the coupon stays used, as
+    often as parts come back, until a refund without the flag gives it back."""
+    issue(ledger, member)
+    redeem(ledger, member)
+    later = T + 9 * DAY
+    rejected(ledger, later, Code.FLAGS_INVALID, "refund", "x", "c-1", keep_coupon=True)
+    rejected(ledger, later, Code.FLAGS_INVALID, "refund", "x", "r-1", money=1,
+             keep_coupon=True)
+    rejected(ledger, later, Code.AMOUNT_INVALID, "refund", "x", "rd-1", money=1,
+             keep_coupon=True)
+    seq, _ = ledger.head()
+    assert run(ledger, later, "refund", "part-1", "rd-1", keep_coupon=True,
+               data=b"a") == Result(Code.OK, 0)
+    assert run(ledger, later, "refund", "part-2", "rd-1", keep_coupon=True,
+               data=b"b") == Result(Code.OK, 0)
+    assert ledger.head()[0] == seq   # nothing journaled
+    assert coupons(ledger, member)[0].state == REDEEMED
+    record = ledger.operation(b"rd-1")
+    assert (record.data, record.refunded_money) == (b"ab", 0)
+    assert run(ledger, later, "refund", "rest", "rd-1", data=b"c") == Result(
+        Code.OK, 10_000)
+    assert coupons(ledger, member)[0].state == OPEN
+    assert ledger.operation(b"rd-1").data == b"abc"
+    rejected(ledger, later, Code.REFUND_EXCEEDS_ORIGINAL, "refund", "more", "rd-1",
+             keep_coupon=True)
+
+
+# --- merges ----------------------------------------------------------------------
+
+def merge(ledger, source, target, now=T + 2 * DAY, op_id="merge", **kw):
+    return run(ledger, now, "transfer", op_id, source, target, everything=True, **kw)
+
+
+def states(ledger, account):
+    return [(c.number, c.state, c.value) for c in coupons(ledger, account)]
+
+
+def test_a_merge_moves_the_open_coupon_under_the_target_next_number(ledger, member):
+    other = member + 1
+    issue(ledger, member, receipt=b"r-1", value=7_000)
+    issue(ledger, other, "c-o1", receipt=b"r-other")
+    redeem(ledger, other, op_id="rd-o1")
+    seq, _ = ledger.head()
+    assert merge(ledger, member, other, now=T + 9 * DAY).ok
+    assert states(ledger, member) == [(1, CouponState.MOVED, 7_000)]
+    # the target's redeemed one is dropped from its account as the moved one opens
+    assert coupons(ledger, other) == [Coupon(2, OPEN, 7_000, *WINDOW.values())]
+    closed, issued = [e for e in ledger.journal(seq + 1)
+                      if e.type in (Entry.COUPON_CLOSED, Entry.COUPON_ISSUED)]
+    assert (closed.type, closed.credit, closed.ref, closed.amount2) == (
+        Entry.COUPON_CLOSED, member, 1, CouponState.MOVED)
+    assert (issued.type, issued.credit, issued.ref, issued.amount) == (
+        Entry.COUPON_ISSUED, other, 2, 7_000)
+    assert decode_coupon_issued(issued.data) == (T + 7 * DAY, COUPON_MOVED)
+    assert coupon_moved_from(issued.data) == (member, 1)
+    # redeemed at the survivor under its new number
+    assert redeem(ledger, other, number=2, amount=7_000, op_id="rd-o2",
+                  now=T + 9 * DAY).ok
+
+
+def test_one_per_customer_the_better_coupon_stays_the_other_is_displaced(ledger, member):
+    other = member + 1
+    issue(ledger, member, value=5_000)
+    issue(ledger, other, "c-o1", value=8_000)
+    assert merge(ledger, member, other, one_coupon=True).ok
+    assert states(ledger, member) == [(1, CouponState.DISPLACED, 5_000)]
+    assert states(ledger, other) == [(1, OPEN, 8_000)]
+    (closed,) = [e for e in last_entries(ledger, 3) if e.type == Entry.COUPON_CLOSED]
+    assert (closed.credit, closed.amount2) == (member, CouponState.DISPLACED)
+
+
+def test_one_per_customer_a_better_source_coupon_displaces_the_target_s(ledger, member):
+    other = member + 1
+    issue(ledger, member, value=8_000, expires_at=T + 30 * DAY)
+    issue(ledger, other, "c-o1", value=8_000, expires_at=T + 20 * DAY)  # ends sooner
+    assert merge(ledger, member, other, one_coupon=True).ok
+    assert states(ledger, member) == [(1, CouponState.MOVED, 8_000)]
+    assert coupons(ledger, other) == [Coupon(2, OPEN, 8_000, T + 7 * DAY, T + 30 * DAY)]
+    kinds = [(e.type, e.credit, e.amount2 if e.type == Entry.COUPON_CLOSED else e.ref)
+             for e in last_entries(ledger, 3)]
+    assert kinds == [(Entry.COUPON_CLOSED, other, CouponState.DISPLACED),
+                     (Entry.COUPON_CLOSED, member, CouponState.MOVED),
+                     (Entry.COUPON_ISSUED, other, 2)]
+
+
+def test_one_per_customer_on_a_tie_the_target_keeps_its_own(ledger, member):
+    other = member + 1
+    issue(ledger, member)
+    issue(ledger, other, "c-o1")
+    assert merge(ledger, member, other, one_coupon=True).ok
+    assert states(ledger, member) == [(1, CouponState.DISPLACED, 10_000)]
+    assert states(ledger, other) == [(1, OPEN, 10_000)]
+
+
+def test_without_one_per_customer_every_open_coupon_moves(ledger, member):
+    other = member + 1
+    issue(ledger, member, value=1_000, one_per_customer=False)
+    issue(ledger, member, "c-2", value=2_000, one_per_customer=False)
+    issue(ledger, other, "c-o1", value=3_000)
+    assert merge(ledger, member, other).ok
+    assert states(ledger, other) == [(1, OPEN, 3_000), (2, OPEN, 1_000), (3, OPEN, 2_000)]
+    assert states(ledger, member) == [(1, CouponState.MOVED, 1_000),
+                                      (2, CouponState.MOVED, 2_000)]
+
+
+def test_a_merge_without_open_coupons_leaves_the_target_s_alone(ledger, member):
+    other = member + 1
+    issue(ledger, member, one_per_customer=False)
+    issue(ledger, other, "c-o1", value=1_000, one_per_customer=False)
+    issue(ledger, other, "c-o2", value=2_000, one_per_customer=False)
+    run(ledger, T, "refund", "rv", "c-1")          # the source's is revoked
+    assert merge(ledger, member, other, one_coupon=True).ok
+    assert states(ledger, other) == [(1, OPEN, 1_000), (2, OPEN, 2_000)]
+
+
+def test_merge_refusals_for_coupons(ledger, member):
+    other = member + 1
+    rejected(ledger, T, Code.FLAGS_INVALID, "transfer", "x", member, other, 1,
+             one_coupon=True)
+    for i in range(MAX_COUPONS):
+        issue(ledger, other, f"c-o{i}", one_per_customer=False)
+    issue(ledger, member, one_per_customer=False)
+    rejected(ledger, T, Code.TOO_MANY_COUPONS, "transfer", "x", member, other,
+             everything=True)
+    assert merge(ledger, member, other, one_coupon=True, now=T).ok
+    assert sum(c.state == OPEN for c in coupons(ledger, other)) == 1
+
+
+def test_a_coupon_moved_or_displaced_is_not_found_at_the_merged_member(ledger, member):
+    other = member + 1
+    issue(ledger, member, value=5_000, one_per_customer=False)
+    issue(ledger, member, "c-2", value=9_000, one_per_customer=False)
+    assert merge(ledger, member, other, one_coupon=True).ok
+    assert states(ledger, member) == [(1, CouponState.DISPLACED, 5_000),
+                                      (2, CouponState.MOVED, 9_000)]
+    for number in (1, 2):
+        assert redeem(ledger, member, number=number, amount=1) == Result(
+            Code.COUPON_NOT_FOUND)
+
+
+# --- report aggregates -------------------------------------------------------------
+
+def test_coupon_rows_count_every_fate_of_a_coupon(ledger, member):
+    """Per hour, store and partner: issued, redeemed (the money taken off),
+    expired, revoked, given back and displaced (their values); a move by a
+    merge is the same coupon and counts nowhere. The audit (at the end of
+    every test) rebuilds these rows from the journal."""
+    other = member + 1
+    hour = T // (DAY // 24)
+    assert issue(ledger, member, store=42, partner=1).ok           # 10,000
+    assert redeem(ledger, member, amount=6_000, now=T + 8 * DAY, store=7).ok
+    ok(ledger, T + 9 * DAY, "refund", "back", "rd-1", store=7)    # given back
+    assert issue(ledger, other, "c-o1", value=3_000, store=42, partner=1).ok
+    ok(ledger, T, "refund", "rv", "c-o1")                          # revoked
+    assert issue(ledger, other, "c-o2", value=2_000, usable_from=T,
+                 expires_at=T + DAY).ok
+    ok(ledger, T + 2 * DAY, "adjust", "touch", other, 1, reason=1)  # it lapsed
+    assert issue(ledger, other, "c-o3", value=1_000, now=T + 2 * DAY).ok
+    assert merge(ledger, member, other, now=T + 10 * DAY, one_coupon=True).ok
+    rows = {(h - hour, store, partner): c for h, store, partner, c
+            in ledger.coupon_rows(1, 0, 1 << 32)}
+    assert rows[0, 42, 1].issued == 2 and rows[0, 42, 1].issued_money == 13_000
+    assert (rows[0, 0, 0].issued, rows[0, 0, 0].revoked,
+            rows[0, 0, 0].revoked_money) == (1, 1, 3_000)
+    assert (rows[8 * 24, 7, 0].redeemed, rows[8 * 24, 7, 0].redeemed_money) == (1, 6_000)
+    assert (rows[9 * 24, 7, 0].given_back,
+            rows[9 * 24, 7, 0].given_back_money) == (1, 10_000)
+    assert (rows[2 * 24, 0, 0].expired, rows[2 * 24, 0, 0].expired_money,
+            rows[2 * 24, 0, 0].issued) == (1, 2_000, 1)
+    assert (rows[10 * 24, 0, 0].displaced,
+            rows[10 * 24, 0, 0].displaced_money) == (1, 1_000)
+    assert sum(c.issued for c in rows.values()) == 4   # the move counted nowhere

@@ -22,3 +22,21 @@ def test_load_script_runs_every_phase():
     for rpc in ("quote", "hold", "capture", "echo"):
         assert f"\n  {rpc} " in out, out
     assert "errors: none" in out and "FAILED" not in out, out
+
+
+def test_load_script_rounds_and_server_cpu_per_rpc():
+    """--mode post is the batch phase; --rounds repeats it and reports each
+    figure's range; the server's main-thread CPU is given per operation."""
+    run = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "load.py"), "--mode", "post",
+         "--rounds", "2", "--duration", "0.5", "--members", "100", "--batch", "20",
+         "--post-view", "status"],
+        check=False, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = run.stdout
+    assert out.count("batch: Post of 20 operations (holds+captures, status-only "
+                     "results)") == 2, out
+    assert "unary checkout:" not in out and "echo: bare gRPC" not in out, out
+    for figure in ("server main-thread CPU per op:", "over 2 rounds",
+                   "Post durable ops/s", "Post server main-thread us/op"):
+        assert figure in out, out

@@ -475,7 +475,11 @@ CASES = [
      [(f"{V1}.coupon.one_per_customer", "must be true or false, not a string")]),
     # regular customer
     ({"version.0.regular_customer": {"min_visits": 0, "within_days": 90}},
-     [(f"{V1}.regular_customer.min_visits", "must be at least 1")]),
+     [(f"{V1}.regular_customer.min_visits",
+       "must be at least 1 (the ledger keeps a member's last 16 visit days)")]),
+    ({"version.0.regular_customer": {"min_visits": 17, "within_days": 90}},
+     [(f"{V1}.regular_customer.min_visits",
+       "must be at most 16 (the ledger keeps a member's last 16 visit days)")]),
     # discounts
     ({"version.0.discounts": {"offers": {"x": {"percent_bp": 100, "amount": 500}}}},
      [(f"{V1}.discounts.offers.x", "give either percent_bp or amount, not both")]),

@@ -41,7 +41,7 @@ SERVICES = {
              "GetBreakageReport": "unary", "GetActiveMembersReport": "unary",
              "GetAverageReceiptReport": "unary",
              "GetVisitFrequencyReport": "unary",
-             "GetPartnerSettlementReport": "unary"},
+             "GetPartnerSettlementReport": "unary", "GetCouponsReport": "unary"},
     "Store": {"StreamCardReads": "bidi stream", "WatchLane": "server stream"},
     "Admin": {"Adjust": "unary", "Audit": "unary", "Backup": "unary",
               "GetStats": "unary"},
@@ -62,8 +62,8 @@ OTHERS = {"Checkout.Quote", "Checkout.Post", "Members.GetMember",
           "Programs.ListPrograms", "Feed.Subscribe", "Feed.GetPointsReport",
           "Feed.GetBreakageReport", "Feed.GetActiveMembersReport",
           "Feed.GetAverageReceiptReport", "Feed.GetVisitFrequencyReport",
-          "Feed.GetPartnerSettlementReport", "Store.StreamCardReads",
-          "Store.WatchLane", "Admin.Audit", "Admin.Backup", "Admin.GetStats"}
+          "Feed.GetPartnerSettlementReport", "Feed.GetCouponsReport",
+          "Store.StreamCardReads", "Store.WatchLane", "Admin.Audit", "Admin.Backup", "Admin.GetStats"}
 
 F = descriptor_pb2.FieldDescriptorProto
 PREFIX = ".kopilka.v1."

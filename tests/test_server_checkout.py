@@ -9,7 +9,7 @@ from google.protobuf.duration_pb2 import Duration
 from kopilka.v1 import checkout_pb2 as pb
 from kopilka.v1 import checkout_pb2_grpc, common_pb2
 
-from server_harness import (RunningServer, error_info, install_program,
+from server_harness import (RunningServer, error_info, install_program, reason_of,
                             open_member)
 
 LANE = "stores/42/lanes/1"
@@ -224,18 +224,23 @@ def test_a_line_is_refunded_once_between_refund_and_post(srv, pos):
     assert srv.server.ledger.audit() == []
 
 
+def _mixed_post(prefix, r):
+    """A hold, a hold beyond the balance, a capture, a void of no hold."""
+    return [pb.PostOperation(hold=pb.HoldRequest(operation_id=f"{prefix}/h1", lane=LANE,
+                                                 card_number="7001", points=50)),
+            pb.PostOperation(hold=pb.HoldRequest(operation_id=f"{prefix}/h2", lane=LANE,
+                                                 card_number="7001", points=500)),
+            pb.PostOperation(capture=pb.CaptureRequest(
+                operation_id=f"{prefix}/c1", lane=LANE, card_number="7001", receipt=r)),
+            pb.PostOperation(void=pb.VoidRequest(operation_id=f"{prefix}/v1", lane=LANE,
+                                                 hold_operation_id="nope"))]
+
+
 def test_post_applies_each_operation_on_its_own(srv):
     admin = srv.stub(checkout_pb2_grpc.CheckoutStub, "admin")
     open_member(srv, 1, "c1", card="7001", points=100)
     r = receipt(srv, ("groceries", 1, 100_000))
-    ops = [pb.PostOperation(hold=pb.HoldRequest(operation_id="p/h1", lane=LANE,
-                                                card_number="7001", points=50)),
-           pb.PostOperation(hold=pb.HoldRequest(operation_id="p/h2", lane=LANE,
-                                                card_number="7001", points=500)),
-           pb.PostOperation(capture=pb.CaptureRequest(operation_id="p/c1", lane=LANE,
-                                                      card_number="7001", receipt=r)),
-           pb.PostOperation(void=pb.VoidRequest(operation_id="p/v1", lane=LANE,
-                                                hold_operation_id="nope"))]
+    ops = _mixed_post("p", r)
     out = admin.Post(pb.PostRequest(operations=ops))
     codes = [res.status.code for res in out.results]
     assert codes == [0, grpc.StatusCode.FAILED_PRECONDITION.value[0], 0,
@@ -244,6 +249,27 @@ def test_post_applies_each_operation_on_its_own(srv):
     assert out.results[2].capture.earned_points == 100  # 10 per 100 rubles
     again = admin.Post(pb.PostRequest(operations=ops[:1]))
     assert again.results[0].hold.replayed
+
+
+def test_post_status_view_returns_each_status_alone(srv):
+    """POST_RESULT_VIEW_STATUS: the same operations applied, the same
+    statuses, no responses; a retry (of either view) finds them applied."""
+    admin = srv.stub(checkout_pb2_grpc.CheckoutStub, "admin")
+    open_member(srv, 1, "c1", card="7001", points=100)
+    r = receipt(srv, ("groceries", 1, 100_000))
+    ops = _mixed_post("s", r)
+    status_only = pb.PostRequest(operations=ops, view=pb.POST_RESULT_VIEW_STATUS)
+    out = admin.Post(status_only)
+    codes = [res.status.code for res in out.results]
+    assert codes == [0, grpc.StatusCode.FAILED_PRECONDITION.value[0], 0,
+                     grpc.StatusCode.NOT_FOUND.value[0]]
+    assert [res.WhichOneof("result") for res in out.results] == [None] * 4
+    assert reason_of(out.results[1].status) == "INSUFFICIENT_POINTS"
+    assert admin.Post(status_only).results[0].status.code == 0   # a retry
+    again = admin.Post(pb.PostRequest(operations=ops[:3:2]))
+    assert again.results[0].hold.replayed and again.results[1].capture.replayed
+    assert again.results[1].capture.earned_points == 100
+    assert srv.server.ledger.audit() == []
 
 
 def test_post_applies_in_order_as_if_one_by_one(srv):

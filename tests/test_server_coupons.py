@@ -10,16 +10,19 @@ for one coupon. The ledger's audit must stay clean throughout.
 import threading
 import time
 from datetime import datetime
+from pathlib import Path
 
 import grpc
 import pytest
 
 from kopilka.core.program import to_micros
+from kopilka.core.records import Entry
 from kopilka.v1 import checkout_pb2 as pb
 from kopilka.v1 import checkout_pb2_grpc, common_pb2, feed_pb2, feed_pb2_grpc
 from kopilka.v1 import members_pb2, members_pb2_grpc
 
-from server_harness import DAY, RunningServer, error_info, install_program, open_member
+from server_harness import (DAY, EXAMPLE, START, RunningServer, error_info,
+                            install_program, open_member)
 
 LANE = "stores/42/lanes/1"
 OPEN, REDEEMED, REVOKED, EXPIRED = (common_pb2.COUPON_STATE_OPEN,
@@ -287,7 +290,7 @@ def test_post_answers_each_capture_with_its_coupons(srv, pos):
 
 def test_a_receipt_the_coupon_pays_in_full(srv, pos):
     """Nothing to pay and no points: the redemption alone records it, and a
-    retry gets its answer. (Such a receipt has no capture to refund.)"""
+    retry gets its answer."""
     member = open_member(srv, 1, "c1", card="7001")
     capture(pos, srv, "s42/l1/r1", 150_000)
     srv.clock.advance(7 * DAY)
@@ -297,6 +300,211 @@ def test_a_receipt_the_coupon_pays_in_full(srv, pos):
     again = capture(pos, srv, "s42/l1/r2", 8_000)
     assert again.replayed and again.coupon_redeemed == free.coupon_redeemed
     assert coupons(srv, member) == [(f"{member}-1", REDEEMED)]
+
+
+def balances(srv, member):
+    admin = srv.stub(members_pb2_grpc.MembersStub)
+    got = admin.GetMember(members_pb2.GetMemberRequest(name=f"programs/1/members/{member}"))
+    return got.member.balances
+
+
+def journal_types(srv, after):
+    return [e.type for e in srv.server.ledger.journal(after + 1)]
+
+
+def refused(call):
     with pytest.raises(grpc.RpcError) as err:
-        refund(pos, "s42/l1/r2/ret", "s42/l1/r2")
-    assert error_info(err.value)[:2] == ("NOT_FOUND", "ORIGINAL_OPERATION_NOT_FOUND")
+        call()
+    return error_info(err.value)[:2]
+
+
+def test_a_refund_of_a_receipt_the_coupon_paid_in_full_gives_it_back(srv, pos):
+    """Nothing was charged nor earned: the whole refund gives the coupon
+    back (as for any receipt refunded whole) and changes nothing else."""
+    member = open_member(srv, 1, "c1", card="7001")
+    capture(pos, srv, "s42/l1/r1", 150_000)
+    srv.clock.advance(7 * DAY)
+    capture(pos, srv, "s42/l1/r2", 3_000, 5_000)
+    before, seq = balances(srv, member), srv.server.ledger.head()[0]
+    back = refund(pos, "s42/l1/r2/ret", "s42/l1/r2")
+    assert (back.coupon_given_back, back.coupon_revoked, back.returned_points,
+            back.clawed_back_points, back.refunded.minor_units) == (
+        f"{member}-1", "", 0, 0, 0)
+    assert [(l.line_number, l.quantity, l.returned_points, l.clawed_back_points,
+             l.refunded.minor_units) for l in back.lines] == [(1, 1, 0, 0, 0),
+                                                               (2, 1, 0, 0, 0)]
+    assert back.member == f"programs/1/members/{member}"
+    assert back.balances == before == balances(srv, member)
+    assert journal_types(srv, seq) == [Entry.COUPON_ISSUED]   # given back, and no more
+    assert coupons(srv, member) == [(f"{member}-1", OPEN)]
+    again = refund(pos, "s42/l1/r2/ret", "s42/l1/r2")
+    assert again.replayed and again.coupon_given_back == f"{member}-1"
+    assert refused(lambda: refund(pos, "s42/l1/r2/ret2", "s42/l1/r2")) == (
+        "FAILED_PRECONDITION", "REFUND_EXCEEDS_ORIGINAL")
+    assert refused(lambda: refund(pos, "s42/l1/r2/ret3", "s42/l1/r2", 1)) == (
+        "FAILED_PRECONDITION", "REFUND_EXCEEDS_ORIGINAL")
+    # usable again
+    assert capture(pos, srv, "s42/l1/r3", 100_000).coupon_redeemed.code == f"{member}-1"
+
+
+def test_a_line_of_a_receipt_the_coupon_paid_in_full_comes_back(srv, pos):
+    """Per line, the rule of any receipt that redeemed a coupon: each line
+    gives back its share (here nothing) and the coupon comes back with the
+    last line."""
+    member = open_member(srv, 1, "c1", card="7001")
+    capture(pos, srv, "s42/l1/r1", 150_000)
+    srv.clock.advance(7 * DAY)
+    capture(pos, srv, "s42/l1/r2", 3_000, 5_000)
+    seq = srv.server.ledger.head()[0]
+    part = refund(pos, "s42/l1/r2/ret1", "s42/l1/r2", 1)
+    assert (part.coupon_given_back, part.returned_points, part.refunded.minor_units,
+            [(l.line_number, l.quantity) for l in part.lines]) == ("", 0, 0, [(1, 1)])
+    assert journal_types(srv, seq) == []
+    assert coupons(srv, member) == [(f"{member}-1", REDEEMED)]
+    assert refund(pos, "s42/l1/r2/ret1", "s42/l1/r2", 1).replayed
+    assert refused(lambda: refund(pos, "s42/l1/r2/ret2", "s42/l1/r2", 1)) == (
+        "FAILED_PRECONDITION", "REFUND_EXCEEDS_ORIGINAL")
+    rest = refund(pos, "s42/l1/r2/ret3", "s42/l1/r2", 2)
+    assert (rest.coupon_given_back, [(l.line_number, l.quantity) for l in rest.lines]) == (
+        f"{member}-1", [(2, 1)])
+    assert coupons(srv, member) == [(f"{member}-1", OPEN)]
+
+
+def coupon_events(srv, after, n):
+    stream = srv.stub(feed_pb2_grpc.FeedStub, "integration").Subscribe(
+        feed_pb2.SubscribeRequest(from_cursor=after, types=[
+            feed_pb2.ENTRY_TYPE_COUPON_ISSUED, feed_pb2.ENTRY_TYPE_COUPON_CLOSED]),
+        timeout=10)
+    events = []
+    while len(events) < n:
+        events.extend(next(stream).events)
+    stream.cancel()
+    return events
+
+
+def merge(srv, survivor, duplicate, op_id="m1"):
+    admin = srv.stub(members_pb2_grpc.MembersStub)
+    return admin.MergeMembers(members_pb2.MergeMembersRequest(
+        operation_id=op_id, name=f"programs/1/members/{survivor}",
+        source=f"programs/1/members/{duplicate}"))
+
+
+def test_a_merge_moves_the_coupon_to_the_survivor(srv, pos):
+    survivor = open_member(srv, 1, "c1", card="7001")
+    duplicate = open_member(srv, 1, "c2", card="7002")
+    capture(pos, srv, "s42/l1/r1", 150_000, card="7002")
+    seq = srv.server.ledger.head()[0]
+    out = merge(srv, survivor, duplicate)
+    assert [(c.code, c.state) for c in out.member.coupons] == [(f"{survivor}-1", OPEN)]
+    assert [(c.code, c.state) for c in out.source.coupons] == [
+        (f"{duplicate}-1", common_pb2.COUPON_STATE_MOVED)]
+    closed, issued = coupon_events(srv, seq, 2)
+    assert (closed.member, closed.coupon_closed.coupon_number,
+            closed.coupon_closed.state) == (f"programs/1/members/{duplicate}", 1,
+                                            common_pb2.COUPON_STATE_MOVED)
+    assert (issued.member, issued.coupon_issued.coupon_number,
+            issued.coupon_issued.moved_from, issued.coupon_issued.value.minor_units,
+            issued.operation_id) == (f"programs/1/members/{survivor}", 1,
+                                     f"{duplicate}-1", 10_000, "m1")
+    assert merge(srv, survivor, duplicate).replayed
+    # the survivor redeems it with their own card
+    srv.clock.advance(7 * DAY)
+    assert capture(pos, srv, "s42/l1/r2", 100_000).coupon_redeemed.code == f"{survivor}-1"
+
+
+def test_one_per_customer_a_merge_keeps_the_better_coupon(srv, pos):
+    """Both members hold one, of equal value: the duplicate's was earned a
+    day later, so its window ends later; it stays, the survivor's own is
+    closed as DISPLACED, and the feed tells both."""
+    survivor = open_member(srv, 1, "c1", card="7001")
+    duplicate = open_member(srv, 1, "c2", card="7002")
+    capture(pos, srv, "s42/l1/r1", 150_000)
+    srv.clock.advance(DAY)
+    later = capture(pos, srv, "s42/l1/r2", 150_000, card="7002").coupon_issued.terms
+    seq = srv.server.ledger.head()[0]
+    out = merge(srv, survivor, duplicate)
+    assert [(c.code, c.state, c.expire_time) for c in out.member.coupons] == [
+        (f"{survivor}-2", OPEN, later.expire_time)]
+    displaced, moved, issued = coupon_events(srv, seq, 3)
+    assert (displaced.member, displaced.coupon_closed.coupon_number,
+            displaced.coupon_closed.state) == (f"programs/1/members/{survivor}", 1,
+                                               common_pb2.COUPON_STATE_DISPLACED)
+    assert (moved.member, moved.coupon_closed.state) == (
+        f"programs/1/members/{duplicate}", common_pb2.COUPON_STATE_MOVED)
+    assert (issued.coupon_issued.coupon_number, issued.coupon_issued.moved_from) == (
+        2, f"{duplicate}-1")
+    # the displaced one is gone: the moved one pays
+    srv.clock.advance(7 * DAY)
+    assert capture(pos, srv, "s42/l1/r3", 100_000).coupon_redeemed.code == f"{survivor}-2"
+
+
+def coupons_report(srv, *by, start=0, days=120):
+    request = feed_pb2.GetCouponsReportRequest(parent="programs/1", group_by=by)
+    request.interval.start_time.FromMicroseconds(START + start * DAY)
+    request.interval.end_time.FromMicroseconds(START + days * DAY)
+    return srv.stub(feed_pb2_grpc.FeedStub, "integration").GetCouponsReport(request)
+
+
+def figures(row):
+    return (row.issued_coupons, row.issued_value.minor_units, row.redeemed_coupons,
+            row.redeemed_discount.minor_units, row.expired_coupons,
+            row.expired_value.minor_units, row.revoked_coupons,
+            row.revoked_value.minor_units, row.given_back_coupons,
+            row.given_back_value.minor_units, row.displaced_coupons,
+            row.displaced_value.minor_units)
+
+
+def test_the_coupons_report_counts_what_became_of_coupons(srv, pos):
+    """Issued, redeemed, revoked, given back and expired, counts and money,
+    from the kernel's coupon rows; the audit (fixture) rebuilds those rows
+    from the journal and finds them equal."""
+    assert srv.clock.now == START
+    first = open_member(srv, 1, "c1", card="7001")
+    open_member(srv, 1, "c2", card="7002")
+    capture(pos, srv, "s42/l1/r1", 150_000)                       # issued
+    capture(pos, srv, "s42/l1/r2", 100_000, 60_000, card="7002")  # issued
+    refund(pos, "s42/l1/r2/ret", "s42/l1/r2", 2)                  # revoked
+    srv.clock.advance(7 * DAY)
+    capture(pos, srv, "s42/l1/r3", 100_000)                       # redeemed, 100 off
+    refund(pos, "s42/l1/r3/ret", "s42/l1/r3")                     # given back
+    srv.clock.advance(91 * DAY)
+    capture(pos, srv, "s42/l1/r4", 1_000)                         # it had lapsed
+    assert coupons(srv, first) == [(f"{first}-1", EXPIRED)]
+    (total,) = coupons_report(srv).rows
+    assert figures(total) == (2, 20_000, 1, 10_000, 1, 10_000, 1, 10_000, 1, 10_000, 0, 0)
+    by_day = [(key.day.month, key.day.day, figures(row)[:10:2]) for row, key in
+              ((r, r.key) for r in coupons_report(srv, feed_pb2.REPORT_DIMENSION_DAY).rows)]
+    assert by_day == [(1, 1, (2, 0, 0, 1, 0)), (1, 8, (0, 1, 0, 0, 1)),
+                      (4, 9, (0, 0, 1, 0, 0))]
+    by_store = {r.key.store: figures(r)[:10:2]
+                for r in coupons_report(srv, feed_pb2.REPORT_DIMENSION_STORE).rows}
+    assert by_store == {"stores/42": (2, 1, 0, 1, 1), "": (0, 0, 1, 0, 0)}
+    # an interval is a window on when things happened
+    (later,) = coupons_report(srv, start=7, days=8).rows
+    assert figures(later)[:10:2] == (0, 1, 0, 0, 1)
+    with pytest.raises(grpc.RpcError) as err:
+        coupons_report(srv, feed_pb2.REPORT_DIMENSION_TIER)
+    assert error_info(err.value) == ("INVALID_ARGUMENT", "REQUEST_INVALID", ["group_by[0]"])
+
+
+def test_without_one_per_customer_a_merge_moves_every_coupon(tmp_path):
+    """A program whose coupons are not one per customer: the survivor keeps
+    its own and gets the duplicate's."""
+    text = Path(EXAMPLE).read_text().replace("one_per_customer = true",
+                                       "one_per_customer = false")
+    assert "one_per_customer = false" in text
+    (tmp_path / "program.toml").write_text(text)
+    server = RunningServer(tmp_path / "data")
+    try:
+        install_program(server, tmp_path / "program.toml")
+        pos = server.stub(checkout_pb2_grpc.CheckoutStub, "pos")
+        survivor = open_member(server, 1, "c1", card="7001")
+        duplicate = open_member(server, 1, "c2", card="7002")
+        capture(pos, server, "s42/l1/r1", 150_000)
+        capture(pos, server, "s42/l1/r2", 150_000, card="7002")
+        out = merge(server, survivor, duplicate)
+        assert [(c.code, c.state) for c in out.member.coupons] == [
+            (f"{survivor}-1", OPEN), (f"{survivor}-2", OPEN)]
+        assert server.server.ledger.audit() == []
+    finally:
+        server.stop()

@@ -259,3 +259,39 @@ def test_welcome_bonus_and_referral(server):
     second = till.quote("7002", till.receipt(("groceries", 200_000)))
     assert second.discount.minor_units == 0       # the first purchase only
     assert srv.server.ledger.audit() == []
+
+
+def test_a_regular_customer_gets_the_additive_discount_on_top(server):
+    """Version 1: a member who bought on 4 different days of the last 90 is a
+    regular; the regulars' 2% adds on top of the best other discount (gold's
+    3%). Two receipts on one day are one visit; a visit older than 90 days
+    no longer counts."""
+    srv = server(at(2024, 3, 1, 12))
+    till = Till(srv)
+    member = open_member(srv, 1, "c1", card="7001")
+    srv.call(srv.server.backend.apply(Batch().set_tier("test/tier", member, 3), None))
+    members = srv.stub(members_pb2_grpc.MembersStub, "admin")
+
+    def regular_now():
+        name = till.quote("7001", till.receipt(("groceries", 10_000))).member
+        return members.GetMember(members_pb2.GetMemberRequest(name=name)).member.regular
+
+    def discounts():
+        q = till.quote("7001", till.receipt(("groceries", 100_000)))
+        return [(d.code, d.subject, d.money.minor_units) for d in q.discounts]
+
+    gold = (R.PRICING_REASON_CODE_BEST_DISCOUNT, "tier:gold", 3_000)
+    for date in ((3, 1), (3, 1), (3, 20), (4, 9)):   # three visits: twice on March 1st
+        srv.clock.now = at(2024, *date, 12)
+        assert till.capture("7001", till.receipt(("groceries", 20_000))).member
+        assert discounts() == [gold]
+    assert not regular_now()
+    srv.clock.now = at(2024, 5, 20, 12)            # the fourth visit
+    till.capture("7001", till.receipt(("groceries", 20_000)))
+    assert regular_now()
+    # 2% of the price, on top of gold's 3%
+    assert discounts() == [gold, (R.PRICING_REASON_CODE_ADDITIVE_DISCOUNT, "regular", 2_000)]
+    srv.clock.now = at(2024, 5, 30, 12)            # March 1st is 90 days back
+    assert not regular_now()
+    assert discounts() == [gold]
+    assert srv.server.ledger.audit() == []

@@ -294,6 +294,30 @@ def sample(samples, name, **labels):
     return samples.get((name, tuple(sorted(labels.items()))))
 
 
+def test_a_server_bug_is_internal_counted_and_tells_nothing(srv, monkeypatch):
+    """An unexpected exception in a handler: INTERNAL (not gRPC's UNKNOWN),
+    a message that quotes nothing of it, counted under its method."""
+    from kopilka.servers import checkout_ops
+    account = open_member(srv, 1, "m1", points=100)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("card 4000001234567899 broke it")
+    monkeypatch.setattr(checkout_ops, "pack", broken)
+    pos = srv.stub(checkout_pb2_grpc.CheckoutStub, "pos")
+    with pytest.raises(grpc.RpcError) as caught:
+        pos.Hold(_hold(1, account, "h-bug"), timeout=WAIT)
+    assert caught.value.code() == grpc.StatusCode.INTERNAL
+    assert error_info(caught.value)[:2] == ("INTERNAL", "INTERNAL_ERROR")
+    assert "4000" not in caught.value.details()
+    monkeypatch.undo()
+    pos.Hold(_hold(1, account, "h-fine"), timeout=WAIT)
+    s = scrape(srv)
+    hold_method = "/kopilka.v1.Checkout/Hold"
+    assert sample(s, "kopilka_rpcs_total", method=hold_method, code="INTERNAL") == 1
+    assert sample(s, "kopilka_rpcs_total", method=hold_method, code="OK") == 1
+    assert sample(s, "kopilka_rpc_seconds_count", method=hold_method) == 2
+
+
 def test_metrics_over_http(srv):
     hold_method = "/kopilka.v1.Checkout/Hold"
     account = open_member(srv, 1, "m1", points=100)

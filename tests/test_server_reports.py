@@ -450,7 +450,8 @@ REPORTS = [("GetPointsReport", "GetPointsReportRequest"),
            ("GetActiveMembersReport", "GetActiveMembersReportRequest"),
            ("GetAverageReceiptReport", "GetAverageReceiptReportRequest"),
            ("GetVisitFrequencyReport", "GetVisitFrequencyReportRequest"),
-           ("GetPartnerSettlementReport", "GetPartnerSettlementReportRequest")]
+           ("GetPartnerSettlementReport", "GetPartnerSettlementReportRequest"),
+           ("GetCouponsReport", "GetCouponsReportRequest")]
 
 
 def refusal(srv, rpc, message, role="integration"):

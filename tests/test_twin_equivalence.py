@@ -24,11 +24,11 @@ from hypothesis import strategies as st
 
 from kopilka.core import twin
 from kopilka import kernel
-from kopilka.core.aggregates import CohortCounters, Counters
+from kopilka.core.aggregates import CohortCounters, Counters, CouponCounters
 from kopilka.core.batch import Batch
 from kopilka.core.records import (ACTIVITY_VALUE, AGG_ACTIVITY, AGG_COHORT,
-                                  AGG_MEMBER_DAY, AGG_MEMBER_MONTH,
-                                  AGG_SETTLEMENT, COHORT_VALUE,
+                                  AGG_COUPONS, AGG_MEMBER_DAY, AGG_MEMBER_MONTH,
+                                  AGG_SETTLEMENT, COHORT_VALUE, COUPON_AGG_VALUE,
                                   INT64_MAX, INT64_MIN,
                                   MAX_TIER, NEVER, PROFILE_ERASE,
                                   PROGRAM_ALLOW_DEBT, Kind, Status)
@@ -249,7 +249,8 @@ def random_operation(rng, history):
     elif kind == Kind.VOID:
         f["key"] = rng.choice(holds) if holds and rng.random() < 0.9 else "nohold"
     elif kind == Kind.REFUND and coupon_ops and rng.random() < 0.2:
-        f.update(key=rng.choice(coupon_ops), money=0)  # revoke, or give back
+        f.update(key=rng.choice(coupon_ops), money=0,  # revoke, give back, or
+                 flags=rng.choice([0, 0, 0, 2]))         # (a redemption's) note
     elif kind == Kind.REFUND:
         f["key"] = rng.choice(receipts) if receipts and rng.random() < 0.9 else "none"
         if rng.random() < 0.5:
@@ -261,8 +262,8 @@ def random_operation(rng, history):
         negated = -points if points != INT64_MIN else points  # -INT64_MIN is no int64
         f.update(amount=rng.choice([points, negated]), reason=rng.randint(1, 5), **lot_times)
     elif kind == Kind.TRANSFER:
-        if rng.random() < 0.3:
-            f["flags"] = 1
+        if rng.random() < 0.3:  # a merge, one coupon kept or every one moved
+            f["flags"] = rng.choice([1, 3, 3, 2])
         else:
             f["amount"] = points
     elif kind == Kind.SWEEP:
@@ -386,7 +387,13 @@ def test_kernel_matches_twin_long_sequences(tmp_path):
     # every kind of aggregate row, settlement between partners, refunds' money
     assert {key[0] for key, _ in rows} == {AGG_ACTIVITY, AGG_SETTLEMENT,
                                            AGG_MEMBER_DAY, AGG_COHORT,
-                                           AGG_MEMBER_MONTH}
+                                           AGG_MEMBER_MONTH, AGG_COUPONS}
+    # coupon rows that saw the fates of coupons (a merge of two members
+    # both holding one is rare here: test_ledger_coupons has it)
+    coupon_rows = [CouponCounters(*COUPON_AGG_VALUE.unpack(value))
+                   for key, value in rows if key[0] == AGG_COUPONS]
+    for counter in CouponCounters._fields[:10]:
+        assert sum(getattr(c, counter) for c in coupon_rows) > 0, counter
     # breakage cohorts that saw every movement, of more than one partner
     cohorts = [CohortCounters(*COHORT_VALUE.unpack(value))
                for key, value in rows if key[0] == AGG_COHORT]

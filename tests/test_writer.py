@@ -72,6 +72,45 @@ def test_concurrent_requests_share_one_commit(ledger):
     assert sum(ledger.balances(a, T + 1).balance for a in range(1, 5)) == 201 * 10
 
 
+def test_a_commit_wakes_the_callers_loop_once(ledger):
+    """Every caller of a commit is answered in one wake-up of its loop, a
+    late one (deadline passed) and a cancelled one included."""
+    gated = Gated(ledger)
+    writer = GroupCommitWriter(gated, clock=lambda: T + 1)
+    wakeups = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        original = loop.call_soon_threadsafe
+
+        def counted(callback, *args, **kwargs):
+            wakeups.append(callback)
+            return original(callback, *args, **kwargs)
+        loop.call_soon_threadsafe = counted
+        first = asyncio.ensure_future(writer.submit(earn("first"), 1))
+        await loop.run_in_executor(None, gated.entered.wait, 10)
+        tasks = [asyncio.ensure_future(writer.submit(earn(f"e{i}"), 1))
+                 for i in range(20)]
+        late = asyncio.ensure_future(writer.submit(earn("late"), 1, deadline=0.0))
+        gone = asyncio.ensure_future(writer.submit(earn("gone"), 1))
+        await asyncio.sleep(0)
+        gone.cancel()
+        wakeups.clear()  # the executor's own
+        gated.release.set()
+        results = await asyncio.gather(first, *tasks)
+        with pytest.raises(DeadlineExceeded):
+            await late
+        loop.call_soon_threadsafe = original
+        return results
+    try:
+        results = asyncio.run(main())
+    finally:
+        writer.close()
+    assert all(r[0].ok for r in results)
+    assert gated.batches == [1, 21]   # "gone" was queued: it is committed
+    assert len(wakeups) == 2          # one per commit
+
+
 def test_batches_are_bounded_and_each_request_gets_its_own_results(ledger):
     gated = Gated(ledger)
     writer = GroupCommitWriter(gated, clock=lambda: T + 1, max_operations=10)

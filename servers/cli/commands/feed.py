@@ -22,6 +22,7 @@ REPORTS = {
                         "interval", True),
     "visit-frequency": ("GetVisitFrequencyReport", "GetVisitFrequencyReportRequest",
                         "interval", True),
+    "coupons": ("GetCouponsReport", "GetCouponsReportRequest", "interval", True),
     "partner-settlement": ("GetPartnerSettlementReport",
                            "GetPartnerSettlementReportRequest", "interval", False),
 }
