@@ -21,7 +21,7 @@ _ACCOUNTS = _DB["accounts"]
 
 
 class Ledger(LedgerReads):
-    def __init__(self, path, *, map_size=1 << 30, sync=True, writemap=True):
+    def __init__(self, path, *, map_size=1 << 30, sync=True, writemap=False):
         self.path = str(path)
         self._env = Environment(self.path, map_size, sync, writemap)
 

@@ -3635,9 +3635,9 @@ cdef class Environment:
     snapshots still open and refuses while a batch or a copy is running on
     another thread (they run with the GIL released).
 
-    With `writemap` (the default) LMDB writes its pages in place in the map
-    (no malloc'd copy of each dirty page, which LMDB keeps on a free list for
-    good: the process's memory would grow with the most pages one batch ever
+    With `writemap` (off by default: durable commits are slower) LMDB writes
+    its pages in place in the map (no malloc'd copy of each dirty page, which
+    LMDB keeps on a free list for good: the process's memory would grow with the most pages one batch ever
     touched). The map then grows with the data (see GROW_MIN) and moves when it
     does: only inside `apply()` (one writer at a time, `write_lock`), with the
     GIL held (every read of the map by a snapshot runs with the GIL), no copy
@@ -3657,7 +3657,7 @@ cdef class Environment:
     cdef MDB_txn *point  # get()'s read-only transaction, reset between reads
 
     def __cinit__(self, path, size_t map_size=1 << 30, bint sync=True,
-                  bint writemap=True):
+                  bint writemap=False):
         cdef MDB_txn *txn
         cdef MDB_envinfo info
         cdef int rc

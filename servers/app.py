@@ -49,7 +49,7 @@ class Config:
     sweep_seconds: float = 60.0
     max_batch: int = 65_536
     sync: bool = True
-    writemap: bool = True             # False: LMDB copies each page it writes (see README)
+    writemap: bool = False            # True: LMDB writes pages in the map (see README)
     clock: object = None              # () -> microseconds; tests inject one
     monotonic: object = time.monotonic
 

@@ -38,8 +38,8 @@ class Metrics:
         self.map_size = Gauge("kopilka_lmdb_map_size_bytes", "LMDB map size",
                               registry=r)
         self.file_size = Gauge("kopilka_lmdb_file_bytes",
-                               "Bytes of the LMDB data file, all allocated: what "
-                               "is in use and the room allocated ahead of it",
+                               "Bytes LMDB maps now; with writemap, the data file, "
+                               "all allocated: what is in use and the room ahead",
                                registry=r)
         self.subscribers = Gauge("kopilka_feed_subscribers", "Open feed streams",
                                  registry=r)

@@ -43,7 +43,7 @@ def assert_allocated(ledger, path):
 
 def test_the_file_is_allocated_as_the_map_grows_to_its_limit(tmp_path):
     limit = 12 << 20
-    with kernel.Ledger(tmp_path, map_size=limit, sync=False) as ledger:
+    with kernel.Ledger(tmp_path, map_size=limit, sync=False, writemap=True) as ledger:
         assert ledger.info()["writemap"]
         assert ledger.info()["mapped"] < limit      # it starts small
         assert_allocated(ledger, tmp_path)
@@ -60,19 +60,19 @@ def test_the_file_is_allocated_as_the_map_grows_to_its_limit(tmp_path):
         assert ledger.head() == before              # the refused batch left nothing
         assert ledger.operation(f"b{n}/e0".encode()) is None
         assert ledger.audit() == []
-    with kernel.Ledger(tmp_path, map_size=2 * limit, sync=False) as ledger:
+    with kernel.Ledger(tmp_path, map_size=2 * limit, sync=False, writemap=True) as ledger:
         assert_allocated(ledger, tmp_path)
         assert all(r.ok for r in ledger.apply(earns(n), 10 + n))    # room again
         assert_allocated(ledger, tmp_path)
         assert ledger.audit() == []
         grown = ledger.info()["mapped"]
-    with kernel.Ledger(tmp_path, map_size=4 * limit, sync=False) as ledger:
+    with kernel.Ledger(tmp_path, map_size=4 * limit, sync=False, writemap=True) as ledger:
         assert ledger.info()["mapped"] == grown     # reopened: what it had, no more
         assert_allocated(ledger, tmp_path)
 
 
 def test_a_scan_held_while_the_map_moves_reads_on(tmp_path):
-    with kernel.Ledger(tmp_path, map_size=1 << 30, sync=False) as ledger:
+    with kernel.Ledger(tmp_path, map_size=1 << 30, sync=False, writemap=True) as ledger:
         setup(ledger)
         ledger.apply(earns(0), 10)
         expected = ledger.dump()
@@ -95,14 +95,14 @@ def test_without_writemap_the_map_is_the_configured_size(tmp_path):
         info = ledger.info()
         assert not info["writemap"] and info["mapped"] == 64 << 20
         assert ledger.audit() == []
-    with kernel.Ledger(tmp_path, map_size=64 << 20, sync=False) as ledger:  # and back
+    with kernel.Ledger(tmp_path, map_size=64 << 20, sync=False, writemap=True) as ledger:  # and back
         assert ledger.apply(earns(2), 11)[0].ok
         assert_allocated(ledger, tmp_path)
         assert ledger.audit() == []
 
 
 def test_a_compacting_copy_after_growth_is_the_same_ledger(tmp_path):
-    with kernel.Ledger(tmp_path / "live", map_size=1 << 30, sync=False) as ledger:
+    with kernel.Ledger(tmp_path / "live", map_size=1 << 30, sync=False, writemap=True) as ledger:
         setup(ledger)
         for n in range(4):
             ledger.apply(earns(n), 10 + n)
@@ -111,6 +111,6 @@ def test_a_compacting_copy_after_growth_is_the_same_ledger(tmp_path):
         ledger.copy(tmp_path / "copy")
         live = ledger.dump()
     assert data_file(tmp_path / "copy").st_size < data_file(tmp_path / "live").st_size
-    with kernel.Ledger(tmp_path / "copy", sync=False) as copy:
+    with kernel.Ledger(tmp_path / "copy", sync=False, writemap=True) as copy:
         assert copy.dump() == live and copy.audit() == []
         assert_allocated(copy, tmp_path / "copy")

@@ -37,10 +37,10 @@ def _add_serve(sub, data):
                    "this port")
     p.add_argument("--map-size", type=_size, default=None,
                    help="most the ledger may grow to, e.g. 8G (default 8G)")
-    p.add_argument("--no-writemap", action="store_true",
-                   help="LMDB copies each page it writes instead of writing it in "
-                   "the map (for file systems where an allocated block may still "
-                   "need space to be written: btrfs, ZFS)")
+    p.add_argument("--writemap", action="store_true",
+                   help="LMDB writes its pages in the map, the data file allocated "
+                   "ahead (less server memory at scale, slower durable batches; "
+                   "not on btrfs or ZFS)")
     p.add_argument("--log-level", default="INFO",
                    choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     p.set_defaults(run=cmd_serve)
@@ -72,7 +72,7 @@ def cmd_serve(args):
     config = Config(data=args.data, listen=args.listen, insecure=args.insecure,
                     tls_cert=args.tls_cert, tls_key=args.tls_key,
                     client_ca=args.client_ca, metrics_port=args.metrics_port,
-                    writemap=not args.no_writemap)
+                    writemap=args.writemap)
     if args.map_size:
         config.map_size = args.map_size
     try:

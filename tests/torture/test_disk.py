@@ -221,7 +221,7 @@ from kopilka.kernel import Ledger
 from kopilka.core.batch import Batch
 from kopilka.core.records import LedgerError, MapFullError
 path, ballast = sys.argv[1], sys.argv[2]
-ledger = Ledger(path, map_size=256 << 20)
+ledger = Ledger(path, map_size=256 << 20, writemap=True)
 setup = Batch().put_program("p", 1)
 for a in range(50):
     setup.open_account(f"a{a}", 1, f"m{a}")
