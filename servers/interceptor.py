@@ -72,17 +72,15 @@ class Guard:
 
         async def wrapped(request, context):
             started = _perf_counter()
-            code = "OK"
             try:
                 bind(check(method, context))
-                return await behavior(_parsed(parse, request), context)
+                response = await behavior(_parsed(parse, request), context)
             except BaseException as exc:
-                code, bug = _ended(exc, context)
-                await self._refuse(context, method, exc, bug)
+                await self._end(context, method, exc, seconds, started)
                 raise
-            finally:
-                self._count(method, code)
-                seconds.observe(_perf_counter() - started)
+            self._count(method, "OK")
+            seconds.observe(_perf_counter() - started)
+            return response
         return wrapped
 
     def _stream(self, method, behavior, parse):
@@ -91,19 +89,24 @@ class Guard:
 
         async def wrapped(request, context):
             started = _perf_counter()
-            code = "OK"
             try:
                 bind(check(method, context))
                 async for response in behavior(_parsed(parse, request), context):
                     yield response
             except BaseException as exc:
-                code, bug = _ended(exc, context)
-                await self._refuse(context, method, exc, bug)
+                await self._end(context, method, exc, seconds, started)
                 raise
-            finally:
-                self._count(method, code)
-                seconds.observe(_perf_counter() - started)
+            self._count(method, "OK")
+            seconds.observe(_perf_counter() - started)
         return wrapped
+
+    async def _end(self, context, method, exc, seconds, started):
+        """A call that raised: counted before its status goes out (a client
+        that has its answer finds it in the metrics), then refused."""
+        code, bug = _ended(exc, context)
+        self._count(method, code)
+        seconds.observe(_perf_counter() - started)
+        await self._refuse(context, method, exc, bug)
 
     async def _refuse(self, context, method, exc, bug):
         """Ends the call with the status of `exc`: an ApiError's (logged as a
