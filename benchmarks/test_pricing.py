@@ -13,12 +13,16 @@ Each flow runs on the compiled engine (kopilka.core._pricing, what
 (`pricing.use("python")`), which prices the same figures.
 
 Goal from issue 3: 20,000 such receipts a second on one core (compiled,
-quote+settle). Reported, not asserted. Run: `make bench-kernel BENCH_ARGS='-k
+quote+settle). Reported, not asserted. pytest-benchmark times by the wall
+clock, which on a shared machine also counts the time other processes had
+the core; so each flow is also timed by this process's CPU time (a plain
+loop, `cpu_time_per_call`), which is what "on one core" means. Run: `make bench-kernel BENCH_ARGS='-k
 pricing'`, or `.venv/bin/python -m pytest benchmarks/test_pricing.py
 --benchmark-enable --benchmark-only -p no:cacheprovider -s`.
 """
 
 import pathlib
+import time
 from datetime import datetime
 
 import pytest
@@ -46,6 +50,16 @@ def twenty_lines(t):
 
 
 FLOWS = ["quote+settle", "settle", "quote"]
+
+
+def cpu_time_per_call(fn, seconds=1.0):
+    """Seconds of this process's CPU time per call of `fn`, over `seconds` of it."""
+    calls, start = 0, time.process_time()
+    while (spent := time.process_time() - start) < seconds:
+        for _ in range(100):
+            fn()
+        calls += 100
+    return spent / calls
 
 
 @pytest.fixture(params=pricing.IMPLEMENTATIONS)
@@ -90,9 +104,12 @@ def test_pricing_20_line_receipt(benchmark, flow, implementation):
     benchmark.group = f"pricing, 20-line receipt, {flow}"
     benchmark({"quote+settle": checkout, "settle": settled, "quote": shown}[flow])
     mean = benchmark.stats.stats.mean
+    cpu = cpu_time_per_call({"quote+settle": checkout, "settle": settled,
+                             "quote": shown}[flow])
     benchmark.extra_info["receipts_per_s"] = round(1 / mean)
+    benchmark.extra_info["receipts_per_cpu_s"] = round(1 / cpu)
     benchmark.extra_info["implementation"] = implementation
     goal = flow == "quote+settle" and implementation == "compiled"
-    print(f"\n  {flow} of a 20-line receipt, {implementation}: {mean * 1e6:,.1f} us, "
-          f"{1 / mean:,.0f} receipts/s on one core" + (" (goal 20,000)" if goal else ""),
-          flush=True)
+    print(f"\n  {flow} of a 20-line receipt, {implementation}: {cpu * 1e6:,.1f} us of CPU, "
+          f"{1 / cpu:,.0f} receipts/s on one core" + (" (goal 20,000)" if goal else "")
+          + f"; by the wall clock {mean * 1e6:,.1f} us, {1 / mean:,.0f}/s", flush=True)

@@ -45,7 +45,9 @@ from cpython.object cimport PyObject, PyTypeObject, Py_TYPE
 from cpython.set cimport PySet_Contains
 from cpython.tuple cimport PyTuple_CheckExact, PyTuple_GET_ITEM, PyTuple_GET_SIZE, PyTuple_New
 from cpython.unicode cimport PyUnicode_CheckExact
-from libc.stdint cimport int64_t, uint64_t
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memset
 
 cdef extern from "Python.h":
     ctypedef struct PyMemberDef:
@@ -234,6 +236,25 @@ cdef extern from *:
     bint kp_mul64(int64_t a, int64_t b, int64_t* out)
     int64_t KP_INT64_MAX "INT64_MAX"
 
+cdef extern from *:
+    """
+    #pragma pack(push, 1)
+    typedef struct {   /* records.OP, as struct packs it ("<": no padding) */
+        uint8_t kind, flags, op_len, key_len, key2_len, link;
+        uint16_t data_len;
+        uint32_t program, partner, version, reason, store, lane;
+        uint64_t account, account2;
+        int64_t amount, amount2, money, activates_at, expires_at, business_time;
+    } kp_op;
+    #pragma pack(pop)
+    """
+    ctypedef struct kp_op:
+        uint8_t kind, flags, op_len, key_len, key2_len, link
+        uint16_t data_len
+        uint32_t program, partner, version, reason, store, lane
+        uint64_t account, account2
+        int64_t amount, amount2, money, activates_at, expires_at, business_time
+
 # --- what pricing.py and receipt.py hand over (bind) -------------------------
 
 cdef object _Line = None, _Receipt = None, _Member = None, _MemberCoupon = None
@@ -241,7 +262,9 @@ cdef object _LineQuote = None, _LinePrice = None, _Priced = None, _LineShare = N
 cdef object _Reason = None, _CouponTerms = None, _CouponIssue = None
 cdef object _CouponRedemption = None, _Quote = None, _Settlement = None
 cdef object _Allocation = None, _Batch = None, _plan_of = None, _split = None
-cdef object _coupon_ops = None
+cdef uint8_t K_EARN = 0, K_CAPTURE = 0, K_REDEEM_COUPON = 0, K_ISSUE_COUPON = 0
+cdef uint8_t F_LINKED = 0, F_ONE_PER_CUSTOMER = 0
+cdef Py_ssize_t LINK_AT = 5, MAX_DATA_BYTES = 0   # the `link` byte of records.OP
 cdef object W_TIER_UNKNOWN, W_EXPIRED_ON_ARRIVAL, W_BEST, W_ADDITIVE, W_NOT_BEST
 cdef object W_NOT_YET_USABLE, W_EXPIRED, W_NOTHING_TO_COVER, W_REDEEMED, W_EARNED
 cdef object W_ALREADY_HELD, W_CAP, W_BALANCE, W_MIN_BALANCE, W_MIN_POINTS
@@ -318,7 +341,9 @@ def bind(**names):
     receipt.py binds `Line` (for quick_lines), pricing.py the rest."""
     global _Line, _Receipt, _Member, _MemberCoupon, _LineQuote, _LinePrice, _Priced
     global _LineShare, _Reason, _CouponTerms, _CouponIssue, _CouponRedemption, _Quote
-    global _Settlement, _Allocation, _Batch, _plan_of, _split, _coupon_ops, DAY, CLOCK_SKEW
+    global _Settlement, _Allocation, _Batch, _plan_of, _split, DAY, CLOCK_SKEW
+    global K_EARN, K_CAPTURE, K_REDEEM_COUPON, K_ISSUE_COUPON, F_LINKED, F_ONE_PER_CUSTOMER
+    global MAX_DATA_BYTES
     global MAX_OP_ID, LONGEST_SUFFIX, BASIS, NEVER, EPOCH
     global W_TIER_UNKNOWN, W_EXPIRED_ON_ARRIVAL, W_BEST, W_ADDITIVE, W_NOT_BEST
     global W_NOT_YET_USABLE, W_EXPIRED, W_NOTHING_TO_COVER, W_REDEEMED, W_EARNED
@@ -339,7 +364,12 @@ def bind(**names):
     _CouponIssue, _CouponRedemption = names["CouponIssue"], names["CouponRedemption"]
     _Quote, _Settlement, _Allocation = names["Quote"], names["Settlement"], names["Allocation"]
     _Batch, _plan_of, _split = names["Batch"], names["plan"], names["split"]
-    _coupon_ops = names["coupon_ops"]
+    kind = names["Kind"]
+    K_EARN, K_CAPTURE = kind.EARN, kind.CAPTURE
+    K_REDEEM_COUPON, K_ISSUE_COUPON = kind.REDEEM_COUPON, kind.ISSUE_COUPON
+    F_LINKED, F_ONE_PER_CUSTOMER = names["LINKED"], names["COUPON_ONE_PER_CUSTOMER"]
+    MAX_DATA_BYTES = names["MAX_DATA"]
+    check_op_layout(names["OP"])
     DAY, CLOCK_SKEW, BASIS = names["DAY"], names["CLOCK_SKEW"], names["BASIS"]
     NEVER, EPOCH = names["NEVER"], names["EPOCH"]
     MAX_OP_ID = names["MAX_OP_ID"]
@@ -354,6 +384,20 @@ def bind(**names):
     W_CAP, W_BALANCE, W_MIN_BALANCE = Why.CAP, Why.BALANCE, Why.MIN_BALANCE
     W_MIN_POINTS, W_MIN_RECEIPT = Why.MIN_POINTS, Why.MIN_RECEIPT
     W_NOTHING_PAYABLE = Why.NOTHING_PAYABLE
+
+
+cdef check_op_layout(op):
+    """kp_op must lay an operation's header out as records.OP packs it."""
+    cdef kp_op h
+    cdef tuple fields = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, -16, -17, -18,
+                         -19, -20, -21)
+    memset(&h, 0, sizeof(h))
+    (h.kind, h.flags, h.op_len, h.key_len, h.key2_len, h.link, h.data_len, h.program,
+     h.partner, h.version, h.reason, h.store, h.lane, h.account, h.account2, h.amount,
+     h.amount2, h.money, h.activates_at, h.expires_at, h.business_time) = fields
+    if op.size != sizeof(kp_op) or PyBytes_FromStringAndSize(<char*>&h, sizeof(h)) \
+            != op.pack(*fields):
+        raise RuntimeError("kp_op does not match records.OP: fix _pricing.pyx")
 
 
 # --- integers and tuples ----------------------------------------------------------
@@ -1202,42 +1246,120 @@ def settle_quote(q, spend, op_id_prefix, hold, annotate):
     if not member.account and not member.card and hold is None:
         return None
 
+    card = member.card
+    if PyUnicode_CheckExact(card):
+        try:
+            card = (<str>card).encode()
+        except UnicodeError:
+            return None
+    if not PyBytes_CheckExact(card) or len(<bytes>card) > 255:
+        return None
+
     calc = q._calc
     priced = q.spent_nothing if spend == 0 else calc.price(spend)
-    receipt, v = q.receipt, q.version
-    bt, number, store, lane = receipt.business_time, v.number, receipt.store, receipt.lane
-    partner = q.partner
+    number = q.version.number
     earn, paid, referral = priced[2], priced[1], priced[3]
     capture = op_id_prefix + "/capture"
     if not (hold is not None or spend or earn or paid):
         capture = None  # no money, no points, no hold: nothing to record
-    after, referral_op, referral_data = _Batch(), None, None
+        if q.coupon_earned is not None:
+            return None  # an issue naming no capture: Python's answer, whatever it is
+    referral_op, referral_data = None, None
     if referral:
         referral_op = op_id_prefix + "/referral"
-        activates_at, expires_at = calc.referral_times
         if annotate:
+            activates_at, expires_at = calc.referral_times
+            receipt = q.receipt
             referral_data = {"op": referral_op, "account": member.referrer,
                              "points": referral, "act": activates_at, "exp": expires_at,
-                             "partner": partner, "version": number, "bt": bt,
-                             "store": store, "lane": lane}
-        after.earn(referral_op, member.referrer, referral,
-                   activates_at=activates_at, expires_at=expires_at,
-                   partner=partner, version=number, business_time=bt,
-                   store=store, lane=lane)
+                             "partner": q.partner, "version": number,
+                             "bt": receipt.business_time, "store": receipt.store,
+                             "lane": receipt.lane}
     allocation = record(_Allocation, {"capture": capture, "referral_op": referral_op,
                                       "version": number, "lines": calc.shares(priced)})
-    batch = _Batch()
     data = (annotate(allocation, referral_data)
             if annotate and (capture is not None or q.coupon) else b"")
+    if not PyBytes_CheckExact(data) or len(<bytes>data) > MAX_DATA_BYTES:
+        return None
+    try:
+        return settlement(q, priced, spend, allocation, op_id_prefix, capture,
+                          referral_op, hold, card, data)
+    except OverflowError:
+        return None   # a figure beyond its field: Python's Batch names it
+
+
+# --- a settlement's operations, encoded --------------------------------------------
+# settle_quote writes its operations' bytes itself, exactly as Batch.add
+# would (records.OP, then the op id, key, key2 and data): through Batch.add
+# they took a third of a settlement's time. `bind` holds the layout to
+# records.OP. Every length was checked by the caller.
+
+cdef Py_ssize_t put_op(bytearray out, kp_op* h, bytes op_id, bytes key, bytes key2,
+                       bytes data) except -1:
+    """Appends one operation to `out`; its offset there."""
+    cdef Py_ssize_t at = len(out)
+    h.op_len, h.key_len, h.key2_len = len(op_id), len(key), len(key2)
+    h.data_len = len(data)
+    out += PyBytes_FromStringAndSize(<char*>h, sizeof(kp_op))
+    out += op_id
+    out += key
+    out += key2
+    out += data
+    return at
+
+
+cdef object settlement(q, priced, spend, allocation, str prefix, capture, referral_op,
+                       hold, bytes card, bytes data):
+    """The Settlement of settle_quote, its batches encoded here."""
+    cdef kp_op h
+    cdef bytearray ops = bytearray()
+    cdef Py_ssize_t count = 0, last = -1
+    member, receipt, v = q.member, q.receipt, q.version
+    cdef bytes hold_key = b"" if hold is None else (
+        (<str>hold).encode() if PyUnicode_CheckExact(hold) else hold)
+    cdef bytes receipt_key = b"" if capture is None else (<str>capture).encode()
+
+    memset(&h, 0, sizeof(h))   # the fields every operation here has
+    h.partner, h.version, h.business_time = q.partner, v.number, receipt.business_time
+    h.store, h.lane = receipt.store, receipt.lane
+
+    after = _Batch()
+    if referral_op is not None:
+        h.kind, h.account, h.amount2 = K_EARN, member.referrer, priced[3]
+        h.activates_at, h.expires_at = q._calc.referral_times
+        referral = bytearray()
+        put_op(referral, &h, (<str>referral_op).encode(), b"", b"", b"")
+        after = _Batch.encoded(referral, 1, 0)
+
+    h.account = member.account
     if capture is not None:
-        batch.capture(capture, member.account, hold=hold or b"", spend=spend,
-                      earn=earn, activates_at=q.activates_at,
-                      expires_at=q.expires_at, money=paid, partner=partner,
-                      version=number, business_time=bt, card=member.card,
-                      store=store, lane=lane, data=data)
-    issue = redemption = None
-    if q.coupon or q.coupon_earned is not None:  # pricing._coupon_ops: rare, in Python
-        issue, redemption = _coupon_ops(batch, q, capture, op_id_prefix, data)
-    return record(_Settlement, {"quote": q, "priced": priced, "batch": batch,
+        h.kind, h.amount, h.amount2, h.money = K_CAPTURE, spend, priced[2], priced[1]
+        h.activates_at, h.expires_at = q.activates_at, q.expires_at
+        last = put_op(ops, &h, receipt_key, hold_key, card, data)
+        count += 1
+    h.amount2 = h.money = h.activates_at = h.expires_at = 0
+
+    issue = redemption = None   # as pricing._coupon_ops
+    if q.coupon:
+        coupon = member.coupon
+        redemption = _CouponRedemption(prefix + "/coupon-redeem",
+                                  coupon.code, q.coupon)
+        if last >= 0:
+            ops[last + LINK_AT] |= F_LINKED
+        h.kind, h.amount, h.amount2 = K_REDEEM_COUPON, q.coupon, coupon.number
+        last = put_op(ops, &h, (<str>redemption[0]).encode(), receipt_key, card,
+                      b"" if capture is not None else data)
+        count += 1
+    if q.coupon_earned is not None:
+        value, usable_from, expires_at = q.coupon_earned
+        issue = _CouponIssue(prefix + "/coupon-issue", value, usable_from,
+                             expires_at)
+        h.kind, h.amount, h.amount2 = K_ISSUE_COUPON, value, 0
+        h.activates_at, h.expires_at = usable_from, expires_at
+        h.flags = F_ONE_PER_CUSTOMER if v.coupon.one_per_customer else 0
+        last = put_op(ops, &h, (<str>issue[0]).encode(), receipt_key, card, b"")
+        count += 1
+    return record(_Settlement, {"quote": q, "priced": priced,
+                                "batch": _Batch.encoded(ops, count, last),
                                 "after": after, "allocation": allocation,
                                 "coupon_issue": issue, "coupon_redemption": redemption})

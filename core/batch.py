@@ -77,6 +77,16 @@ class Batch:
         self.count = 0
         self._last = None  # offset of the last operation added
 
+    @classmethod
+    def encoded(cls, buffer, count, last):
+        """A batch of `count` operations already encoded in `buffer` (a
+        bytearray, taken over), the last one at offset `last`: what
+        core._pricing builds a settlement's operations into."""
+        batch = cls()
+        batch._buffer, batch.count = buffer, count
+        batch._last = last if count else None
+        return batch
+
     def __len__(self):
         return self.count
 

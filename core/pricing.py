@@ -73,7 +73,8 @@ from .receipt import (CLOCK_SKEW, DAY, INT64_MAX, Line, Member, MemberCoupon, Me
                       PricingError, Receipt, ReceiptError, SpendError, _pricing,
                       _quick_header, check_member, check_receipt, member_fine,
                       quick_lines)
-from .records import MAX_OP_ID, NEVER
+from .records import (COUPON_ONE_PER_CUSTOMER, LINKED, MAX_DATA, MAX_OP_ID, NEVER, OP,
+                      Kind)
 
 __all__ = [
     # what a checkout hands in (receipt.py)
@@ -873,7 +874,7 @@ def _coupon_ops(batch, q, capture, prefix, data):
     but not chained to it (held meanwhile, the purchase stands and earns
     none). Without a capture (the coupon paid the receipt in full) the
     redemption carries `data`. Returns (CouponIssue, CouponRedemption),
-    each None when there is none."""
+    each None when there is none. (_pricing.settlement encodes the same.)"""
     member, receipt, v = q.member, q.receipt, q.version
     where = dict(partner=q.partner, version=v.number,
                  business_time=receipt.business_time, card=member.card,
@@ -910,8 +911,9 @@ if _pricing is not None:
                   Quote=Quote, Settlement=Settlement, Allocation=Allocation,
                   Batch=Batch, plan=_plan, split=split, Why=Why, DAY=DAY,
                   CLOCK_SKEW=CLOCK_SKEW, BASIS=BASIS, MAX_OP_ID=MAX_OP_ID,
-                  SUFFIXES=SUFFIXES, NEVER=NEVER, EPOCH=EPOCH,
-                  coupon_ops=_coupon_ops)
+                  SUFFIXES=SUFFIXES, NEVER=NEVER, EPOCH=EPOCH, OP=OP, Kind=Kind,
+                  LINKED=LINKED, COUPON_ONE_PER_CUSTOMER=COUPON_ONE_PER_CUSTOMER,
+                  MAX_DATA=MAX_DATA)
 _compiled = _pricing   # the module `quote` and `settle_quote` ask first, or None
 # What `use` accepts here: "compiled" only when it is built.
 IMPLEMENTATIONS = ("compiled", "python") if _pricing is not None else ("python",)
