@@ -1,0 +1,115 @@
+"""Reports whose figures depend on everything before their interval (the
+members enrolled before it; each partner's settlement position), over a
+program with a past of months, on a real server. They are reckoned from
+running totals and what happened since (servers/reports.py); the figures
+must be those of a sum from the program's start.
+
+The history (UTC; the program of test_server_reports, Moscow time, point
+value 100, then 50 from 2 January 2026 Moscow):
+
+    2025-03-01 10:00  enrol A, B, C
+                      A earns 1000 at store 42 (partner 1)
+                      B earns 500 at store 77 (partner 2)
+    2025-06-01 10:00  A spends 400 at store 77: partner 1's points at partner 2
+                      B spends 100 at store 42: partner 2's points at partner 1
+    2025-09-01 10:00  enrol D; 100 of A's spend given back at store 77
+    2026-01-01 10:00  enrol E
+                      A spends 200 at store 77, B 50 at store 42
+                      D earns 300 at store 43 (partner 1)
+    2026-01-02 10:00  enrol F; A spends 100 at store 77
+                      E earns 40 at store 77 (partner 2)
+"""
+
+import pytest
+from kopilka.core.batch import Batch
+from server_harness import RunningServer, install_program
+from test_server_reports import (BY_DAY, PARTNER, PROGRAM, apply, at, enrol, feed,
+                                 key, points, request)
+
+
+def build_history(srv):
+    a, b, c = (enrol(srv, "2025-03-01T10:00", name) for name in "abc")
+    apply(srv, "2025-03-01T10:00", Batch()
+          .earn("a-earn", a, 1000, money=2_000_000, store=42, lane=1, partner=1)
+          .earn("b-earn", b, 500, money=1_000_000, store=77, lane=1, partner=2))
+    apply(srv, "2025-06-01T10:00", Batch()
+          .spend("a-spend1", a, 400, money=800_000, store=77, lane=1, partner=2)
+          .spend("b-spend1", b, 100, money=200_000, store=42, lane=1, partner=1))
+    d = enrol(srv, "2025-09-01T10:00", "d")
+    apply(srv, "2025-09-01T10:00", Batch()
+          .refund("a-refund", "a-spend1", money=200_000, give_back=100, store=77,
+                  lane=1))
+    e = enrol(srv, "2026-01-01T10:00", "e")
+    apply(srv, "2026-01-01T10:00", Batch()
+          .spend("a-spend2", a, 200, money=400_000, store=77, lane=1, partner=2)
+          .spend("b-spend2", b, 50, money=100_000, store=42, lane=1, partner=1)
+          .earn("d-earn", d, 300, money=600_000, store=43, lane=1, partner=1))
+    enrol(srv, "2026-01-02T10:00", "f")
+    apply(srv, "2026-01-02T10:00", Batch()
+          .spend("a-spend3", a, 100, money=200_000, store=77, lane=1, partner=2)
+          .earn("e-earn", e, 40, money=80_000, store=77, lane=1, partner=2))
+    return a, b, c, d, e
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    server = RunningServer(tmp_path_factory.mktemp("aged") / "data")
+    path = tmp_path_factory.mktemp("program") / "program.toml"
+    path.write_text(PROGRAM)
+    install_program(server, str(path))
+    server.accounts = build_history(server)
+    server.clock.now = at("2026-01-03T12:00")
+    yield server
+    server.stop()
+
+
+def members(srv, start, end, by=()):
+    r = feed(srv).GetActiveMembersReport(request(
+        "GetActiveMembersReportRequest", start, end, by=by))
+    return [(key(row), row.active_members, row.new_members, row.total_members)
+            for row in r.rows]
+
+
+def test_members_enrolled_months_before_the_interval_are_counted(srv):
+    day = ("2026-01-01T00:00+03:00", "2026-01-02T00:00+03:00")
+    # A, B, C and D enrolled months before; E that day; A, B and D came
+    assert members(srv, *day) == [((), 3, 1, 5)]
+    assert members(srv, *day, by=[BY_DAY]) == [(("2026-01-01",), 3, 1, 5)]
+    # long before: A, B and C, enrolled three months earlier, and no one since
+    assert members(srv, "2025-06-01T00:00+03:00", "2025-06-02T00:00+03:00") == [
+        ((), 2, 0, 3)]
+    # an interval after everything: every member, none active
+    assert members(srv, "2026-01-05T00:00+03:00", "2026-01-06T00:00+03:00") == [
+        ((), 0, 0, 6)]
+
+
+def by_partner(srv, start, end, by=(PARTNER,)):
+    r = feed(srv).GetPointsReport(request("GetPointsReportRequest", start, end, by=by))
+    return [(key(row), points(row)) for row in r.rows]
+
+
+def test_partner_positions_count_spending_across_partners_before_and_within(srv):
+    # at the end of 1 January: partner 1 issued A's 1000 (400 - 100 + 200
+    # spent at partner 2) and D's 300; partner 2 issued B's 500 (100 + 50
+    # spent at partner 1); A's 100 and E's 40 on 2 January come after
+    p1, p2 = "programs/1/partners/1", "programs/1/partners/2"
+    assert by_partner(srv, "2026-01-01T00:00", "2026-01-02T00:00") == [
+        ((p1,), (300, 50, 0, 0, 0, 0, 800, 800 * 50)),
+        ((p2,), (0, 200, 0, 0, 0, 0, 350, 350 * 50)),
+    ]
+    assert by_partner(srv, "2026-01-01T00:00", "2026-01-02T00:00",
+                      by=(PARTNER, BY_DAY)) == [
+        ((p1, "2026-01-01"), (300, 50, 0, 0, 0, 0, 800, 800 * 100)),
+        ((p2, "2026-01-01"), (0, 200, 0, 0, 0, 0, 350, 350 * 100)),
+    ]
+    # the day of the first spending across partners
+    assert by_partner(srv, "2025-06-01T00:00", "2025-06-02T00:00") == [
+        ((p1,), (0, 100, 0, 0, 0, 0, 600, 600 * 100)),
+        ((p2,), (0, 400, 0, 0, 0, 0, 400, 400 * 100)),
+    ]
+    # A's 100 given back at partner 2: booked there, partner 1's points
+    assert by_partner(srv, "2025-09-01T00:00", "2025-09-02T00:00") == [
+        ((p2,), (0, 0, 0, 0, 100, 0, 400, 400 * 100))]
+    r = feed(srv).GetPointsReport(request("GetPointsReportRequest",
+                                          "2026-01-02T00:00", "2026-01-03T00:00"))
+    assert points(r.rows[0])[6] == 1090   # A 400, B 350, D 300, E 40
