@@ -113,3 +113,46 @@ def test_partner_positions_count_spending_across_partners_before_and_within(srv)
     r = feed(srv).GetPointsReport(request("GetPointsReportRequest",
                                           "2026-01-02T00:00", "2026-01-03T00:00"))
     assert points(r.rows[0])[6] == 1090   # A 400, B 350, D 300, E 40
+
+
+BOUNDS = ("2025-02-28", "2025-03-01", "2025-03-02", "2025-06-01", "2025-06-02",
+          "2025-09-01", "2025-09-02", "2026-01-01", "2026-01-02", "2026-01-03",
+          "2026-01-04")
+HOUR = 3_600_000_000
+
+
+def test_every_interval_agrees_with_sums_from_the_program_start(srv):
+    """Intervals between days around every event, each figure against sums
+    of the hourly rows from hour 0 (no expiry, debt or clawback here, so a
+    partner's outstanding points are what it issued less what of them was
+    spent, net of returns, wherever)."""
+    ledger = srv.server.ledger
+
+    def enrolled(end):
+        return sum(c.new_members for *_, c in ledger.activity(1, 0, end // HOUR))
+
+    def outstanding(partner, end):
+        hour = end // HOUR
+        return (sum(c.issued for _, _, p, _, c in ledger.activity(1, 0, hour)
+                    if p == partner)
+                - sum(points for _, issuing, _, points in ledger.settlement(1, 0, hour)
+                      if issuing == partner))
+
+    def day_end(row_key):   # the end of a Moscow day (members' days too: UTC+3)
+        return at(f"{row_key[-1]}T00:00+03:00") + 24 * HOUR
+
+    checked = 0
+    for i, first in enumerate(BOUNDS):
+        for last in BOUNDS[i + 1:]:
+            start, end = f"{first}T00:00+03:00", f"{last}T00:00+03:00"
+            assert [row[3] for row in members(srv, start, end)] == [enrolled(at(end))]
+            for row in members(srv, start, end, by=[BY_DAY]):
+                assert row[3] == enrolled(day_end(row[0]))
+            for row_key, figures in by_partner(srv, first, last):
+                assert figures[6] == outstanding(int(row_key[0][-1]), at(last))
+                checked += 1
+            for row_key, figures in by_partner(srv, first, last, by=(PARTNER, BY_DAY)):
+                when = min(day_end(row_key), at(last))
+                assert figures[6] == outstanding(int(row_key[0][-1]), when)
+                checked += 1
+    assert checked > 100
