@@ -20,8 +20,12 @@ value 100, then 50 from 2 January 2026 Moscow):
                       E earns 40 at store 77 (partner 2)
 """
 
+import lmdb
 import pytest
+from kopilka import kernel
 from kopilka.core.batch import Batch
+from kopilka.core.records import AGG_ACTIVITY, AGG_SETTLEMENT, U32
+from kopilka.servers import reports
 from server_harness import RunningServer, install_program
 from test_server_reports import (BY_DAY, PARTNER, PROGRAM, apply, at, enrol, feed,
                                  key, points, request)
@@ -156,3 +160,34 @@ def test_every_interval_agrees_with_sums_from_the_program_start(srv):
                 assert figures[6] == outstanding(int(row_key[0][-1]), when)
                 checked += 1
     assert checked > 100
+
+
+def test_an_interval_reads_nothing_from_before_it(srv, tmp_path):
+    """A copy of the ledger without the hourly activity and settlement rows
+    of the months before 1 January 2026 reports that day and the next as
+    the ledger does: they start from running totals and take off what
+    happened since, and add up nothing of the past."""
+    srv.server.ledger.copy(tmp_path)
+    first = at("2026-01-01T00:00+03:00") // HOUR   # the members' day starts
+    env = lmdb.open(str(tmp_path), max_dbs=16)
+    with env.begin(write=True, db=env.open_db(b"aggregates")) as txn:
+        past = [key for key, _ in txn.cursor()
+                if key[0] in (AGG_ACTIVITY, AGG_SETTLEMENT)
+                and U32.unpack_from(key, 5)[0] < first]
+        for key in past:
+            txn.delete(key)
+    env.close()
+    assert len(past) == 7 + 3   # activity rows of 3 days, settlement of 2
+    program = srv.server.registry.get(1).program
+    cases = [("active_members", "2026-01-01T00:00+03:00", "2026-01-02T00:00+03:00", dims)
+             for dims in ((), (reports.Dimension.DAY,))]
+    cases += [("points", start, end, dims)
+              for start, end in (("2026-01-01T00:00", "2026-01-02T00:00"),
+                                 ("2026-01-02T00:00", "2026-01-03T00:00"))
+              for dims in ((), (reports.Dimension.PARTNER,),
+                           (reports.Dimension.PARTNER, reports.Dimension.DAY))]
+    with kernel.Ledger(tmp_path, sync=False) as copy:
+        for report, start, end, dims in cases:
+            q = reports.Query(1, program, at(start), at(end), dims)
+            rows = reports.gather(copy, report, q)[0]
+            assert rows and rows == reports.gather(srv.server.ledger, report, q)[0]
