@@ -26,9 +26,8 @@ from kopilka import kernel
 from kopilka.core.batch import Batch
 from kopilka.core.records import AGG_ACTIVITY, AGG_SETTLEMENT, U32
 from kopilka.servers import reports
-from server_harness import RunningServer, install_program
-from test_server_reports import (BY_DAY, PARTNER, PROGRAM, apply, at, enrol, feed,
-                                 key, points, request)
+from test_server_reports import (BY_DAY, PARTNER, apply, at, enrol, feed, key,
+                                 points, request, serve)
 
 
 def build_history(srv):
@@ -57,12 +56,7 @@ def build_history(srv):
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory):
-    server = RunningServer(tmp_path_factory.mktemp("aged") / "data")
-    path = tmp_path_factory.mktemp("program") / "program.toml"
-    path.write_text(PROGRAM)
-    install_program(server, str(path))
-    server.accounts = build_history(server)
-    server.clock.now = at("2026-01-03T12:00")
+    server = serve(tmp_path_factory, build_history)
     yield server
     server.stop()
 
