@@ -10,10 +10,11 @@ from collections import namedtuple
 
 from .codec import decode_coupon_closed, decode_coupon_issued, decode_lots
 from .records import (ACTIVITY_KEY, AGG_ACTIVITY, AGG_COHORT, AGG_COUPONS,
-                      AGG_MEMBER_DAY, AGG_MEMBER_MONTH, AGG_SETTLEMENT, COHORT_KEY,
-                      COUPON_AGG_KEY, COUPON_EARNED, COUPON_GIVEN_BACK, DAY, HOUR,
-                      I64, MEMBER_DAY_KEY, MEMBER_DAY_VALUE, MEMBER_MONTH_KEY,
-                      MINUTE, SETTLEMENT_KEY, SYSTEM, VISIT_DAYS, CouponState,
+                      AGG_MEMBER_DAY, AGG_MEMBER_MONTH, AGG_MEMBERS, AGG_SETTLED,
+                      AGG_SETTLEMENT, COHORT_KEY, COUPON_AGG_KEY, COUPON_EARNED,
+                      COUPON_GIVEN_BACK, DAY, HOUR, I64, MEMBER_DAY_KEY,
+                      MEMBER_DAY_VALUE, MEMBER_MONTH_KEY, MEMBERS_KEY, MINUTE,
+                      SETTLED_KEY, SETTLEMENT_KEY, SYSTEM, VISIT_DAYS, CouponState,
                       Entry)
 
 COUNTERS = ("issued", "spent", "expired", "adjusted", "returned", "clawed",
@@ -113,10 +114,14 @@ def changes(entry, tier, utc_offset, visit_days):
     elif entry.type == Entry.ACCOUNT_OPENED:
         amount = 1
     out = [(activity, index, amount)]
+    if entry.type == Entry.ACCOUNT_OPENED:
+        out.append((MEMBERS_KEY.pack(AGG_MEMBERS, program), 0, 1))
     if entry.type in (Entry.SPEND, Entry.RETURN):
+        points = amount if entry.type == Entry.SPEND else -amount
         out.append((SETTLEMENT_KEY.pack(AGG_SETTLEMENT, program, hour,
-                                        entry.partner2, entry.partner), 0,
-                    amount if entry.type == Entry.SPEND else -amount))
+                                        entry.partner2, entry.partner), 0, points))
+        out.append((SETTLED_KEY.pack(AGG_SETTLED, program, entry.partner2,
+                                     entry.partner), 0, points))
     if entry.type == Entry.RECEIPT:
         day = day_of(entry.time, utc_offset)
         month = MEMBER_MONTH_KEY.pack(AGG_MEMBER_MONTH, program,
@@ -170,10 +175,11 @@ def cohort_changes(entry):
 
 _WIDTH = {AGG_ACTIVITY: len(COUNTERS), AGG_SETTLEMENT: 1, AGG_MEMBER_DAY: 1,
           AGG_COHORT: len(COHORT_COUNTERS), AGG_MEMBER_MONTH: len(MONTH_COUNTERS),
-          AGG_COUPONS: len(COUPON_COUNTERS)}
+          AGG_COUPONS: len(COUPON_COUNTERS), AGG_MEMBERS: 1, AGG_SETTLED: 1}
 _NAMES = {AGG_ACTIVITY: COUNTERS, AGG_SETTLEMENT: ("points",),
           AGG_MEMBER_DAY: ("account",), AGG_COHORT: COHORT_COUNTERS,
-          AGG_MEMBER_MONTH: MONTH_COUNTERS, AGG_COUPONS: COUPON_COUNTERS}
+          AGG_MEMBER_MONTH: MONTH_COUNTERS, AGG_COUPONS: COUPON_COUNTERS,
+          AGG_MEMBERS: ("members",), AGG_SETTLED: ("points",)}
 
 
 def width(key):
@@ -226,6 +232,11 @@ def describe(key):
             _, program, hour, store, partner = COUPON_AGG_KEY.unpack(key)
             return (f"coupons program {program} hour {hour} store {store} "
                     f"partner {partner}")
+        if key[0] == AGG_MEMBERS:
+            return f"members program {MEMBERS_KEY.unpack(key)[1]}"
+        if key[0] == AGG_SETTLED:
+            _, program, issuing, redeeming = SETTLED_KEY.unpack(key)
+            return f"settled program {program} partner {issuing} to {redeeming}"
     except Exception:  # a malformed key: shown as it is
         pass
     return f"key {key!r}"

@@ -10,7 +10,8 @@ from .aggregates import CohortCounters, Counters, CouponCounters, day_of
 from .audit import audit
 from .codec import Account, JournalEntry, Operation
 from .records import (ACTIVITY_KEY, ACTIVITY_VALUE, AGG_ACTIVITY, AGG_COHORT,
-                      AGG_COUPONS, AGG_MEMBER_DAY, AGG_MEMBER_MONTH, AGG_SETTLEMENT,
+                      AGG_COUPONS, AGG_MEMBER_DAY, AGG_MEMBER_MONTH, AGG_MEMBERS,
+                      AGG_SETTLED, AGG_SETTLEMENT, MEMBERS_KEY, SETTLED_KEY,
                       CARD, COHORT_KEY, COHORT_VALUE, COUNTER_VALUE,
                       COUPON_AGG_KEY, COUPON_AGG_VALUE, DATABASES, HEAD,
                       I64, IDX_BIRTHDAY, IDX_TIER, MEMBER_DAY_VALUE,
@@ -187,6 +188,17 @@ class LedgerReads:
             _, _, hour, issuing, redeeming = SETTLEMENT_KEY.unpack(key)
             yield hour, issuing, redeeming, I64.unpack(value)[0]
 
+    def members_enrolled(self, program):
+        """Members ever enrolled in the program (its running total)."""
+        raw = self._get("aggregates", MEMBERS_KEY.pack(AGG_MEMBERS, program))
+        return I64.unpack(raw)[0] if raw is not None else 0
+
+    def settled(self, program):
+        """{(issuing partner, redeeming partner): points} settled so far,
+        every pair ever used (running totals: settlement rows of every hour)."""
+        return {SETTLED_KEY.unpack(key)[2:]: I64.unpack(value)[0]
+                for key, value in self._aggregates(AGG_SETTLED, program, 0, 1 << 32)}
+
     def member_days(self, program, day_from, day_to):
         """(local day, account) of members with a receipt that day, for
         day_from <= day < day_to: by day, then in the order of the members'
@@ -251,8 +263,8 @@ class LedgerReads:
         return COUNTER_VALUE.unpack(raw) if raw is not None else (0, 0)
 
     def _aggregates(self, kind, program, first, stop):
-        """Rows of one kind and program whose u32 after the program (hour
-        or day) is in [first, stop)."""
+        """Rows of one kind and program whose u32 after the program (hour,
+        day, month; a settled row's issuing partner) is in [first, stop)."""
         head = bytes([kind]) + U32.pack(program)
         with self._snapshot() as snap:
             for key, value in snap.scan("aggregates", head + U32.pack(first)):

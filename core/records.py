@@ -451,11 +451,24 @@ I64 = struct.Struct("<q")
 #     stays in redeemed), displaced (DISPLACED; its value). A coupon a merge
 #     moves (COUPON_CLOSED MOVED and COUPON_ISSUED COUPON_MOVED) is the same
 #     coupon going on elsewhere: not counted.
+#   Running totals: rows without an hour, so a report about a moment T
+#   reads the total now and subtracts what the hourly rows say happened
+#   after T (the time since T), never every hour from the program's start:
+#   0x07 members: program u32 -> int64 members enrolled (ACCOUNT_OPENED:
+#     +1), ever: the sum of new_members over every 0x01 row of the program.
+#   0x08 settled: program u32, issuing partner u32, redeeming partner u32
+#     -> int64 points: the sum of that pair's 0x02 rows over every hour
+#     (SPEND adds, RETURN subtracts; equal partners too).
+#   Folded with the rows they sum, by the same entries, in the same write
+#   transaction; the audit rebuilds them like any other row. As with the
+#   kinds added before them (0x06), there is no migration: a ledger written
+#   before they existed lacks its past in them, which its audit reports.
 # A row exists once an entry counted in it, whatever its values since.
 # Counter overflow rejects the operation (OVERFLOW), as anywhere else.
 AGG_ACTIVITY, AGG_SETTLEMENT, AGG_MEMBER_DAY, AGG_COHORT = 1, 2, 3, 4
 AGG_MEMBER_MONTH = 5
 AGG_COUPONS = 6
+AGG_MEMBERS, AGG_SETTLED = 7, 8
 ACTIVITY_KEY = struct.Struct(">BIIIIH")
 ACTIVITY_VALUE = struct.Struct("<10q")
 SETTLEMENT_KEY = struct.Struct(">BIIII")
@@ -467,6 +480,8 @@ MEMBER_MONTH_KEY = struct.Struct(">BIIQ")
 MEMBER_MONTH_VALUE = struct.Struct("<2q")
 COUPON_AGG_KEY = struct.Struct(">BIIII")
 COUPON_AGG_VALUE = struct.Struct("<12q")
+MEMBERS_KEY = struct.Struct(">BI")
+SETTLED_KEY = struct.Struct(">BIII")
 HOUR = 3_600_000_000      # microseconds
 DAY = 86_400_000_000
 MINUTE = 60_000_000

@@ -239,6 +239,8 @@ cdef enum:
     AGG_COHORT = 4
     AGG_MEMBER_MONTH = 5
     AGG_COUPONS = 6
+    AGG_MEMBERS = 7     # running totals (no hour): members enrolled
+    AGG_SETTLED = 8     # ... points settled per partner pair
     AGG_KEY_MAX = 19
     N_COUNTERS = 10
     C_ISSUED = 0
@@ -359,6 +361,14 @@ cdef packed struct ActivityKey:     # records.ACTIVITY_KEY (big-endian)
 cdef packed struct SettlementKey:   # records.SETTLEMENT_KEY (big-endian)
     uint8_t kind
     uint32_t program, hour, issuing, redeeming
+
+cdef packed struct MembersKey:      # records.MEMBERS_KEY (big-endian)
+    uint8_t kind
+    uint32_t program
+
+cdef packed struct SettledKey:      # records.SETTLED_KEY (big-endian)
+    uint8_t kind
+    uint32_t program, issuing, redeeming
 
 cdef packed struct MemberDayKey:    # records.MEMBER_DAY_KEY (big-endian)
     uint8_t kind
@@ -1547,12 +1557,14 @@ cdef int fold_aggregates(Work *w) noexcept nogil:
     cdef EntryHead *e
     cdef Acct *a = NULL
     cdef uint64_t member, day
-    cdef int64_t amount
+    cdef int64_t amount, points
     cdef int128 local
     cdef int32_t utc_offset = 0
     cdef int index, rc
     cdef ActivityKey act
     cdef SettlementKey st
+    cdef SettledKey sd
+    cdef MembersKey mk
     cdef MemberDayKey md
     cdef MemberMonthKey mm
     for i in range(w.folded, w.n_entries):
@@ -1590,14 +1602,27 @@ cdef int fold_aggregates(Work *w) noexcept nogil:
         rc = agg_add(w, &act, sizeof(ActivityKey), N_COUNTERS, index, amount)
         if rc:
             return rc
+        if e.type == E_ACCOUNT_OPENED:
+            mk.kind = AGG_MEMBERS
+            mk.program = act.program
+            rc = agg_add(w, &mk, sizeof(MembersKey), 1, 0, 1)
+            if rc:
+                return rc
         if e.type == E_SPEND or e.type == E_RETURN:
+            points = amount if e.type == E_SPEND else -amount
             st.kind = AGG_SETTLEMENT
             st.program = act.program
             st.hour = act.hour
             st.issuing = be32(e.partner2)
             st.redeeming = act.partner
-            rc = agg_add(w, &st, sizeof(SettlementKey), 1, 0,
-                         amount if e.type == E_SPEND else -amount)
+            rc = agg_add(w, &st, sizeof(SettlementKey), 1, 0, points)
+            if rc:
+                return rc
+            sd.kind = AGG_SETTLED
+            sd.program = act.program
+            sd.issuing = st.issuing
+            sd.redeeming = st.redeeming
+            rc = agg_add(w, &sd, sizeof(SettledKey), 1, 0, points)
             if rc:
                 return rc
         if e.type == E_RECEIPT:

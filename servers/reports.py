@@ -2,9 +2,10 @@
 
 The kernel keeps, as it commits, hourly activity rows per (store, partner,
 tier), hourly settlement rows per (issuing, redeeming) partner pair,
-member-day rows and hourly coupon rows per (store, partner) (layout in
-core/records.py). A report reads those rows and
-nothing else: never the journal, never the accounts. This module has two
+member-day rows, hourly coupon rows per (store, partner), and running
+totals: members enrolled, points settled per partner pair (layout in
+core/records.py). A report reads those rows and nothing else: never the
+journal, never the accounts. This module has two
 halves:
 
 - pure functions (`points_rows`, `receipt_rows`, ...) that turn rows into
@@ -30,17 +31,22 @@ Conventions of every report:
   none), named from the version in force at that hour; a number no level
   of that version has is shown as "#n".
 
-Outstanding points (the liability) at a moment T are never summed from the
-beginning of time. Double entry: the members' balances and the program's
-system accounts (issued, redeemed, expired, adjusted; one set per partner)
-sum to zero, so the members' total now is minus the system accounts' sum,
-and the total at T is that minus the net movements after T (activity rows
-from T's hour on). Per partner, though, the system accounts book a spend at
-the partner where it happened, whoever issued the points; the liability of
-an issuing partner is that booked figure plus what its points' spending
-elsewhere has settled so far (its settlement position, from the settlement
-rows up to T: the one scan from the program's start, of settlement rows
-only, and only when grouping by partner).
+No figure is summed from the beginning of time: a figure at a moment T is
+the total now less what moved after T, so a report reads rows of its
+interval and of the time since, never the program's whole past.
+Outstanding points (the liability): double entry, the members' balances
+and the program's system accounts (issued, redeemed, expired, adjusted;
+one set per partner) sum to zero, so the members' total now is minus the
+system accounts' sum, and the total at T is that minus the net movements
+after T (activity rows from T's hour on). Per partner, though, the system
+accounts book a spend at the partner where it happened, whoever issued the
+points; the liability of an issuing partner is that booked figure plus
+what its points' spending elsewhere has settled by T (its settlement
+position: the running totals per partner pair, kept at commit like the
+system accounts, less the settlement rows from T's hour on; read only when
+grouping by partner). Members enrolled before an interval, likewise: the
+running count of enrolments less the new members of the activity rows from
+the interval's start on.
 """
 
 import bisect
@@ -255,7 +261,7 @@ def _later(moved):
 
 
 def points_rows(dims, calendar, hour_from, hour_to, activity, booked_now,
-                settlement=()):
+                settlement=(), settled_now=None):
     """Rows of the points report.
 
     activity: (hour, store, partner, tier, Counters) of every hour from
@@ -263,8 +269,10 @@ def points_rows(dims, calendar, hour_from, hour_to, activity, booked_now,
       movements after the interval);
     booked_now: {partner: the members' balance booked at that partner now}
       (minus the sum of its system accounts);
-    settlement: (hour, issuing, redeeming, points) of hours before hour_to,
-      from the program's start (needed only when grouping by partner).
+    settlement: (hour, issuing, redeeming, points) of every hour from
+      hour_from on, to the journal's end, and settled_now: {(issuing,
+      redeeming): points settled so far} (both needed only when grouping
+      by partner).
     """
     dims = frozenset(dims)
     key_of = _keyer(dims, calendar)
@@ -306,12 +314,14 @@ def points_rows(dims, calendar, hour_from, hour_to, activity, booked_now,
     for p, points in after.items():
         at_end[p] -= points
     if by_partner:   # booked at the redeeming partner -> the issuing one's
-        for hour, issuing, redeeming, points in settlement:
-            if hour >= hour_to:
-                continue
+        for (issuing, redeeming), points in (settled_now or {}).items():
             at_end[redeeming] += points
             at_end[issuing] -= points
-            if by_day and hour >= hour_from:
+        for hour, issuing, redeeming, points in settlement:
+            if hour >= hour_to:   # settled after the interval
+                at_end[redeeming] -= points
+                at_end[issuing] += points
+            elif by_day:
                 moved[calendar.day(hour), issuing] -= points
 
     # per day: the end of the interval less what moved on the days after
@@ -368,23 +378,30 @@ class MembersRow:
 
 
 def members_rows(dims, calendar, day_from, day_to, member_days, activity,
-                 enrolled_before):
+                 enrolled_now):
     """Rows of the active members report.
 
     member_days: (day, account) of members' days [day_from, day_to);
-    activity: activity rows of the hours covering those days (new members);
-    enrolled_before: members enrolled before the first of those hours."""
+    activity: activity rows from the first hour covering those days on, to
+      the journal's end (new members; those past the days enrolled after);
+    enrolled_now: members ever enrolled (the running total)."""
     by_day = Dimension.DAY in dims
+    hour_to = member_day_hours(day_from, day_to, calendar.utc_offset)[1]
     accounts, active = set(), defaultdict(int)
     for day, account in member_days:
         accounts.add(account)
         active[day] += 1
-    new = defaultdict(int)
+    new, later = defaultdict(int), 0
     for hour, _, _, _, c in activity:
-        if c.new_members:
-            day = min(max((hour * HOUR + calendar.utc_offset * MINUTE) // DAY,
-                          day_from), day_to - 1)
-            new[day] += c.new_members
+        if not c.new_members:
+            continue
+        if hour >= hour_to:
+            later += c.new_members
+            continue
+        day = min(max((hour * HOUR + calendar.utc_offset * MINUTE) // DAY,
+                      day_from), day_to - 1)
+        new[day] += c.new_members
+    enrolled_before = enrolled_now - later - sum(new.values())
     if not by_day:
         added = sum(new.values())
         return [MembersRow(Key(), len(accounts), added, enrolled_before + added)]
@@ -583,13 +600,14 @@ def gather(ledger, report, query):
 
 def _points(reads, calendar, q):
     hour_from, hour_to = hour_range(q.start, q.end)
-    settlement = ()
+    settlement, settled = (), None
     if Dimension.PARTNER in q.dims and Dimension.STORE not in q.dims \
             and Dimension.TIER not in q.dims:
-        settlement = reads.settlement(q.program_id, 0, hour_to)
+        settlement = reads.settlement(q.program_id, hour_from, HOURS_END)
+        settled = reads.settled(q.program_id)
     return points_rows(q.dims, calendar, hour_from, hour_to,
                        reads.activity(q.program_id, hour_from, HOURS_END),
-                       reads.booked(q.program_id), settlement)
+                       reads.booked(q.program_id), settlement, settled)
 
 
 def _average_receipt(reads, calendar, q):
@@ -601,11 +619,11 @@ def _average_receipt(reads, calendar, q):
 def _active_members(reads, calendar, q):
     offset = calendar.utc_offset
     day_from, day_to = day_range(q.start, q.end, offset)
-    hour_from, hour_to = member_day_hours(day_from, day_to, offset)
-    before = sum(c.new_members for *_, c in reads.activity(q.program_id, 0, hour_from))
+    hour_from = member_day_hours(day_from, day_to, offset)[0]
     return members_rows(q.dims, calendar, day_from, day_to,
                         reads.member_days(q.program_id, day_from, day_to),
-                        reads.activity(q.program_id, hour_from, hour_to), before)
+                        reads.activity(q.program_id, hour_from, HOURS_END),
+                        reads.members_enrolled(q.program_id))
 
 
 def _visit_frequency(reads, calendar, q):

@@ -9,11 +9,12 @@ from kopilka.core.aggregates import CohortCounters, Counters
 from kopilka.core.batch import Batch
 from kopilka.core.codec import Account, JournalEntry, decode_lots, encode_lots
 from kopilka.core.records import (ACTIVITY_KEY, ACTIVITY_VALUE, AGG_ACTIVITY,
-                                  AGG_COHORT, AGG_MEMBER_DAY, AGG_SETTLEMENT,
-                                  COHORT_KEY, COHORT_VALUE, COUNTER_VALUE,
-                                  EXPIRY_KEY, HOUR, I64, IDX_BIRTHDAY, IDX_TIER,
-                                  MEMBER_DAY_KEY, MEMBER_DAY_VALUE,
-                                  MEMBER_INDEX_KEY, SETTLEMENT_KEY, U64, Entry)
+                                  AGG_COHORT, AGG_MEMBER_DAY, AGG_MEMBERS,
+                                  AGG_SETTLED, AGG_SETTLEMENT, COHORT_KEY,
+                                  COHORT_VALUE, COUNTER_VALUE, EXPIRY_KEY, HOUR,
+                                  I64, IDX_BIRTHDAY, IDX_TIER, MEMBER_DAY_KEY,
+                                  MEMBER_DAY_VALUE, MEMBER_INDEX_KEY, MEMBERS_KEY,
+                                  SETTLED_KEY, SETTLEMENT_KEY, U64, Entry)
 
 DAY = 86_400_000_000
 IMPLEMENTATIONS = {"twin": twin.Ledger, "kernel": kernel.Ledger}
@@ -167,6 +168,25 @@ def test_lost_and_stray_aggregate_rows_are_found(path):
         "aggregates settlement program 1 hour 24 partner 0 to 0: missing, journal says [30]",
         "aggregates member day program 1 day 1 seq 2: stored [2], journal says none",
         "aggregates key b'\\tjunk': stored, journal says none"]
+
+
+def test_edited_and_lost_running_totals_are_found(path):
+    """The totals reports subtract from (members enrolled, points settled
+    per partner pair) are rebuilt from the journal like the hourly rows."""
+    where, Ledger = path
+    members = MEMBERS_KEY.pack(AGG_MEMBERS, 1)
+    settled = SETTLED_KEY.pack(AGG_SETTLED, 1, 0, 0)
+
+    def change(txn):
+        assert txn.get(members) == I64.pack(2) and txn.get(settled) == I64.pack(30)
+        txn.put(members, I64.pack(3))
+        txn.delete(settled)
+        txn.put(SETTLED_KEY.pack(AGG_SETTLED, 1, 0, 2), I64.pack(5))
+    tamper(where, b"aggregates", change)
+    assert audit(where, Ledger) == [
+        "aggregates members program 1: members 3, journal says 2",
+        "aggregates settled program 1 partner 0 to 0: missing, journal says [30]",
+        "aggregates settled program 1 partner 0 to 2: stored [5], journal says none"]
 
 
 def test_edited_visit_days_are_found(path):

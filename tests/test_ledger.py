@@ -1645,6 +1645,9 @@ def test_activity_counts_what_each_operation_did(ledger, members):
     assert list(ledger.settlement(1, *ALL)) == [(H, 0, 0, 40)]
     assert list(ledger.member_days(1, *ALL)) == [(T // DAY, a), (T // DAY, b)]
     assert ledger.account(a).last_day == T // DAY + 1
+    # the running totals: what the hourly rows sum to over every hour
+    assert ledger.members_enrolled(1) == 2 and ledger.members_enrolled(2) == 0
+    assert ledger.settled(1) == {(0, 0): 40} and ledger.settled(2) == {}
 
 
 def test_aggregates_are_the_journal_rebuilt(ledger, open_program):
@@ -1658,8 +1661,10 @@ def test_aggregates_are_the_journal_rebuilt(ledger, open_program):
     stored = dict(ledger.dump()["aggregates"])
     assert rebuild(ledger.journal(limit=10**6)) == stored
     # new members, activity, settlement, member days, e1's cohort, member
-    # months (a's money and its refund in one row, b's)
-    assert len(stored) == 1 + 3 + 1 + 2 + 1 + 2
+    # months (a's money and its refund in one row, b's); the running totals
+    # of members and of partner 1's points spent at partner 2 (all returned)
+    assert len(stored) == 1 + 3 + 1 + 2 + 1 + 2 + 2
+    assert ledger.members_enrolled(1) == 2 and ledger.settled(1) == {(1, 2): 0}
     assert list(ledger.member_months(1, 0, 1 << 32)) == [
         (month_of_day(T // DAY), a, 1_000, 2), (month_of_day(T // DAY), b, 50, 1)]
 

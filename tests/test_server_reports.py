@@ -166,15 +166,21 @@ def build_history(srv):
     return a, b, c
 
 
-@pytest.fixture(scope="module")
-def srv(tmp_path_factory):
+def serve(tmp_path_factory, history):
+    """A server with the program and `history(server)` written (its
+    accounts in `.accounts`), its clock after it all."""
     server = RunningServer(tmp_path_factory.mktemp("reports") / "data")
     path = tmp_path_factory.mktemp("program") / "program.toml"
     path.write_text(PROGRAM)
     install_program(server, str(path))
-    accounts = build_history(server)
-    server.accounts = accounts
+    server.accounts = history(server)
     server.clock.now = at("2026-01-03T12:00")
+    return server
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    server = serve(tmp_path_factory, build_history)
     yield server
     server.stop()
 

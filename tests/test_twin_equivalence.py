@@ -28,7 +28,8 @@ from kopilka.core.aggregates import CohortCounters, Counters, CouponCounters
 from kopilka.core.batch import Batch
 from kopilka.core.records import (ACTIVITY_VALUE, AGG_ACTIVITY, AGG_COHORT,
                                   AGG_COUPONS, AGG_MEMBER_DAY, AGG_MEMBER_MONTH,
-                                  AGG_SETTLEMENT, COHORT_VALUE, COUPON_AGG_VALUE,
+                                  AGG_MEMBERS, AGG_SETTLED, AGG_SETTLEMENT,
+                                  COHORT_VALUE, COUPON_AGG_VALUE,
                                   INT64_MAX, INT64_MIN,
                                   MAX_TIER, NEVER, PROFILE_ERASE,
                                   PROGRAM_ALLOW_DEBT, Kind, Status)
@@ -387,7 +388,8 @@ def test_kernel_matches_twin_long_sequences(tmp_path):
     # every kind of aggregate row, settlement between partners, refunds' money
     assert {key[0] for key, _ in rows} == {AGG_ACTIVITY, AGG_SETTLEMENT,
                                            AGG_MEMBER_DAY, AGG_COHORT,
-                                           AGG_MEMBER_MONTH, AGG_COUPONS}
+                                           AGG_MEMBER_MONTH, AGG_COUPONS,
+                                           AGG_MEMBERS, AGG_SETTLED}
     # coupon rows that saw the fates of coupons (a merge of two members
     # both holding one is rare here: test_ledger_coupons has it)
     coupon_rows = [CouponCounters(*COUPON_AGG_VALUE.unpack(value))
@@ -402,6 +404,7 @@ def test_kernel_matches_twin_long_sequences(tmp_path):
     assert all(c.outstanding >= 0 for c in cohorts)
     assert len({key[9:13] for key, _ in rows if key[0] == AGG_COHORT}) > 1
     assert any(key[0] == AGG_SETTLEMENT and key[9:13] != key[13:17] for key, _ in rows)
+    assert any(key[0] == AGG_SETTLED and key[5:9] != key[9:13] for key, _ in rows)
     assert any(key[0] == AGG_ACTIVITY and Counters(*ACTIVITY_VALUE.unpack(value)).receipt_money < 0
                for key, value in rows)
     # the mix exercised the paths that matter, not only rejections
