@@ -25,6 +25,11 @@ What one run does:
      checkout later. Members are split between clients (a card is at one
      till at a time), so no refusal is expected: every error is reported by
      RPC, status and reason, and fails the run.
+     With `--rate R` the checkouts are paced instead of back to back: they
+     arrive at R a second (Poisson, spread over the tills), and each
+     checkout's latency is also counted from its arrival. Back to back, C
+     tills keep C requests in flight, so latency at saturation is mostly
+     queueing (C / throughput); paced, it is the latency of that load.
   4. batch: `Post` requests of B operations (holds and captures of many
      members, or captures only) from a few concurrent clients: durable
      operations per second and request latency.
@@ -190,6 +195,7 @@ class Recorder:
     def __init__(self):
         self.samples = defaultdict(list)
         self.errors = []       # (end, kind, code, reason)
+        self.checkouts = []    # paced: (end, seconds from the checkout's arrival)
 
     def ok(self, kind, started, ended):
         self.samples[kind].append((ended, ended - started))
@@ -210,6 +216,9 @@ class Recorder:
         errors = Counter((kind, code, reason) for end, kind, code, reason in self.errors
                          if start <= end <= stop)
         return kinds, errors
+
+    def checkout_window(self, start, stop):
+        return [lat for end, lat in self.checkouts if start <= end <= stop]
 
 
 def error_reason(err):
@@ -321,14 +330,23 @@ def lane_name(lane):
     return f"stores/{STORE}/lanes/{lane}"
 
 
-async def pos_client(n, stub, members, recorder, stop_at, run, metadata, timeout):
-    """One till: checkouts one after another until `stop_at`."""
+async def pos_client(n, stub, members, recorder, stop_at, run, metadata, timeout,
+                     interval=None):
+    """One till: checkouts one after another until `stop_at`; or, paced, a
+    checkout at each arrival of a Poisson process of mean `interval`
+    seconds, its latency counted from its arrival (a till still busy makes
+    the next one late, and that wait counts: no coordinated omission)."""
     from kopilka.v1 import checkout_pb2 as pb
     rng = random.Random(f"{run}/{n}")
     receipts = Receipts(rng)
     refund = None
     seq = 0
+    arrival = time.perf_counter() + (rng.expovariate(1 / interval) if interval else 0)
     while time.perf_counter() < stop_at:
+        if interval:
+            await asyncio.sleep(max(0.0, arrival - time.perf_counter()))
+            if arrival >= stop_at:
+                break
         lane = rng.choice(LANES)
         lane_text = lane_name(lane)
         if refund is not None:  # one line of a receipt of the checkout before
@@ -360,6 +378,11 @@ async def pos_client(n, stub, members, recorder, stop_at, run, metadata, timeout
             spend_points=spend, hold_operation_id=hold_id), metadata, timeout)
         if captured is not None and rng.random() < REFUND_SHARE:
             refund = (op_id, rng.randint(1, len(receipt.lines)))
+        if interval:
+            if captured is not None:
+                recorder.checkouts.append((time.perf_counter(),
+                                           time.perf_counter() - arrival))
+            arrival += rng.expovariate(1 / interval)
 
 
 async def echo_client(n, call, payload, recorder, stop_at, metadata, timeout):
@@ -444,14 +467,20 @@ async def phase_unary(args, server, metadata, run):
     await asyncio.gather(*(c.channel_ready() for c in chans))
     slices = split(args.members, args.clients)
 
+    interval = args.clients / args.rate if args.rate else None
+
     def clients(recorder, stop_at):
         return [pos_client(i, stubs[i % len(stubs)], slices[i], recorder, stop_at,
-                           run, metadata, args.timeout) for i in range(args.clients)]
+                           run, metadata, args.timeout, interval)
+                for i in range(args.clients)]
     recorder, window, usage = await run_timed(args, server, clients)
     for c in chans:
         await c.close()
     out = summarize_timed(recorder, window, usage, args.duration)
     out["checkouts_per_s"] = out["by_rpc"].get("capture", {}).get("per_s", 0.0)
+    if args.rate:
+        out["offered_checkouts_per_s"] = args.rate
+        out["checkout"] = latency_figures(recorder.checkout_window(*window))
     return out
 
 
@@ -722,10 +751,15 @@ def render(result):
         lines.append("")
     if "unary" in phases:
         u = phases["unary"]
+        extra = [f"  checkouts/s {_rate(u['checkouts_per_s'])}, RPCs/s {_rate(u['rpcs_per_s'])}"]
+        if "checkout" in u:
+            c = u["checkout"]
+            extra.append(f"  paced: {u['offered_checkouts_per_s']:,g} checkouts/s offered; a "
+                         f"checkout from its arrival p50 {_ms(c['p50_ms'])} ms, "
+                         f"p99 {_ms(c['p99_ms'])} ms, max {_ms(c['max_ms'])} ms")
         lines += render_timed(
             "unary checkout: Quote by card, Hold (half), Capture with earn, "
-            "Refund of one line (5%)", u,
-            [f"  checkouts/s {_rate(u['checkouts_per_s'])}, RPCs/s {_rate(u['rpcs_per_s'])}"])
+            "Refund of one line (5%)", u, extra)
         lines.append("")
     if "batch" in phases:
         b = phases["batch"]
@@ -790,12 +824,14 @@ def goals(phases):
         u, e = phases["unary"], phases["echo"]
         share = u["rpcs_per_s"] / e["rpcs_per_s"] if e["rpcs_per_s"] else float("nan")
         p99 = u["all"]["p99_ms"]
+        paced = (f" at {u['offered_checkouts_per_s']:,g} checkouts/s offered"
+                 if "checkout" in u else "")
         out["unary"] = {
             "share_of_echo": share, "p99_ms": p99,
             "met": share >= GOAL_SHARE_OF_ECHO and p99 < GOAL_P99_MS,
-            "text": f"unary checkout {_rate(u['rpcs_per_s'])} RPCs/s = {share:.1%} of echo "
-                    f"({_rate(e['rpcs_per_s'])}/s; goal >= {GOAL_SHARE_OF_ECHO:.0%}), "
-                    f"p99 {_ms(p99)} ms (goal < {GOAL_P99_MS:g} ms)"}
+            "text": f"unary checkout {_rate(u['rpcs_per_s'])} RPCs/s{paced} = {share:.1%} "
+                    f"of echo ({_rate(e['rpcs_per_s'])}/s; goal >= "
+                    f"{GOAL_SHARE_OF_ECHO:.0%}), p99 {_ms(p99)} ms (goal < {GOAL_P99_MS:g} ms)"}
     elif "unary" in phases:
         u = phases["unary"]
         out["unary"] = {"met": False, "text": f"unary checkout {_rate(u['rpcs_per_s'])} "
@@ -828,6 +864,11 @@ def parse_args(argv=None):
                         "figure (default %(default)s)")
     p.add_argument("--clients", type=int, default=32,
                    help="concurrent POS clients (and echo clients) (default %(default)s)")
+    p.add_argument("--rate", type=float, default=None, metavar="CHECKOUTS_PER_S",
+                   help="pace the unary phase: checkouts arrive at this mean rate "
+                        "(Poisson, spread over the clients) instead of back to back, "
+                        "so its latencies are those of that load, not of a queue at "
+                        "saturation (default: back to back)")
     p.add_argument("--channels", type=int, default=4,
                    help="gRPC channels (connections) the clients share (default %(default)s)")
     p.add_argument("--duration", type=float, default=10.0,
@@ -875,6 +916,8 @@ def parse_args(argv=None):
         args.mode = "batch"
     if args.rounds < 1:
         p.error("--rounds must be at least 1")
+    if args.rate is not None and not args.rate > 0:
+        p.error("--rate must be above 0")
     if not 1 <= args.batch <= 10_000:
         p.error("--batch must be 1 to 10,000")
     if args.clients < 1 or args.channels < 1 or args.batch_clients < 1 or args.members < 1:

@@ -1,6 +1,7 @@
 """benchmarks/load.py end to end, briefly: it seeds a ledger, starts the
 echo server and the real server, drives every phase, and prints the figures."""
 
+import json
 import os
 import subprocess
 import sys
@@ -40,3 +41,23 @@ def test_load_script_rounds_and_server_cpu_per_rpc():
     for figure in ("server main-thread CPU per op:", "over 2 rounds",
                    "Post durable ops/s", "Post server main-thread us/op"):
         assert figure in out, out
+
+
+def test_load_script_paced_unary(tmp_path):
+    """--rate paces the checkouts (Poisson arrivals over the tills) and
+    reports each checkout's latency from its arrival beside the RPCs'."""
+    out_json = tmp_path / "load.json"
+    run = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "load.py"), "--mode", "unary",
+         "--duration", "1", "--clients", "4", "--members", "100", "--rate", "20",
+         "--json", str(out_json)],
+        check=False, capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "paced: 20 checkouts/s offered; a checkout from its arrival p50" in run.stdout
+    unary = json.loads(out_json.read_text())["phases"]["unary"]
+    assert unary["offered_checkouts_per_s"] == 20
+    checkout = unary["checkout"]
+    assert checkout["count"] >= 1
+    assert checkout["p50_ms"] <= checkout["p99_ms"] <= checkout["max_ms"]
+    # a checkout (quote, maybe a hold, capture) takes at least its capture
+    assert checkout["p50_ms"] >= unary["by_rpc"]["capture"]["p50_ms"] * 0.5
