@@ -387,6 +387,34 @@ DATABASES = (b"meta", b"programs", b"accounts", b"externals", b"cards",
              b"profiles", b"aggregates", b"member_index", b"bonus_counters")
 META_HEAD = b"head"
 META_NEXT_ACCOUNT = b"next_account"
+# The layout version of everything stored (U32, big-endian), written
+# when a ledger is created. A change of layout that an existing ledger would
+# be misread with (a new record kind that reports rely on, a new field in
+# a value) bumps it; a ledger of another format is refused, not misread.
+# Ledgers from before the marker have a journal head and no format.
+# 1: running totals 0x07/0x08, 16 visit days in the account value.
+META_FORMAT = b"format"
+LEDGER_FORMAT = 1
+
+
+def format_problem(path, stored, journal_started):
+    """Why the ledger at `path` cannot be opened by this Kopilka, or None.
+
+    `stored`: the meta format value (bytes) or None; `journal_started`:
+    whether it has a journal head (a ledger in use)."""
+    if stored is None:
+        if not journal_started:
+            return None   # a new ledger: the caller writes LEDGER_FORMAT
+        found = "was written before ledger formats were recorded"
+    elif len(stored) != 4:
+        found = f"has a damaged format marker ({len(stored)} bytes)"
+    elif U32.unpack(stored)[0] == LEDGER_FORMAT:
+        return None
+    else:
+        found = f"is in ledger format {U32.unpack(stored)[0]}"
+    return (f"{path} {found}; this Kopilka reads ledger format {LEDGER_FORMAT} "
+            f"only. Open it with the Kopilka that wrote it (its journal and "
+            f"Feed stay readable there), or start a new data directory")
 
 U32 = struct.Struct(">I")
 U64 = struct.Struct(">Q")

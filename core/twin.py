@@ -29,7 +29,7 @@ from .records import (BIRTHDAY_OF_KEY, BIRTHDAY_VALUE, CARD, COUNTER_VALUE,
                       IDX_TIER, INT64_MAX, INT64_MIN, LINKED, MAX_COUPONS,
                       MAX_HOLDS, MAX_KEY,
                       MAX_DATA, MAX_LOTS, MAX_OP_ID, MAX_TIER,
-                      MAX_UTC_OFFSET, MEMBER_INDEX_KEY, META_HEAD,
+                      LEDGER_FORMAT, MAX_UTC_OFFSET, MEMBER_INDEX_KEY, META_FORMAT, META_HEAD,
                       META_NEXT_ACCOUNT, NEVER, PROFILE_ERASE, PROGRAM,
                       PROGRAM_ALLOW_DEBT, REFUND_KEEP_COUPON, REFUND_PROPORTIONAL,
                       RELEASE_CAPTURED, RELEASE_EXPIRED, RELEASE_VOIDED,
@@ -37,7 +37,7 @@ from .records import (BIRTHDAY_OF_KEY, BIRTHDAY_VALUE, CARD, COUNTER_VALUE,
                       TRANSFER_ONE_COUPON, U32,
                       U64, CardStatus, Code, CouponState, Entry, HoldState, Kind,
                       LedgerError, MapFullError, Status, Sys, external_key,
-                      system_account)
+                      format_problem, system_account)
 
 REFUNDABLE = (Kind.EARN, Kind.SPEND, Kind.CAPTURE)
 COUPON_KINDS = (Kind.ISSUE_COUPON, Kind.REDEEM_COUPON)
@@ -75,6 +75,16 @@ class Ledger(LedgerReads):
         self._env = lmdb.open(self.path, map_size=map_size, max_dbs=32,
                               sync=sync, metasync=sync, readahead=False)
         self._dbs = {name.decode(): self._env.open_db(name) for name in DATABASES}
+        meta = self._dbs["meta"]
+        with self._env.begin(write=True) as txn:   # as the kernel's open does
+            stored = txn.get(META_FORMAT, db=meta)
+            problem = format_problem(self.path, stored,
+                                     txn.get(META_HEAD, db=meta) is not None)
+            if problem is None and stored is None:
+                txn.put(META_FORMAT, U32.pack(LEDGER_FORMAT), db=meta)
+        if problem is not None:
+            self._env.close()
+            raise LedgerError(problem)
 
     def close(self):
         self._env.close()

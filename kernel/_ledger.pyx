@@ -26,7 +26,8 @@ cdef extern from "fcntl.h" nogil:
 
 include "_lmdb.pxi"
 
-from kopilka.core.records import LedgerError, MapFullError
+from kopilka.core.records import (LEDGER_FORMAT, META_FORMAT, U32, LedgerError,
+                                  MapFullError, format_problem)
 
 cdef extern from *:
     """
@@ -3742,7 +3743,44 @@ cdef class Environment:
             if rc:
                 _raise(rc)
             break
+        problem = self._claim_format()
+        if problem is not None:
+            mdb_env_close(self.env)
+            self.env = NULL
+            raise LedgerError(problem)
         _OPEN_PATHS.add(self.path)
+
+    cdef object _claim_format(self):
+        """records.format_problem of this ledger, or None, having written
+        LEDGER_FORMAT into a new ledger."""
+        cdef MDB_txn *txn
+        cdef MDB_val k, v
+        cdef bytes marker = U32.pack(LEDGER_FORMAT)
+        cdef int rc = mdb_txn_begin(self.env, NULL, 0, &txn)
+        if rc:
+            _raise(rc)
+        k.mv_size, k.mv_data = len(META_FORMAT), <char *>META_FORMAT
+        rc = mdb_get(txn, self.dbi[DB_META], &k, &v)
+        stored = None
+        if rc == MDB_SUCCESS:
+            stored = PyBytes_FromStringAndSize(<char *>v.mv_data, v.mv_size)
+        elif rc == MDB_NOTFOUND:
+            k.mv_size, k.mv_data = 4, <void *>META_HEAD_KEY
+            rc = mdb_get(txn, self.dbi[DB_META], &k, &v)
+            if rc == MDB_NOTFOUND:   # a new ledger
+                k.mv_size, k.mv_data = len(META_FORMAT), <char *>META_FORMAT
+                v.mv_size, v.mv_data = len(marker), <char *>marker
+                rc = mdb_put(txn, self.dbi[DB_META], &k, &v, 0)
+                if rc == MDB_SUCCESS:
+                    rc = mdb_txn_commit(txn)
+                    if rc:
+                        _raise(rc)
+                    return None
+        if rc != MDB_SUCCESS:
+            mdb_txn_abort(txn)
+            _raise(rc)
+        mdb_txn_abort(txn)
+        return format_problem(self.path, stored, True)
 
     cdef size_t _used(self):
         """Bytes of the data file LMDB's last commit uses (its pages up to

@@ -131,6 +131,29 @@ def test_client_needs_a_token_and_a_server(tmp_path, capsys):
     assert code == 1 and "loopback" in err
 
 
+def test_serve_refuses_a_ledger_of_another_format(tmp_path):
+    """A data directory from a Kopilka of another ledger format: one line
+    saying so, exit code 1, not a traceback or a misread ledger."""
+    import lmdb
+
+    from kopilka.core.batch import Batch
+    from kopilka.core.records import META_FORMAT, U32
+    from kopilka.kernel import Ledger
+    with Ledger(str(tmp_path / "ledger"), map_size=1 << 24) as ledger:
+        ledger.apply(Batch().put_program("p", 1), 1)
+    env = lmdb.open(str(tmp_path / "ledger"), max_dbs=32)
+    with env.begin(write=True) as txn:
+        txn.put(META_FORMAT, U32.pack(99), db=env.open_db(b"meta", txn=txn))
+    env.close()
+    # in its own process: serve configures the process's logging
+    run = subprocess.run([sys.executable, "-m", "kopilka.servers.cli", "serve",
+                          "--insecure", "--data", str(tmp_path), "--listen",
+                          "127.0.0.1:0"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1, run.stderr
+    assert run.stderr.splitlines()[-1].startswith(
+        f"error: {tmp_path / 'ledger'} is in ledger format 99; this Kopilka reads")
+
+
 def test_formatting_helpers():
     from kopilka.v1 import common_pb2
     assert cli.money(common_pb2.Money(currency_code="RUB", minor_units=150_000_05)) == \

@@ -8,6 +8,7 @@ clock in microseconds.
 """
 
 import hashlib
+import re
 
 import pytest
 
@@ -21,7 +22,8 @@ from kopilka.core.records import (HASH_SIZE, I64, INT64_MAX, INT64_MIN,
                                   MEMBER_DAY_KEY, MEMBER_DAY_VALUE,
                                   RELEASE_EXPIRED, RELEASE_VOIDED, SYSTEM_KEY,
                                   U32, U64, CardStatus, Code, Entry, HoldState,
-                                  Kind, LedgerError, Status, Sys,
+                                  Kind, LEDGER_FORMAT, LedgerError, META_FORMAT,
+                                  Status, Sys,
                                   system_account)
 
 DAY = 86_400_000_000
@@ -1309,6 +1311,41 @@ def test_reopened_ledger_carries_on(ledger_class, tmp_path):
         assert list(again.apply(batch, T)) == [Result(Code.OK, 2),
                                                 Result(Code.OK, 1, replayed=True)]
         assert again.head()[0] == head[0] + 1
+        assert again.audit() == []
+
+
+@pytest.mark.parametrize("marker, says", [
+    (None, "was written before ledger formats were recorded"),
+    (U32.pack(LEDGER_FORMAT + 1), f"is in ledger format {LEDGER_FORMAT + 1}"),
+    (b"\x01", "has a damaged format marker (1 bytes)")])
+def test_a_ledger_of_another_format_is_refused_not_misread(ledger_class, tmp_path,
+                                                          marker, says):
+    """A new ledger is marked with LEDGER_FORMAT; one in use with another
+    marker, or none (older than the marker), is refused on open, unchanged."""
+    import lmdb
+    path = tmp_path / "l"
+    with ledger_class(path, map_size=1 << 24, sync=False) as first:
+        first.apply(Batch().put_program("p", 1).open_account("o1", 1, "m1"), T)
+        assert (META_FORMAT, U32.pack(LEDGER_FORMAT)) in first.dump()["meta"]
+    env = lmdb.open(str(path), max_dbs=32)
+    with env.begin(write=True) as txn:
+        meta = env.open_db(b"meta", txn=txn)
+        if marker is None:
+            txn.delete(META_FORMAT, db=meta)
+        else:
+            txn.put(META_FORMAT, marker, db=meta)
+    env.close()
+    before = (path / "data.mdb").read_bytes()
+    with pytest.raises(LedgerError, match=re.escape(f"{says}; this Kopilka reads ledger format "
+                                                    f"{LEDGER_FORMAT} only")):
+        ledger_class(path, map_size=1 << 24, sync=False)
+    assert (path / "data.mdb").read_bytes() == before
+    # and the path is not left claimed: the right marker opens it again
+    env = lmdb.open(str(path), max_dbs=32)
+    with env.begin(write=True) as txn:
+        txn.put(META_FORMAT, U32.pack(LEDGER_FORMAT), db=env.open_db(b"meta", txn=txn))
+    env.close()
+    with ledger_class(path, map_size=1 << 24, sync=False) as again:
         assert again.audit() == []
 
 

@@ -22,6 +22,8 @@ import sys
 
 import grpc
 
+from kopilka.core.records import LedgerError
+
 
 class CliError(Exception):
     """A mistake the user can fix; printed as `error: ...`, exit code 1."""
@@ -79,6 +81,9 @@ def main(argv=None):
         return 1
     except ServerError as e:
         print("\n".join(e.lines()), file=sys.stderr)
+        return 1
+    except LedgerError as e:   # the ledger could not be opened (e.g. its format)
+        print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
