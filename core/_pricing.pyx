@@ -264,7 +264,8 @@ cdef object _CouponRedemption = None, _Quote = None, _Settlement = None
 cdef object _Allocation = None, _Batch = None, _plan_of = None, _split = None
 cdef uint8_t K_EARN = 0, K_CAPTURE = 0, K_REDEEM_COUPON = 0, K_ISSUE_COUPON = 0
 cdef uint8_t F_LINKED = 0, F_ONE_PER_CUSTOMER = 0
-cdef Py_ssize_t LINK_AT = 5, MAX_DATA_BYTES = 0   # the `link` byte of records.OP
+cdef Py_ssize_t LINK_AT = 5        # the `link` byte of records.OP
+cdef Py_ssize_t MAX_DATA_BYTES = 0
 cdef object W_TIER_UNKNOWN, W_EXPIRED_ON_ARRIVAL, W_BEST, W_ADDITIVE, W_NOT_BEST
 cdef object W_NOT_YET_USABLE, W_EXPIRED, W_NOTHING_TO_COVER, W_REDEEMED, W_EARNED
 cdef object W_ALREADY_HELD, W_CAP, W_BALANCE, W_MIN_BALANCE, W_MIN_POINTS
@@ -1342,8 +1343,7 @@ cdef object settlement(q, priced, spend, allocation, str prefix, capture, referr
     issue = redemption = None   # as pricing._coupon_ops
     if q.coupon:
         coupon = member.coupon
-        redemption = _CouponRedemption(prefix + "/coupon-redeem",
-                                  coupon.code, q.coupon)
+        redemption = _CouponRedemption(prefix + "/coupon-redeem", coupon.code, q.coupon)
         if last >= 0:
             ops[last + LINK_AT] |= F_LINKED
         h.kind, h.amount, h.amount2 = K_REDEEM_COUPON, q.coupon, coupon.number
