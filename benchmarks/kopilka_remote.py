@@ -29,10 +29,10 @@ from procs import kopilka_server
 PYTHON = sys.executable
 
 
-def start_server(data, log_dir, map_size):
+def start_server(data, log_dir, map_size, *, writemap=False):
     return kopilka_server("kopilka server", os.path.join(log_dir, "server.log"),
                           timeout=300, data=data, listen="127.0.0.1:0",
-                          map_size=map_size)
+                          map_size=map_size, writemap=writemap)
 
 
 class Requests:

@@ -216,7 +216,8 @@ class Suite:
         population = self.kopilka_population(n)
         before = kopilka_local.used_bytes(population["ledger"])
         ops_before = kopilka_local.stored_ops(population["ledger"])
-        server = kopilka_remote.start_server(population["data"], self.work, MAP_SIZE)
+        server = kopilka_remote.start_server(population["data"], self.work, MAP_SIZE,
+                                                 writemap=self.c["server_writemap"])
         try:
             runs = [(kopilka_remote.unary, {"clients": k, "warmup": c["warmup"]})
                     for k in c["unary_concurrency"]]
@@ -321,7 +322,8 @@ class Suite:
                 "kernel", population["ledger"], accounts=n, variant="spread",
                 batch=c["batch"], seconds=c["scale_seconds"], run_id=self.run_id("s"),
                 map_size=MAP_SIZE) for _ in self.tries])
-            server = kopilka_remote.start_server(population["data"], self.work, MAP_SIZE)
+            server = kopilka_remote.start_server(population["data"], self.work, MAP_SIZE,
+                                                 writemap=self.c["server_writemap"])
             try:
                 at_start = measure.memory_of(server.pid)
                 unary = self.best([await kopilka_remote.unary(
@@ -502,8 +504,11 @@ def main(argv=None):
     p.add_argument("--out", help="JSON path (default: benchmarks/results/<date>-<host>"
                                  "[-quick].json); the chart goes beside it as .png")
     p.add_argument("--no-chart", action="store_true")
+    p.add_argument("--writemap", action="store_true",
+                   help="run Kopilka's server with writemap (serve --writemap): its "
+                        "pages written in place in the map, none copied into its memory")
     args = p.parse_args(argv)
-    config = dict(QUICK if args.quick else FULL)
+    config = dict(QUICK if args.quick else FULL, server_writemap=args.writemap)
     only = set(args.only.split(",")) if args.only else None
     if only and only - set(SYSTEMS):
         p.error(f"unknown systems: {', '.join(sorted(only - set(SYSTEMS)))}")
