@@ -8,6 +8,7 @@ the same `stop()` (see `run`), so a restart resumes exactly where it was.
 """
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -215,8 +216,25 @@ def _check_listen(c):
                          "local development on loopback)")
 
 
+# The cyclic garbage collector's first threshold, for the server process.
+# A Post keeps about 45 tracked objects per operation alive (quotes, closures,
+# batches) until its commit answers, so with Python's default (700) the
+# collector ran about 2,000 times per 30,000 operations and its full
+# collections walked every Post in flight: a quarter of the event loop's CPU.
+# The request paths make no reference cycles (a run collects a few hundred
+# objects in all), so letting young objects reach 50,000 before a collection
+# costs no memory.
+GC_THRESHOLD = 50_000
+
+
+def tune_gc():
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD, older, oldest)
+
+
 async def serve(config, ready=None):
     """Runs until SIGTERM or SIGINT, then stops cleanly."""
+    tune_gc()
     server = Server(config)
     await server.start()
     loop = asyncio.get_running_loop()
