@@ -7,7 +7,10 @@ either an answer already known (a retry: the first answer, rebuilt) or the
 kernel operations to commit (one, or a chain: a capture and the coupon it
 redeems, a refund and the coupon it revokes or gives back, applied all or
 nothing; the coupon a capture earns follows it, refused alone when one is
-held meanwhile) and a `finish(result)` that builds the response.
+held meanwhile) and a `finish(result)` that builds the response. Answers
+are the response's fields as a dict: a unary RPC makes its response of
+them, a Post its whole response at once (one constructor call, no message
+copied into another).
 `follow_up` holds the referral share a capture pays, or the referrer's
 clawback a refund takes: applied only once the main operation succeeded,
 since the kernel applies a batch's operations independently.
@@ -40,7 +43,6 @@ from kopilka.core.bonuses import visit_counter
 from kopilka.core.lifetimes import lot_times
 from kopilka.core.pricing import SpendError, quote, settle_quote
 from kopilka.core.records import Code, HoldState, Kind
-from kopilka.v1 import checkout_pb2
 
 from . import auth, convert, receipts
 from .convert import money_fields
@@ -53,10 +55,11 @@ MAX_HOLD_SECONDS = 24 * 3600
 
 @dataclass
 class Prepared:
-    answer: object = None                 # a response known already (replay)
+    answer: dict | None = None            # a response's fields known already
+                                          # (replay)
     batch: Batch | None = None            # the main operation first, then
                                           # its VISIT if any
-    finish: Callable | None = None        # (result) -> response
+    finish: Callable | None = None        # (result) -> the response's fields
     follow_up: Batch = field(default_factory=Batch)
     field_of: Callable | None = None      # kernel code -> field path
 
@@ -127,11 +130,10 @@ def prepare_hold(backend, request, prefix=""):
 
 
 def _hold_answer(backend, record, answer, replayed):
-    return checkout_pb2.HoldResponse(
-        member=convert.member_name(record.program, record.account),
-        held_points=answer["p"],
-        balances=backend.balances_fields(record.account), replayed=replayed,
-        expire_time=convert.time_fields(answer.get("e")))
+    return {"member": convert.member_name(record.program, record.account),
+            "held_points": answer["p"],
+            "balances": backend.balances_fields(record.account), "replayed": replayed,
+            "expire_time": convert.time_fields(answer.get("e"))}
 
 
 # --- capture ------------------------------------------------------------------
@@ -184,16 +186,15 @@ def prepare_capture(backend, request, prefix=""):
     batch = Batch().extend(settlement.batch).extend(
         _visit(program, q, settlement.paid, receipt_prefix(op_id), now))
     # its record: the capture's, or the redemption's when the coupon paid it all
-    kernel_id = (settlement.allocation.capture
-                 or settlement.coupon_redemption.op_id).encode()
+    allocation = settlement.allocation
+    kernel_id = (allocation.capture or settlement.coupon_redemption.op_id).encode()
 
-    def finish(result):
+    def finish(result):  # keeps only what it needs: the quote is let go
         if result.replayed:  # a racing copy of this request committed first
             record = backend.ledger.operation(kernel_id)
             return _capture_answer(backend, _Figures.of(record), unpack(record.data),
                                    True)
-        return _capture_answer(backend, figures, answer, False,
-                               settlement.allocation)
+        return _capture_answer(backend, figures, answer, False, allocation)
     return Prepared(batch=batch, finish=finish,
                     follow_up=settlement.after,
                     field_of=_fields(CAPTURE_EXCEEDS_HOLD=prefix + "spend_points"))
@@ -324,7 +325,7 @@ def _capture_answer(backend, f, answer, replayed, allocation=None):
         visit_bonus = visit.earned if visit is not None else 0
     redeemed, earned = answer.get("cpr"), answer.get("cpi")
     issued = backend.ledger.operation(earned["op"].encode()) if earned else None
-    return checkout_pb2.CaptureResponse(
+    return dict(
         member=convert.member_name(f.program, f.account),
         program_version=convert.version_name(f.program, allocation.version),
         partner=convert.partner_name(f.program, f.partner),
@@ -370,10 +371,9 @@ def prepare_void(backend, request, prefix=""):
 
 
 def _void_answer(backend, record, answer, replayed):
-    return checkout_pb2.VoidResponse(
-        member=convert.member_name(record.program, record.account),
-        released_points=record.a, balances=backend.balances_fields(record.account),
-        replayed=replayed)
+    return {"member": convert.member_name(record.program, record.account),
+            "released_points": record.a,
+            "balances": backend.balances_fields(record.account), "replayed": replayed}
 
 
 # --- refund -------------------------------------------------------------------
@@ -560,7 +560,7 @@ def _refund_answer(backend, record, answer, replayed):
             coupon = backend.ledger.operation(answer[name][1].encode())
             if done is not None and done.a:
                 coupons[name] = convert.coupon_code(record.account, coupon.a)
-    return checkout_pb2.RefundResponse(
+    return dict(
         coupon_revoked=coupons.get("rv", ""), coupon_given_back=coupons.get("gb", ""),
         member=convert.member_name(record.program, record.account),
         returned_points=returned, clawed_back_points=clawed,
