@@ -101,7 +101,7 @@ def _begin(backend, request, prefix, kernel_id=None):
 def prepare_hold(backend, request, prefix=""):
     store, lane, op_id, digest, first = _begin(backend, request, prefix)
     if first is not None:
-        return Prepared(answer=_hold_answer(backend, *first, replayed=True))
+        return Prepared(answer=_stored_hold_answer(backend, *first, replayed=True))
     if request.points <= 0:
         raise invalid([(prefix + "points", "must be more than 0")], "AMOUNT_INVALID")
     seconds = backend.hold_seconds
@@ -121,19 +121,26 @@ def prepare_hold(backend, request, prefix=""):
                                     "p": request.points}))
 
     def finish(result):
-        record = backend.ledger.operation(op_id)
-        return _hold_answer(backend, record, unpack(record.data),
-                            replayed=bool(result.replayed))
+        if result.replayed:  # a racing copy of this request committed first
+            record = backend.ledger.operation(op_id)
+            return _stored_hold_answer(backend, record, unpack(record.data), True)
+        # as just written: the card's account (a card never moves), this hold
+        return _hold_answer(backend, program, account, request.points, expires_at,
+                            False)
     return Prepared(batch=batch, finish=finish,
                     field_of=_fields(AMOUNT_INVALID=prefix + "points",
                                      TIME_INVALID=prefix + "hold_duration"))
 
 
-def _hold_answer(backend, record, answer, replayed):
-    return {"member": convert.member_name(record.program, record.account),
-            "held_points": answer["p"],
-            "balances": backend.balances_fields(record.account), "replayed": replayed,
-            "expire_time": convert.time_fields(answer.get("e"))}
+def _hold_answer(backend, program, account, points, expires_at, replayed):
+    return {"member": convert.member_name(program, account), "held_points": points,
+            "balances": backend.balances_fields(account), "replayed": replayed,
+            "expire_time": convert.time_fields(expires_at)}
+
+
+def _stored_hold_answer(backend, record, answer, replayed):
+    return _hold_answer(backend, record.program, record.account, answer["p"],
+                        answer.get("e"), replayed)
 
 
 # --- capture ------------------------------------------------------------------
@@ -355,7 +362,9 @@ def _capture_answer(backend, f, answer, replayed, allocation=None):
 def prepare_void(backend, request, prefix=""):
     store, lane, op_id, digest, first = _begin(backend, request, prefix)
     if first is not None:
-        return Prepared(answer=_void_answer(backend, *first, replayed=True))
+        record, _ = first
+        return Prepared(answer=_void_answer(backend, record.program, record.account,
+                                            record.a, replayed=True))
     hold = convert.operation_id(request.hold_operation_id, prefix + "hold_operation_id")
     placed = backend.ledger.operation(hold)
     if placed is not None:   # a hold is voided by a till of the store that placed it
@@ -364,16 +373,20 @@ def prepare_void(backend, request, prefix=""):
                          data=pack({"rq": digest}))
 
     def finish(result):
-        record = backend.ledger.operation(op_id)
-        return _void_answer(backend, record, unpack(record.data), bool(result.replayed))
+        if result.replayed or placed is None:  # (the hold came meanwhile)
+            record = backend.ledger.operation(op_id)
+            return _void_answer(backend, record.program, record.account, record.a,
+                                bool(result.replayed))
+        # as just written: the hold's member, result a the points released
+        return _void_answer(backend, placed.program, placed.account, result.a, False)
     return Prepared(batch=batch, finish=finish,
                     field_of=_fields(KEY_INVALID=prefix + "hold_operation_id"))
 
 
-def _void_answer(backend, record, answer, replayed):
-    return {"member": convert.member_name(record.program, record.account),
-            "released_points": record.a,
-            "balances": backend.balances_fields(record.account), "replayed": replayed}
+def _void_answer(backend, program, account, released, replayed):
+    return {"member": convert.member_name(program, account),
+            "released_points": released,
+            "balances": backend.balances_fields(account), "replayed": replayed}
 
 
 # --- refund -------------------------------------------------------------------
