@@ -30,7 +30,7 @@ from .interceptor import Guard, MethodTable
 from .metrics import Metrics
 from .registry import Registry
 from .scheduler import Scheduler
-from .writer import GroupCommitWriter
+from .writer import MAX_OPERATIONS, GroupCommitWriter
 
 log = logging.getLogger("kopilka.server")
 MAX_MESSAGE = 64 << 20   # a Post of 10,000 receipts fits
@@ -48,7 +48,7 @@ class Config:
     metrics_port: int | None = None
     hold_seconds: int = 900
     sweep_seconds: float = 60.0
-    max_batch: int = 65_536
+    max_batch: int = MAX_OPERATIONS   # operations in one commit at most
     sync: bool = True
     writemap: bool = False            # True: LMDB writes pages in the map (see README)
     clock: object = None              # () -> microseconds; tests inject one
