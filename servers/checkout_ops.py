@@ -40,9 +40,9 @@ from kopilka.core.allocation import (Allocation, LineShare, refund_lines,
                                      refund_referral)
 from kopilka.core.batch import Batch
 from kopilka.core.bonuses import visit_counter
-from kopilka.core.lifetimes import lot_times
+from kopilka.core.lifetimes import lot_times, period_bounds
 from kopilka.core.pricing import SpendError, quote, settle_quote
-from kopilka.core.records import Code, HoldState, Kind
+from kopilka.core.records import DAY, Code, HoldState, Kind
 
 from . import auth, convert, receipts
 from .convert import money_fields
@@ -215,16 +215,54 @@ def _visit(program, q, paid, prefix, now):
         return Batch()
     r = q.receipt
     bt = r.business_time
-    activates_at, expires_at = lot_times(q.version.lifetime.for_kind("visits"), bt,
-                                         program.zone)
+    counter, activates_at, expires_at = visit_terms(q.version, bt, program.zone)
     if expires_at <= now:
         return Batch()
     return Batch().visit(prefix + "/visit", prefix + SUFFIX, visits.points,
-                         counter=visit_counter(visits, bt, program.zone),
-                         count=visits.count, activates_at=activates_at,
+                         counter=counter, count=visits.count, activates_at=activates_at,
                          expires_at=expires_at, partner=q.partner,
                          version=q.version.number, business_time=bt,
                          store=r.store, lane=r.lane)
+
+
+class _VisitDay(NamedTuple):
+    version: object
+    zone: object
+    start: int              # the local day [start, end) these are of
+    end: int
+    lifetime: object        # the version's lifetime of visit bonuses
+    counter: str
+    expires_at: int | None  # an end-of-period expiry; None: reckoned per visit
+
+
+_VISIT_DAYS = {}   # id(version) -> its last _VisitDay
+
+
+def visit_terms(version, bt, zone):
+    """(counter, activates_at, expires_at) of a visit at business time `bt`
+    under `version` (which has visit bonuses), as visit_counter and lot_times
+    reckon them. The counter and an end-of-period expiry depend on `bt`
+    only through its local day (every period is whole local days), so the
+    last day's are kept per version: the captures of a Post are mostly of
+    one day, and the calendar is consulted once, not per capture."""
+    day = _VISIT_DAYS.get(id(version))
+    if (day is None or day.version is not version or day.zone is not zone
+            or not day.start <= bt < day.end):
+        lifetime = version.lifetime.for_kind("visits")
+        start, end = period_bounds(bt, "day", zone)
+        expires_at = (lot_times(lifetime, bt, zone)[1]
+                      if lifetime.expiry.end_of is not None else None)
+        day = _VisitDay(version, zone, start, end, lifetime,
+                        visit_counter(version.bonuses.visits, bt, zone), expires_at)
+        if len(_VISIT_DAYS) >= 256:  # versions of programs replaced meanwhile
+            _VISIT_DAYS.clear()
+        _VISIT_DAYS[id(version)] = day
+    if day.expires_at is None:  # in days, or never: no calendar
+        activates_at, expires_at = lot_times(day.lifetime, bt, None)
+    else:
+        activates_at = bt + day.lifetime.activation_days * DAY
+        expires_at = day.expires_at
+    return day.counter, activates_at, expires_at
 
 
 def visit_id(capture):
