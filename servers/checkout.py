@@ -130,7 +130,7 @@ class Checkout(checkout_pb2_grpc.CheckoutServicer):
         async def flush():
             nonlocal written
             try:
-                outcome = list(await b.apply(batch, context))
+                outcome = await b.apply(batch, context)  # Results, decoded as read
                 written = True
             except ApiError as err:
                 if not written:
@@ -145,7 +145,7 @@ class Checkout(checkout_pb2_grpc.CheckoutServicer):
             while pending:
                 i, which, prepared = pending.pop()
                 count = len(prepared.batch)
-                result = main_result(outcome[at:at + count])
+                result = main_result(outcome, at, count)
                 at += count
                 if result.code == Code.OK:
                     results[i] = (_result(which, prepared.finish(result)) if full
