@@ -50,7 +50,8 @@ class Results:
         if not 0 <= index < len(self):
             raise IndexError(index)
         code, flags, a, b = RESULT.unpack_from(self._buffer, index * RESULT.size)
-        return Result(_CODES.get(code) or Code(code), a, b, bool(flags & RESULT_REPLAYED))
+        code = _CODES[code] if code in _CODES else Code(code)  # (OK is falsy)
+        return Result(code, a, b, bool(flags & RESULT_REPLAYED))
 
     def __iter__(self):
         for i in range(len(self)):
