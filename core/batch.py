@@ -27,6 +27,9 @@ class Result:
         return self.code == Code.OK
 
 
+_CODES = {code.value: code for code in Code}  # Code(value), without the call
+
+
 class Results:
     """One result per operation, decoded on access from the packed buffer."""
 
@@ -47,7 +50,8 @@ class Results:
         if not 0 <= index < len(self):
             raise IndexError(index)
         code, flags, a, b = RESULT.unpack_from(self._buffer, index * RESULT.size)
-        return Result(Code(code), a, b, bool(flags & RESULT_REPLAYED))
+        code = _CODES[code] if code in _CODES else Code(code)  # (OK is falsy)
+        return Result(code, a, b, bool(flags & RESULT_REPLAYED))
 
     def __iter__(self):
         for i in range(len(self)):

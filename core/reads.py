@@ -98,6 +98,9 @@ class ProgramRecord:
     utc_offset: int = 0  # minutes; last, so positional users keep working
 
 
+_CARD_STATUS = {status.value: status for status in CardStatus}  # without the Enum call
+
+
 class LedgerReads:
     """Point reads over one read transaction each (`_get`: a ledger may
     read single keys more cheaply)."""
@@ -144,7 +147,8 @@ class LedgerReads:
         if raw is None:
             return None
         account_id, status = CARD.unpack(raw)
-        return account_id, CardStatus(status)
+        return account_id, (_CARD_STATUS[status] if status in _CARD_STATUS
+                            else CardStatus(status))
 
     def account_id(self, program, external_id):
         with self._snapshot() as snap:

@@ -8,6 +8,7 @@ the same `stop()` (see `run`), so a restart resumes exactly where it was.
 """
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -29,7 +30,7 @@ from .interceptor import Guard, MethodTable
 from .metrics import Metrics
 from .registry import Registry
 from .scheduler import Scheduler
-from .writer import GroupCommitWriter
+from .writer import MAX_OPERATIONS, GroupCommitWriter
 
 log = logging.getLogger("kopilka.server")
 MAX_MESSAGE = 64 << 20   # a Post of 10,000 receipts fits
@@ -47,7 +48,7 @@ class Config:
     metrics_port: int | None = None
     hold_seconds: int = 900
     sweep_seconds: float = 60.0
-    max_batch: int = 65_536
+    max_batch: int = MAX_OPERATIONS   # operations in one commit at most
     sync: bool = True
     writemap: bool = False            # True: LMDB writes pages in the map (see README)
     clock: object = None              # () -> microseconds; tests inject one
@@ -215,8 +216,25 @@ def _check_listen(c):
                          "local development on loopback)")
 
 
+# The cyclic garbage collector's first threshold, for the server process.
+# A Post keeps about 45 tracked objects per operation alive (quotes, closures,
+# batches) until its commit answers, so with Python's default (700) the
+# collector ran about 2,000 times per 30,000 operations and its full
+# collections walked every Post in flight: a quarter of the event loop's CPU.
+# The request paths make no reference cycles (a run collects a few hundred
+# objects in all), so letting young objects reach 50,000 before a collection
+# costs no memory.
+GC_THRESHOLD = 50_000
+
+
+def tune_gc():
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD, older, oldest)
+
+
 async def serve(config, ready=None):
     """Runs until SIGTERM or SIGINT, then stops cleanly."""
+    tune_gc()
     server = Server(config)
     await server.start()
     loop = asyncio.get_running_loop()

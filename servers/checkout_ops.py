@@ -7,7 +7,10 @@ either an answer already known (a retry: the first answer, rebuilt) or the
 kernel operations to commit (one, or a chain: a capture and the coupon it
 redeems, a refund and the coupon it revokes or gives back, applied all or
 nothing; the coupon a capture earns follows it, refused alone when one is
-held meanwhile) and a `finish(result)` that builds the response.
+held meanwhile) and a `finish(result)` that builds the response. Answers
+are the response's fields as a dict: a unary RPC makes its response of
+them, a Post its whole response at once (one constructor call, no message
+copied into another).
 `follow_up` holds the referral share a capture pays, or the referrer's
 clawback a refund takes: applied only once the main operation succeeded,
 since the kernel applies a batch's operations independently.
@@ -37,10 +40,9 @@ from kopilka.core.allocation import (Allocation, LineShare, refund_lines,
                                      refund_referral)
 from kopilka.core.batch import Batch
 from kopilka.core.bonuses import visit_counter
-from kopilka.core.lifetimes import lot_times
+from kopilka.core.lifetimes import lot_times, period_bounds
 from kopilka.core.pricing import SpendError, quote, settle_quote
-from kopilka.core.records import Code, HoldState, Kind
-from kopilka.v1 import checkout_pb2
+from kopilka.core.records import DAY, Code, HoldState, Kind
 
 from . import auth, convert, receipts
 from .convert import money_fields
@@ -53,10 +55,11 @@ MAX_HOLD_SECONDS = 24 * 3600
 
 @dataclass
 class Prepared:
-    answer: object = None                 # a response known already (replay)
+    answer: dict | None = None            # a response's fields known already
+                                          # (replay)
     batch: Batch | None = None            # the main operation first, then
                                           # its VISIT if any
-    finish: Callable | None = None        # (result) -> response
+    finish: Callable | None = None        # (result) -> the response's fields
     follow_up: Batch = field(default_factory=Batch)
     field_of: Callable | None = None      # kernel code -> field path
 
@@ -98,7 +101,7 @@ def _begin(backend, request, prefix, kernel_id=None):
 def prepare_hold(backend, request, prefix=""):
     store, lane, op_id, digest, first = _begin(backend, request, prefix)
     if first is not None:
-        return Prepared(answer=_hold_answer(backend, *first, replayed=True))
+        return Prepared(answer=_stored_hold_answer(backend, *first, replayed=True))
     if request.points <= 0:
         raise invalid([(prefix + "points", "must be more than 0")], "AMOUNT_INVALID")
     seconds = backend.hold_seconds
@@ -118,20 +121,26 @@ def prepare_hold(backend, request, prefix=""):
                                     "p": request.points}))
 
     def finish(result):
-        record = backend.ledger.operation(op_id)
-        return _hold_answer(backend, record, unpack(record.data),
-                            replayed=bool(result.replayed))
+        if result.replayed:  # a racing copy of this request committed first
+            record = backend.ledger.operation(op_id)
+            return _stored_hold_answer(backend, record, unpack(record.data), True)
+        # as just written: the card's account (a card never moves), this hold
+        return _hold_answer(backend, program, account, request.points, expires_at,
+                            False)
     return Prepared(batch=batch, finish=finish,
                     field_of=_fields(AMOUNT_INVALID=prefix + "points",
                                      TIME_INVALID=prefix + "hold_duration"))
 
 
-def _hold_answer(backend, record, answer, replayed):
-    return checkout_pb2.HoldResponse(
-        member=convert.member_name(record.program, record.account),
-        held_points=answer["p"],
-        balances=backend.balances_fields(record.account), replayed=replayed,
-        expire_time=convert.time_fields(answer.get("e")))
+def _hold_answer(backend, program, account, points, expires_at, replayed):
+    return {"member": convert.member_name(program, account), "held_points": points,
+            "balances": backend.balances_fields(account), "replayed": replayed,
+            "expire_time": convert.time_fields(expires_at)}
+
+
+def _stored_hold_answer(backend, record, answer, replayed):
+    return _hold_answer(backend, record.program, record.account, answer["p"],
+                        answer.get("e"), replayed)
 
 
 # --- capture ------------------------------------------------------------------
@@ -184,16 +193,15 @@ def prepare_capture(backend, request, prefix=""):
     batch = Batch().extend(settlement.batch).extend(
         _visit(program, q, settlement.paid, receipt_prefix(op_id), now))
     # its record: the capture's, or the redemption's when the coupon paid it all
-    kernel_id = (settlement.allocation.capture
-                 or settlement.coupon_redemption.op_id).encode()
+    allocation = settlement.allocation
+    kernel_id = (allocation.capture or settlement.coupon_redemption.op_id).encode()
 
-    def finish(result):
+    def finish(result):  # keeps only what it needs: the quote is let go
         if result.replayed:  # a racing copy of this request committed first
             record = backend.ledger.operation(kernel_id)
             return _capture_answer(backend, _Figures.of(record), unpack(record.data),
                                    True)
-        return _capture_answer(backend, figures, answer, False,
-                               settlement.allocation)
+        return _capture_answer(backend, figures, answer, False, allocation)
     return Prepared(batch=batch, finish=finish,
                     follow_up=settlement.after,
                     field_of=_fields(CAPTURE_EXCEEDS_HOLD=prefix + "spend_points"))
@@ -207,16 +215,54 @@ def _visit(program, q, paid, prefix, now):
         return Batch()
     r = q.receipt
     bt = r.business_time
-    activates_at, expires_at = lot_times(q.version.lifetime.for_kind("visits"), bt,
-                                         program.zone)
+    counter, activates_at, expires_at = visit_terms(q.version, bt, program.zone)
     if expires_at <= now:
         return Batch()
     return Batch().visit(prefix + "/visit", prefix + SUFFIX, visits.points,
-                         counter=visit_counter(visits, bt, program.zone),
-                         count=visits.count, activates_at=activates_at,
+                         counter=counter, count=visits.count, activates_at=activates_at,
                          expires_at=expires_at, partner=q.partner,
                          version=q.version.number, business_time=bt,
                          store=r.store, lane=r.lane)
+
+
+class _VisitDay(NamedTuple):
+    version: object
+    zone: object
+    start: int              # the local day [start, end) these are of
+    end: int
+    lifetime: object        # the version's lifetime of visit bonuses
+    counter: str
+    expires_at: int | None  # an end-of-period expiry; None: reckoned per visit
+
+
+_VISIT_DAYS = {}   # id(version) -> its last _VisitDay
+
+
+def visit_terms(version, bt, zone):
+    """(counter, activates_at, expires_at) of a visit at business time `bt`
+    under `version` (which has visit bonuses), as visit_counter and lot_times
+    reckon them. The counter and an end-of-period expiry depend on `bt`
+    only through its local day (every period is whole local days), so the
+    last day's are kept per version: the captures of a Post are mostly of
+    one day, and the calendar is consulted once, not per capture."""
+    day = _VISIT_DAYS.get(id(version))
+    if (day is None or day.version is not version or day.zone is not zone
+            or not day.start <= bt < day.end):
+        lifetime = version.lifetime.for_kind("visits")
+        start, end = period_bounds(bt, "day", zone)
+        expires_at = (lot_times(lifetime, bt, zone)[1]
+                      if lifetime.expiry.end_of is not None else None)
+        day = _VisitDay(version, zone, start, end, lifetime,
+                        visit_counter(version.bonuses.visits, bt, zone), expires_at)
+        if len(_VISIT_DAYS) >= 256:  # versions of programs replaced meanwhile
+            _VISIT_DAYS.clear()
+        _VISIT_DAYS[id(version)] = day
+    if day.expires_at is None:  # in days, or never: no calendar
+        activates_at, expires_at = lot_times(day.lifetime, bt, None)
+    else:
+        activates_at = bt + day.lifetime.activation_days * DAY
+        expires_at = day.expires_at
+    return day.counter, activates_at, expires_at
 
 
 def visit_id(capture):
@@ -324,7 +370,7 @@ def _capture_answer(backend, f, answer, replayed, allocation=None):
         visit_bonus = visit.earned if visit is not None else 0
     redeemed, earned = answer.get("cpr"), answer.get("cpi")
     issued = backend.ledger.operation(earned["op"].encode()) if earned else None
-    return checkout_pb2.CaptureResponse(
+    return dict(
         member=convert.member_name(f.program, f.account),
         program_version=convert.version_name(f.program, allocation.version),
         partner=convert.partner_name(f.program, f.partner),
@@ -354,7 +400,9 @@ def _capture_answer(backend, f, answer, replayed, allocation=None):
 def prepare_void(backend, request, prefix=""):
     store, lane, op_id, digest, first = _begin(backend, request, prefix)
     if first is not None:
-        return Prepared(answer=_void_answer(backend, *first, replayed=True))
+        record, _ = first
+        return Prepared(answer=_void_answer(backend, record.program, record.account,
+                                            record.a, replayed=True))
     hold = convert.operation_id(request.hold_operation_id, prefix + "hold_operation_id")
     placed = backend.ledger.operation(hold)
     if placed is not None:   # a hold is voided by a till of the store that placed it
@@ -363,17 +411,20 @@ def prepare_void(backend, request, prefix=""):
                          data=pack({"rq": digest}))
 
     def finish(result):
-        record = backend.ledger.operation(op_id)
-        return _void_answer(backend, record, unpack(record.data), bool(result.replayed))
+        if result.replayed or placed is None:  # (the hold came meanwhile)
+            record = backend.ledger.operation(op_id)
+            return _void_answer(backend, record.program, record.account, record.a,
+                                bool(result.replayed))
+        # as just written: the hold's member, result a the points released
+        return _void_answer(backend, placed.program, placed.account, result.a, False)
     return Prepared(batch=batch, finish=finish,
                     field_of=_fields(KEY_INVALID=prefix + "hold_operation_id"))
 
 
-def _void_answer(backend, record, answer, replayed):
-    return checkout_pb2.VoidResponse(
-        member=convert.member_name(record.program, record.account),
-        released_points=record.a, balances=backend.balances_fields(record.account),
-        replayed=replayed)
+def _void_answer(backend, program, account, released, replayed):
+    return {"member": convert.member_name(program, account),
+            "released_points": released,
+            "balances": backend.balances_fields(account), "replayed": replayed}
 
 
 # --- refund -------------------------------------------------------------------
@@ -560,7 +611,7 @@ def _refund_answer(backend, record, answer, replayed):
             coupon = backend.ledger.operation(answer[name][1].encode())
             if done is not None and done.a:
                 coupons[name] = convert.coupon_code(record.account, coupon.a)
-    return checkout_pb2.RefundResponse(
+    return dict(
         coupon_revoked=coupons.get("rv", ""), coupon_given_back=coupons.get("gb", ""),
         member=convert.member_name(record.program, record.account),
         returned_points=returned, clawed_back_points=clawed,

@@ -42,13 +42,14 @@ def receipt(message, store, lane, currency, field="receipt"):
     lines = []
     for i, line in enumerate(message.lines):
         unit, total = line.unit_price, line.total
+        price, amount = unit.minor_units, total.minor_units  # each field read once
         if not (unit.currency_code == total.currency_code == currency
-                and unit.minor_units >= 0 and total.minor_units >= 0):
+                and price >= 0 and amount >= 0):
             at = f"{field}.lines[{i}]"  # named only when something is wrong
             convert.parse_money(unit, f"{at}.unit_price", currency, problems)
             convert.parse_money(total, f"{at}.total", currency, problems)
         lines.append(Line(line.line_number, line.sku, line.category, line.quantity,
-                          unit.minor_units, total.minor_units, tuple(line.flags)))
+                          price, amount, tuple(line.flags)))
     if problems:
         raise invalid(problems)
     return Receipt(message.receipt_id, store, lane, business_time, tuple(lines))

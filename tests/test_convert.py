@@ -1,11 +1,17 @@
 """The dict builders responses are made from in one call give the very
-messages the message builders give."""
+messages the message builders give; stored answers are packed as json.dumps
+would pack them."""
+
+import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kopilka.core.reads import Balances
 from kopilka.core.records import NEVER
 from kopilka.servers import convert
+from kopilka.servers.backend import pack
 from kopilka.v1 import common_pb2
 
 
@@ -35,3 +41,22 @@ def test_balances_and_money_fields_are_the_messages():
         convert.balances(b, now)
     assert common_pb2.Money(**convert.money_fields(150, "RUB")) == \
         convert.money(150, "RUB")
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.text()
+    | st.floats(),
+    lambda inner: st.lists(inner, max_size=4) | st.tuples(inner, inner)
+    | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_JSON)
+def test_pack_is_compact_json_dumps(answer):
+    assert pack(answer) == json.dumps(answer, separators=(",", ":")).encode()
+
+
+def test_pack_refuses_what_json_refuses():
+    with pytest.raises(TypeError, match="not JSON serializable"):
+        pack({"a": b"bytes"})

@@ -2,14 +2,23 @@
 injected clock and the example program (Europe/Moscow, standard offset +3):
 tier closes, birthday bonuses, action awards and visit bonuses."""
 
+import dataclasses
 import threading
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import grpc
 import pytest
 from google.type import date_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from kopilka.core.bonuses import visit_counter
+from kopilka.core.lifetimes import lot_times
+from kopilka.core.program import (Bonuses, Expiry, Lifetime, LifetimeOverride, VisitBonus,
+                                  load_program)
 from kopilka.core.records import Entry
+from kopilka.servers.checkout_ops import visit_terms
 from kopilka.servers.feed_events import journal_event
 from kopilka.servers.scheduler import Scheduler
 from kopilka.v1 import (checkout_pb2, checkout_pb2_grpc, common_pb2, members_pb2,
@@ -269,3 +278,50 @@ def test_the_fifth_visit_of_the_month_earns_the_visit_bonus_once(srv):
     srv.clock.now = at("2026-02-01 10:00")
     capture(pos, srv, account, 60_000, "feb/1")
     assert srv.server.ledger.counter(account, b"visits/2026-02") == (1, 0)
+
+
+_EXAMPLE = load_program(Path(__file__).parents[1] / "examples/programs/example.toml")
+_EXPIRIES = [Expiry(), Expiry(days=30), Expiry(end_of="day"), Expiry(end_of="month"),
+             Expiry(end_of="quarter", periods_later=1), Expiry(end_of="year", periods_later=2)]
+_ZONES = ["Europe/Moscow", "Europe/Berlin", "America/Santiago", "Australia/Lord_Howe",
+          "Pacific/Chatham", "UTC"]
+_2026 = 1_767_225_600_000_000
+_HOUR = 3_600_000_000
+
+
+def _clock_changes():
+    """Hours after _2026 at which one of _ZONES changes its offset in 2026."""
+    from zoneinfo import ZoneInfo
+    hours = set()
+    for name in _ZONES:
+        zone, previous = ZoneInfo(name), None
+        for hour in range(366 * 24):
+            moment = datetime.fromtimestamp(_2026 // 1_000_000 + hour * 3600, zone)
+            if previous is not None and moment.utcoffset() != previous:
+                hours.add(hour)
+            previous = moment.utcoffset()
+    return sorted(hours)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.sampled_from(("day", "week", "month", "quarter", "year")),
+       st.sampled_from(_EXPIRIES), st.integers(0, 3), st.sampled_from(_ZONES),
+       st.integers(0, 2 * 365 * 24)
+       | st.sampled_from(_clock_changes()).map(lambda hour: hour - 25), st.lists(st.integers(-50 * _HOUR, 50 * _HOUR),
+                                              min_size=1, max_size=30))
+def test_visit_terms_remembered_by_day_are_those_reckoned_each_time(
+        period, expiry, activation, zone_name, start_hour, steps):
+    """Visits at nearby times (a Post's captures: mostly of one day, some
+    across midnight or a clock change) get the counter and lot times that
+    visit_counter and lot_times give each of them."""
+    base = dataclasses.replace(_EXAMPLE, time_zone=zone_name)
+    visits = VisitBonus(count=5, points=50, period=period)
+    lifetime = Lifetime(overrides=(LifetimeOverride("visits", activation, expiry),))
+    version = dataclasses.replace(base.versions[0], lifetime=lifetime,
+                                  bonuses=Bonuses(visits=visits))
+    zone, bt = base.zone, _2026 + start_hour * _HOUR
+    for step in steps:
+        bt += step
+        reckoned = (visit_counter(visits, bt, zone),
+                    *lot_times(lifetime.for_kind("visits"), bt, zone))
+        assert visit_terms(version, bt, zone) == reckoned

@@ -125,6 +125,27 @@ def test_batches_are_bounded_and_each_request_gets_its_own_results(ledger):
     assert rest[-1][1].a == 3
 
 
+def test_a_request_larger_than_the_bound_is_a_batch_of_its_own(ledger):
+    gated = Gated(ledger)
+    writer = GroupCommitWriter(gated, clock=lambda: T + 1, max_operations=4)
+    big = Batch()
+    for i in range(6):
+        big.earn(f"big{i}", 2, 1)
+    chain = bytes(Batch().earn("c1", 3, 5).link().spend("c2", 3, 99))
+    try:
+        _, rest = asyncio.run(held_first_commit(
+            gated, writer, [(earn("s1"), 1), (bytes(big), 6), (earn("s2"), 1),
+                            (chain, 2), (earn("s3"), 1)]))
+    finally:
+        writer.close()
+    # whole requests in queue order: the 6 alone, never split; the rest to 4
+    assert gated.batches == [1, 1, 6, 4]
+    assert [len(r) for r in rest] == [1, 6, 1, 2, 1]
+    assert all(r.ok for r in rest[1])
+    assert [r.code for r in rest[3]] == [Code.LINKED_FAILED, Code.INSUFFICIENT_POINTS]
+    assert ledger.operation(b"c1") is None  # the chain, all or nothing
+
+
 def test_a_request_past_its_deadline_is_not_applied(ledger):
     clock = {"monotonic": 100.0}
     writer = GroupCommitWriter(ledger, clock=lambda: T + 1,
