@@ -502,7 +502,8 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="the short mode (make bench-quick)")
     p.add_argument("--only", help=f"comma-separated subset of {','.join(SYSTEMS)}")
     p.add_argument("--out", help="JSON path (default: benchmarks/results/<date>-<host>"
-                                 "[-quick].json); the chart goes beside it as .png")
+                                 "[-quick|-partial][-writemap].json); the chart goes beside it "
+                                 "as .png")
     p.add_argument("--no-chart", action="store_true")
     p.add_argument("--writemap", action="store_true",
                    help="run Kopilka's server with writemap (serve --writemap): its "
@@ -537,7 +538,8 @@ def main(argv=None):
     print(render(result))
     out = args.out
     if out is None:
-        suffix = "-quick" if args.quick else ("-partial" if only else "")
+        suffix = ("-quick" if args.quick else ("-partial" if only else "")) \
+            + ("-writemap" if args.writemap else "")
         out = os.path.join(RESULTS_DIR, f"{meta['date']}-{host}{suffix}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:

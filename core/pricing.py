@@ -789,9 +789,11 @@ def settle(program, receipt, member, spend, now, op_id_prefix, *, hold=None):
 def settle_quote(q, spend, op_id_prefix, *, hold=None, annotate=None):
     """`settle` for a quote already in hand (same process, same inputs).
 
-    `annotate(allocation, referral)`, when given, returns the data the
-    capture carries into the ledger (a server keeps there what refunds and
-    retries need); `referral` is the referrer's EARN as plain data, or None."""
+    `annotate(allocation, referral)`, when given, returns the data (bytes)
+    the capture carries into the ledger (a server keeps there what refunds
+    and retries need); `referral` is the referrer's EARN as plain data, or
+    None. It must have no side effects: when the compiled engine cannot
+    encode what it returned, the Python one calls it again."""
     if _compiled is not None:
         s = _compiled.settle_quote(q, spend, op_id_prefix, hold, annotate)
         if s is not None:
@@ -867,14 +869,14 @@ def _settle_quote(q, spend, op_id_prefix, hold, annotate):
 
 
 def _coupon_ops(batch, q, capture, prefix, data):
-    """Adds a settlement's coupon operations after its capture (both
-    engines call this): the member's coupon redeemed, chained to the
+    """Adds a settlement's coupon operations after its capture (the
+    compiled engine encodes the same in `_pricing.settlement`): the member's coupon redeemed, chained to the
     capture so that a coupon redeemed meanwhile (another till) refuses the
     capture too; then the coupon this purchase earns, naming the capture
     but not chained to it (held meanwhile, the purchase stands and earns
     none). Without a capture (the coupon paid the receipt in full) the
     redemption carries `data`. Returns (CouponIssue, CouponRedemption),
-    each None when there is none. (_pricing.settlement encodes the same.)"""
+    each None when there is none."""
     member, receipt, v = q.member, q.receipt, q.version
     where = dict(partner=q.partner, version=v.number,
                  business_time=receipt.business_time, card=member.card,

@@ -488,9 +488,9 @@ I64 = struct.Struct("<q")
 #     -> int64 points: the sum of that pair's 0x02 rows over every hour
 #     (SPEND adds, RETURN subtracts; equal partners too).
 #   Folded with the rows they sum, by the same entries, in the same write
-#   transaction; the audit rebuilds them like any other row. As with the
-#   kinds added before them (0x06), there is no migration: a ledger written
-#   before they existed lacks its past in them, which its audit reports.
+#   transaction; the audit rebuilds them like any other row. A ledger
+#   written before they existed has no format marker (LEDGER_FORMAT 1 came
+#   with them), so this build refuses to open it rather than misread it.
 # A row exists once an entry counted in it, whatever its values since.
 # Counter overflow rejects the operation (OVERFLOW), as anywhere else.
 AGG_ACTIVITY, AGG_SETTLEMENT, AGG_MEMBER_DAY, AGG_COHORT = 1, 2, 3, 4

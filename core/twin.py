@@ -74,17 +74,27 @@ class Ledger(LedgerReads):
         self.path = str(path)
         self._env = lmdb.open(self.path, map_size=map_size, max_dbs=32,
                               sync=sync, metasync=sync, readahead=False)
-        self._dbs = {name.decode(): self._env.open_db(name) for name in DATABASES}
-        meta = self._dbs["meta"]
-        with self._env.begin(write=True) as txn:   # as the kernel's open does
-            stored = txn.get(META_FORMAT, db=meta)
-            problem = format_problem(self.path, stored,
-                                     txn.get(META_HEAD, db=meta) is not None)
-            if problem is None and stored is None:
-                txn.put(META_FORMAT, U32.pack(LEDGER_FORMAT), db=meta)
-        if problem is not None:
+        try:   # as the kernel's open does: refused before anything is written
+            problem = self._format_problem()
+            if problem is not None:
+                raise LedgerError(problem)
+            self._dbs = {name.decode(): self._env.open_db(name) for name in DATABASES}
+            with self._env.begin(write=True) as txn:
+                if txn.get(META_FORMAT, db=self._dbs["meta"]) is None:
+                    txn.put(META_FORMAT, U32.pack(LEDGER_FORMAT), db=self._dbs["meta"])
+        except BaseException:
             self._env.close()
-            raise LedgerError(problem)
+            raise
+
+    def _format_problem(self):
+        """records.format_problem of the ledger on disk (None for a new one)."""
+        with self._env.begin() as txn:
+            try:
+                meta = self._env.open_db(b"meta", txn=txn, create=False)
+            except lmdb.NotFoundError:
+                return None   # nothing stored yet
+            return format_problem(self.path, txn.get(META_FORMAT, db=meta),
+                                  txn.get(META_HEAD, db=meta) is not None)
 
     def close(self):
         self._env.close()

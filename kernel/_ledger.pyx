@@ -3722,6 +3722,11 @@ cdef class Environment:
             mdb_env_close(self.env)
             self.env = NULL
             _raise(rc)
+        problem = self._format_problem()   # before anything is written
+        if problem is not None:
+            mdb_env_close(self.env)
+            self.env = NULL
+            raise LedgerError(problem)
         mdb_env_info(self.env, &info)
         self.mapped = info.me_mapsize
         if writemap:
@@ -3737,50 +3742,62 @@ cdef class Environment:
                     mdb_txn_abort(txn)
                     break
             else:
-                rc = mdb_txn_commit(txn)
+                rc = self._mark_format(txn)
+                if rc:
+                    mdb_txn_abort(txn)
+                else:
+                    rc = mdb_txn_commit(txn)
             if rc == MDB_MAP_FULL and self.writemap and self._grow():
                 continue
             if rc:
                 _raise(rc)
             break
-        problem = self._claim_format()
-        if problem is not None:
-            mdb_env_close(self.env)
-            self.env = NULL
-            raise LedgerError(problem)
         _OPEN_PATHS.add(self.path)
 
-    cdef object _claim_format(self):
-        """records.format_problem of this ledger, or None, having written
-        LEDGER_FORMAT into a new ledger."""
+    cdef object _format_problem(self):
+        """records.format_problem of the ledger on disk (None for a new
+        one), read in a read-only transaction: a refused ledger is left
+        as it was."""
         cdef MDB_txn *txn
+        cdef MDB_dbi meta
+        cdef MDB_val k, v
+        cdef int rc = mdb_txn_begin(self.env, NULL, MDB_RDONLY, &txn)
+        if rc:
+            mdb_env_close(self.env)
+            self.env = NULL
+            _raise(rc)
+        try:
+            rc = mdb_dbi_open(txn, DB_NAMES[DB_META], 0, &meta)
+            if rc == MDB_NOTFOUND:
+                return None   # nothing stored yet
+            if rc:
+                _raise(rc)
+            k.mv_size, k.mv_data = len(META_FORMAT), <char *>META_FORMAT
+            rc = mdb_get(txn, meta, &k, &v)
+            if rc == MDB_SUCCESS:
+                return format_problem(self.path, PyBytes_FromStringAndSize(
+                    <char *>v.mv_data, v.mv_size), True)
+            if rc != MDB_NOTFOUND:
+                _raise(rc)
+            k.mv_size, k.mv_data = 4, <void *>META_HEAD_KEY
+            rc = mdb_get(txn, meta, &k, &v)
+            if rc != MDB_SUCCESS and rc != MDB_NOTFOUND:
+                _raise(rc)
+            return format_problem(self.path, None, rc == MDB_SUCCESS)
+        finally:
+            mdb_txn_abort(txn)
+
+    cdef int _mark_format(self, MDB_txn *txn):
+        """Writes LEDGER_FORMAT into a ledger that has no marker (a new one:
+        `_format_problem` refused the others); an LMDB error code, or 0."""
         cdef MDB_val k, v
         cdef bytes marker = U32.pack(LEDGER_FORMAT)
-        cdef int rc = mdb_txn_begin(self.env, NULL, 0, &txn)
-        if rc:
-            _raise(rc)
         k.mv_size, k.mv_data = len(META_FORMAT), <char *>META_FORMAT
-        rc = mdb_get(txn, self.dbi[DB_META], &k, &v)
-        stored = None
-        if rc == MDB_SUCCESS:
-            stored = PyBytes_FromStringAndSize(<char *>v.mv_data, v.mv_size)
-        elif rc == MDB_NOTFOUND:
-            k.mv_size, k.mv_data = 4, <void *>META_HEAD_KEY
-            rc = mdb_get(txn, self.dbi[DB_META], &k, &v)
-            if rc == MDB_NOTFOUND:   # a new ledger
-                k.mv_size, k.mv_data = len(META_FORMAT), <char *>META_FORMAT
-                v.mv_size, v.mv_data = len(marker), <char *>marker
-                rc = mdb_put(txn, self.dbi[DB_META], &k, &v, 0)
-                if rc == MDB_SUCCESS:
-                    rc = mdb_txn_commit(txn)
-                    if rc:
-                        _raise(rc)
-                    return None
-        if rc != MDB_SUCCESS:
-            mdb_txn_abort(txn)
-            _raise(rc)
-        mdb_txn_abort(txn)
-        return format_problem(self.path, stored, True)
+        cdef int rc = mdb_get(txn, self.dbi[DB_META], &k, &v)
+        if rc != MDB_NOTFOUND:
+            return rc
+        v.mv_size, v.mv_data = len(marker), <char *>marker
+        return mdb_put(txn, self.dbi[DB_META], &k, &v, 0)
 
     cdef size_t _used(self):
         """Bytes of the data file LMDB's last commit uses (its pages up to

@@ -217,8 +217,8 @@ def _check_listen(c):
 
 
 # The cyclic garbage collector's first threshold, for the server process.
-# A Post keeps about 45 tracked objects per operation alive (quotes, closures,
-# batches) until its commit answers, so with Python's default (700) the
+# A Post keeps a few dozen tracked objects per operation alive (quotes,
+# closures, batches) until its commit answers, so with Python's default (700) the
 # collector ran about 2,000 times per 30,000 operations and its full
 # collections walked every Post in flight: a quarter of the event loop's CPU.
 # The request paths make no reference cycles (a run collects a few hundred
